@@ -1,0 +1,29 @@
+# moe_jax: `make run` trains the tiny Switch model; `make test` runs the test suite.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+WORKDIR ?= runs/switch_tiny
+
+.PHONY: venv test lint run bench clean
+
+$(VENV)/.installed: setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+test: venv
+	$(PY) -m pytest -q tests
+
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+run: venv
+	$(PY) -m moe_jax.train --config=configs/switch.py:tiny --workdir=$(WORKDIR)
+	@echo "metrics: $(WORKDIR)/metrics.jsonl  checkpoints: $(WORKDIR)/checkpoints"
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache

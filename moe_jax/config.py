@@ -1,0 +1,121 @@
+"""The default configuration every family in `configs/` starts from.
+
+One `ml_collections.ConfigDict` holds the model, MoE, loss, training, mesh and data settings.
+`configs/*.py` override it per paper and variant; the command line overrides it again with
+`--config.moe.num_experts=16`. Keys are locked, so a misspelt override fails loudly.
+"""
+
+import ml_collections
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """A small decoder-only Switch model; `configs/` change what they need."""
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+
+    config.model = ml_collections.ConfigDict(
+        {
+            "kind": "decoder",  # 'decoder' (GLaM-style LM) | 'encoder_decoder' (T5 v1.1)
+            "vocab_size": 256,
+            "d_model": 128,
+            "num_heads": 4,
+            "head_dim": 32,
+            "d_ff": 512,  # hidden width of the dense FFNs
+            "num_layers": 4,  # decoder-only depth
+            "num_encoder_layers": 4,  # encoder-decoder depths
+            "num_decoder_layers": 4,
+            "ffn_activation": "gated-gelu",  # relu | gelu | gated-gelu | swiglu
+            "dropout_rate": 0.0,
+            "tie_embeddings": False,
+            "relative_attention_num_buckets": 32,
+            "relative_attention_max_distance": 128,
+            "dtype": "float32",  # compute dtype: float32 | bfloat16 (routers stay float32)
+            "param_dtype": "float32",
+            "scan_layers": False,
+            "remat": False,
+        }
+    )
+
+    config.moe = ml_collections.ConfigDict(
+        {
+            "num_experts": 8,  # 0 makes every FFN dense
+            "k": 1,  # experts per token (tokens-choose routers)
+            # tokens_choose | gshard_top2 | experts_choose | hash | noisy_top_k | aux_free
+            "router": "tokens_choose",
+            "d_ff": 0,  # expert hidden width; 0 means model.d_ff
+            "activation": "",  # expert activation; '' means model.ffn_activation
+            "capacity_factor_train": 1.25,
+            "capacity_factor_eval": 2.0,
+            "min_capacity": 4,
+            "group_size": 1024,  # tokens per routing group
+            "backend": "einsum",  # einsum | gather | dropless
+            "batch_prioritized": False,
+            "normalize": "none",  # none | topk
+            "second_policy": "random",  # gshard_top2: random | all | sampling
+            "second_threshold": 0.5,
+            "router_jitter": 0.01,  # multiplicative input jitter eps in training (Switch)
+            "router_init_scale": 0.1,  # Switch's truncated-normal scale sqrt(scale / fan_in)
+            "expert_dropout": 0.0,
+            "num_shared_experts": 0,  # always-on dense experts (DeepSeekMoE)
+            "bias_update_rate": 0.001,  # aux_free router (DeepSeek-V3)
+            "sparse_every": 2,  # every n-th FFN is sparse (Switch/GLaM 2, ST-MoE 4, Switch-C 1)
+            "sparse_placement": "every",  # every | bottom | top
+            "num_sparse_layers": 0,  # for bottom | top placement
+            "extra_dense_ffn": False,  # ST-MoE's dense FFN beside each sparse one
+        }
+    )
+
+    config.loss = ml_collections.ConfigDict({"aux_coef": 1e-2, "z_coef": 1e-3})
+
+    config.train = ml_collections.ConfigDict(
+        {
+            "num_steps": 200,
+            "batch_size": 16,
+            "seq_len": 128,
+            "optimizer": "adamw",  # adamw | adafactor
+            "learning_rate": 3e-3,
+            "schedule": "cosine",  # cosine | rsqrt | constant
+            "warmup_steps": 20,
+            "weight_decay": 0.0,
+            "grad_clip_norm": 1.0,
+            "checkpoint_every": 100,
+            "keep_checkpoints": 3,
+            "eval_every": 100,
+            "eval_steps": 4,
+            "log_every": 10,
+        }
+    )
+
+    config.mesh = ml_collections.ConfigDict(
+        {
+            "data": -1,  # -1 takes the devices the other axes leave
+            "expert": 1,
+            "model": 1,
+            "expert_parallelism": "shard_map",  # shard_map | gspmd
+            # logical axis -> mesh axis (or None); one table for parameters and activations
+            "rules": ml_collections.ConfigDict(
+                {
+                    "batch": ("data", "expert"),
+                    "length": None,
+                    "embed": None,
+                    "mlp": "model",
+                    "heads": "model",
+                    "kv": None,
+                    "vocab": "model",
+                    "expert": "expert",
+                }
+            ),
+        }
+    )
+
+    config.data = ml_collections.ConfigDict(
+        {
+            "name": "synthetic",  # synthetic | text:PATH | tfds:lm1b | tfds:c4 | tfds:tiny_shakespeare
+            "download": False,
+            "noise_density": 0.15,  # T5 span corruption (encoder-decoder models)
+            "mean_noise_span_length": 3.0,
+            "inputs_length": 0,  # encoder length for span corruption; 0 derives it from seq_len
+        }
+    )
+    config.lock()
+    return config

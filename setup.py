@@ -1,0 +1,31 @@
+"""moe_jax: sparse Mixture-of-Experts Transformers in JAX/Flax."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="moe_jax",
+    version="0.1.0",
+    description="Sparse Mixture-of-Experts Transformers in JAX and Flax NNX",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["moe_jax", "moe_jax.*"]),
+    install_requires=[
+        "jax>=0.7",
+        "flax>=0.11",
+        "optax>=0.2.4",
+        "orbax-checkpoint>=0.11",
+        "tensorflow-datasets>=4.9",
+        "ml_collections>=1.0",
+        "numpy>=1.26",
+        "absl-py",
+        "tqdm",
+        "tensorboardX",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "pytest-timeout", "hypothesis>=6", "ruff>=0.6"],
+        "experiments": ["matplotlib", "pandas"],
+        "notebooks": ["jupyter", "nbclient", "nbformat", "ipykernel", "matplotlib"],
+        "tf": ["tensorflow-cpu"],
+    },
+)
