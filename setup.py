@@ -23,7 +23,7 @@ setup(
         "tensorboardX",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout", "hypothesis>=6", "ruff>=0.6"],
+        "test": ["pytest>=8", "pytest-timeout", "hypothesis>=6", "ruff>=0.6", "matplotlib"],
         "experiments": ["matplotlib", "pandas"],
         "notebooks": ["jupyter", "nbclient", "nbformat", "ipykernel", "matplotlib"],
         "tf": ["tensorflow-cpu"],

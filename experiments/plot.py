@@ -1,0 +1,161 @@
+"""Figures for a sweep directory (or one run's workdir), written as PNG files beside the results.
+
+    python -m experiments.plot runs/experts            # every run under a sweep directory
+    python -m experiments.plot runs/switch_tiny        # a single training workdir
+
+Figures: `loss_curves.png` (train and eval loss against step), `expert_load_<run>.png`
+(per-layer heatmap of the fraction of tokens each expert took over training),
+`dropped_vs_capacity.png` (fraction of dropped tokens against the capacity factor, when the
+sweep varies `moe.capacity_factor_train`), and `router_logits.png` (largest router logit and
+router z-loss over training).
+"""
+
+import argparse
+import csv
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+
+from experiments.sweep import RESULTS_FILE, read_metrics
+
+CAPACITY_KEY = "moe.capacity_factor_train"
+
+
+def find_runs(directory: Path) -> dict[str, list[dict]]:
+    """Run name -> metric records, for a workdir or every workdir below a sweep directory."""
+    if (directory / "metrics.jsonl").exists():
+        return {directory.name: read_metrics(directory)}
+    return {
+        path.parent.name: read_metrics(path.parent)
+        for path in sorted(directory.glob("*/metrics.jsonl"))
+    }
+
+
+def series(records: list[dict], split: str, key: str) -> tuple[np.ndarray, np.ndarray]:
+    """Steps and values of `key` over the records of one split that have it."""
+    points = [(r["step"], r[key]) for r in records if r.get("split") == split and key in r]
+    if not points:
+        return np.zeros(0), np.zeros(0)
+    steps, values = zip(*points)
+    return np.asarray(steps), np.asarray(values, dtype=np.float64)
+
+
+def plot_loss_curves(runs: dict[str, list[dict]], out_dir: Path) -> Path:
+    figure, (train_axis, eval_axis) = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    for name, records in runs.items():
+        train_axis.plot(*series(records, "train", "loss"), label=name)
+        eval_axis.plot(*series(records, "eval", "loss"), marker="o", label=name)
+    for axis, title in ((train_axis, "train loss"), (eval_axis, "eval loss")):
+        axis.set_title(title)
+        axis.set_xlabel("step")
+        axis.grid(alpha=0.3)
+    train_axis.set_ylabel("cross-entropy (nats/token)")
+    eval_axis.legend(fontsize=7)
+    return save(figure, out_dir / "loss_curves.png")
+
+
+def plot_expert_load(name: str, records: list[dict], out_dir: Path) -> Path | None:
+    """Heatmaps of `expert_load` (f32[layers, E] per record): x step, y expert, one per layer."""
+    train = [r for r in records if r.get("split") == "train" and "expert_load" in r]
+    if not train:
+        return None
+    steps = [r["step"] for r in train]
+    load = np.asarray([r["expert_load"] for r in train], dtype=np.float64)  # [S, layers, E]
+    num_layers, num_experts = load.shape[1], load.shape[2]
+    figure, axes = plt.subplots(
+        num_layers, 1, figsize=(10, 1.2 + 1.6 * num_layers), squeeze=False, sharex=True
+    )
+    for layer, axis in enumerate(axes[:, 0]):
+        image = axis.imshow(
+            load[:, layer, :].T,
+            aspect="auto",
+            origin="lower",
+            cmap="viridis",
+            vmin=0.0,
+            extent=(steps[0], steps[-1], -0.5, num_experts - 0.5),
+        )
+        axis.set_ylabel(f"layer {layer}\nexpert")
+        figure.colorbar(image, ax=axis, label="load")
+    axes[-1, 0].set_xlabel("step")
+    axes[0, 0].set_title(f"{name}: fraction of tokens routed to each expert (uniform = 1/E)")
+    return save(figure, out_dir / f"expert_load_{name}.png")
+
+
+def plot_dropped_vs_capacity(sweep_dir: Path) -> Path | None:
+    """Final dropped fraction against the capacity factor, one line per other swept setting."""
+    path = sweep_dir / RESULTS_FILE
+    if not path.exists():
+        return None
+    with path.open() as f:
+        rows = [row for row in csv.DictReader(f) if row.get(CAPACITY_KEY)]
+    rows = [row for row in rows if row.get("final_fraction_dropped")]
+    if not rows:
+        return None
+    swept = [key for key in rows[0] if "." in key and key != CAPACITY_KEY]
+    lines: dict[str, list[tuple[float, float]]] = {}
+    for row in rows:
+        label = ", ".join(f"{key}={row[key]}" for key in swept) or "runs"
+        point = (float(row[CAPACITY_KEY]), float(row["final_fraction_dropped"]))
+        lines.setdefault(label, []).append(point)
+    figure, axis = plt.subplots(figsize=(6, 4.5))
+    for label, points in lines.items():
+        capacity, dropped = zip(*sorted(points))
+        axis.plot(capacity, dropped, marker="o", label=label)
+    axis.set_xlabel("train capacity factor")
+    axis.set_ylabel("fraction of tokens dropped (final train step)")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=7)
+    return save(figure, sweep_dir / "dropped_vs_capacity.png")
+
+
+def plot_router_logits(runs: dict[str, list[dict]], out_dir: Path) -> Path | None:
+    if not any(series(records, "train", "router_logit_max")[0].size for records in runs.values()):
+        return None
+    figure, (logit_axis, z_axis) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for name, records in runs.items():
+        logit_axis.plot(*series(records, "train", "router_logit_max"), label=name)
+        z_axis.plot(*series(records, "train", "z_loss"), label=name)
+    logit_axis.set_title("largest router logit")
+    z_axis.set_title("router z-loss")
+    z_axis.set_yscale("log")
+    for axis in (logit_axis, z_axis):
+        axis.set_xlabel("step")
+        axis.grid(alpha=0.3)
+    z_axis.legend(fontsize=7)
+    return save(figure, out_dir / "router_logits.png")
+
+
+def save(figure, path: Path) -> Path:
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def make_plots(directory: Path) -> list[Path]:
+    runs = find_runs(directory)
+    if not runs:
+        raise FileNotFoundError(
+            f"no metrics.jsonl in {directory} or its subdirectories: point at a training "
+            "workdir or a sweep directory"
+        )
+    written = [plot_loss_curves(runs, directory)]
+    written += [plot_expert_load(name, records, directory) for name, records in runs.items()]
+    written += [plot_dropped_vs_capacity(directory), plot_router_logits(runs, directory)]
+    return [path for path in written if path is not None]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("directory", type=Path, help="a sweep directory or a training workdir")
+    args = parser.parse_args(argv)
+    for path in make_plots(args.directory):
+        print(path)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,227 @@
+"""Ablation sweeps: run `moe_jax.train` over a grid of config overrides and collect results.
+
+    python -m experiments.sweep --config=configs/switch.py:tiny --sweep_dir=runs/experts \
+        --sweep moe.num_experts=2,4,8,16 --sweep moe.k=1,2 --set train.num_steps=500 --parallel 2
+
+Each `--sweep KEY=V1,V2,...` is one axis; the runs are their product (or, with `--zip`, the
+axes taken side by side). `--set KEY=VALUE` applies to every run. Each run trains in
+`SWEEP_DIR/<name>/` and leaves `DONE.json` there once it has finished, so running the same
+command again skips finished runs, resumes unfinished ones from their checkpoints and retries
+failed ones (their `FAILED.json` holds the exit code; `train.log` the output).
+Final and best metrics of every run go to `SWEEP_DIR/results.csv`.
+"""
+
+import argparse
+import csv
+import itertools
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+DONE_FILE = "DONE.json"
+FAILED_FILE = "FAILED.json"
+RESULTS_FILE = "results.csv"
+
+
+def parse_axis(spec: str) -> tuple[str, list[str]]:
+    """'moe.k=1,2' -> ('moe.k', ['1', '2'])."""
+    key, sep, values = spec.partition("=")
+    if not sep or not key or not values:
+        raise ValueError(f"--sweep {spec!r} is not KEY=V1,V2,... (e.g. moe.num_experts=2,4,8)")
+    return key, values.split(",")
+
+
+def parse_setting(spec: str) -> tuple[str, str]:
+    """'train.num_steps=100' -> ('train.num_steps', '100')."""
+    key, sep, value = spec.partition("=")
+    if not sep or not key:
+        raise ValueError(f"--set {spec!r} is not KEY=VALUE (e.g. train.num_steps=100)")
+    return key, value
+
+
+def expand(axes: list[tuple[str, list[str]]], zipped: bool) -> list[dict[str, str]]:
+    """The runs of a sweep: one dict of overrides per run, in a stable order."""
+    if not axes:
+        return [{}]
+    keys = [key for key, _ in axes]
+    value_lists = [values for _, values in axes]
+    if zipped:
+        lengths = {len(values) for values in value_lists}
+        if len(lengths) != 1:
+            sizes = ", ".join(f"{key}: {len(values)}" for key, values in axes)
+            raise ValueError(f"--zip needs axes of equal length, got {sizes}")
+        combos = zip(*value_lists)
+    else:
+        combos = itertools.product(*value_lists)
+    return [dict(zip(keys, combo)) for combo in combos]
+
+
+def run_name(overrides: dict[str, str]) -> str:
+    """A directory name that says what the run changes: 'moe.k-2__moe.num_experts-8'."""
+    if not overrides:
+        return "default"
+    parts = [f"{key}-{value}" for key, value in overrides.items()]
+    return "__".join(parts).replace("/", "_").replace(":", "_")
+
+
+def train_command(config: str, workdir: Path, overrides: dict[str, str]) -> list[str]:
+    command = [sys.executable, "-m", "moe_jax.train", f"--config={config}", f"--workdir={workdir}"]
+    return command + [f"--config.{key}={value}" for key, value in overrides.items()]
+
+
+def read_metrics(workdir: Path) -> list[dict]:
+    path = workdir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    with path.open() as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def summarize(workdir: Path) -> dict[str, float]:
+    """Final and best figures of one run, from its metrics.jsonl."""
+    records = read_metrics(workdir)
+    train = [r for r in records if r.get("split") == "train"]
+    evals = [r for r in records if r.get("split") == "eval"]
+    summary: dict[str, float] = {}
+    if train:
+        last = train[-1]
+        summary["final_step"] = last["step"]
+        summary["final_train_loss"] = last["loss"]
+        for key in ("fraction_dropped", "aux_loss", "z_loss", "router_logit_max"):
+            if key in last:
+                summary[f"final_{key}"] = last[key]
+        speeds = sorted(r["tokens_per_second"] for r in train if r.get("tokens_per_second"))
+        if speeds:
+            summary["median_tokens_per_second"] = speeds[len(speeds) // 2]
+    if evals:
+        summary["final_eval_loss"] = evals[-1]["loss"]
+        summary["best_eval_loss"] = min(r["loss"] for r in evals)
+        if "fraction_dropped" in evals[-1]:
+            summary["final_eval_fraction_dropped"] = evals[-1]["fraction_dropped"]
+    return summary
+
+
+def write_results(sweep_dir: Path, runs: list[dict[str, str]], names: list[str]) -> Path:
+    """One row per run: its overrides, its status and its summary; missing values left empty."""
+    rows = []
+    for overrides, name in zip(runs, names):
+        workdir = sweep_dir / name
+        status = "unfinished"
+        for marker in (workdir / DONE_FILE, workdir / FAILED_FILE):
+            if marker.exists():
+                status = json.loads(marker.read_text())["status"]
+        rows.append({"run": name, "status": status, **overrides, **summarize(workdir)})
+    columns: list[str] = []
+    for row in rows:
+        columns += [key for key in row if key not in columns]
+    path = sweep_dir / RESULTS_FILE
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+class Sweep:
+    """Runs the pending runs, at most `parallel` at a time, and stops them cleanly on a signal."""
+
+    def __init__(self, config: str, sweep_dir: Path, parallel: int):
+        self.config = config
+        self.sweep_dir = sweep_dir
+        self.parallel = parallel
+        self.running: dict[str, tuple[subprocess.Popen, float]] = {}
+        self.stopping = False
+        self.failed: list[str] = []
+
+    def start(self, name: str, overrides: dict[str, str]) -> None:
+        workdir = self.sweep_dir / name
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / FAILED_FILE).unlink(missing_ok=True)
+        log = (workdir / "train.log").open("a")
+        command = train_command(self.config, workdir, overrides)
+        print(f"[sweep] start {name}: {' '.join(command[1:])}", flush=True)
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        self.running[name] = (process, time.time())
+
+    def reap(self) -> None:
+        for name, (process, started) in list(self.running.items()):
+            if process.poll() is None:
+                continue
+            del self.running[name]
+            elapsed = time.time() - started
+            if self.stopping:
+                print(f"[sweep] stopped {name}; it resumes on the next run", flush=True)
+                continue
+            if process.returncode == 0:
+                status, marker = "finished", DONE_FILE
+            else:
+                status, marker = f"failed (exit {process.returncode})", FAILED_FILE
+                self.failed.append(name)
+            record = {"status": status, "seconds": round(elapsed, 1)}
+            (self.sweep_dir / name / marker).write_text(json.dumps(record))
+            print(f"[sweep] {status} {name} in {elapsed:.0f}s", flush=True)
+
+    def stop(self, signum, frame) -> None:
+        """Pass the signal on: each trainer saves a checkpoint on SIGTERM and exits."""
+        self.stopping = True
+        for process, _ in self.running.values():
+            process.send_signal(signal.SIGTERM)
+
+    def run(self, pending: list[tuple[str, dict[str, str]]]) -> None:
+        signal.signal(signal.SIGINT, self.stop)
+        signal.signal(signal.SIGTERM, self.stop)
+        queue = list(pending)
+        while (queue and not self.stopping) or self.running:
+            while queue and not self.stopping and len(self.running) < self.parallel:
+                self.start(*queue.pop(0))
+            time.sleep(0.2)
+            self.reap()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", required=True, help="e.g. configs/switch.py:tiny")
+    parser.add_argument("--sweep_dir", required=True, type=Path)
+    parser.add_argument("--sweep", action="append", default=[], help="KEY=V1,V2,... (repeat)")
+    parser.add_argument("--set", action="append", default=[], help="KEY=VALUE for every run")
+    parser.add_argument("--zip", action="store_true", help="pair the axes instead of a grid")
+    parser.add_argument("--parallel", type=int, default=1, help="runs at a time")
+    args = parser.parse_args(argv)
+    if args.parallel < 1:
+        parser.error(f"--parallel must be >= 1, got {args.parallel}")
+
+    try:
+        axes = [parse_axis(spec) for spec in args.sweep]
+        fixed = dict(parse_setting(spec) for spec in args.set)
+        runs = [{**fixed, **overrides} for overrides in expand(axes, args.zip)]
+    except ValueError as error:
+        parser.error(str(error))
+    names = [run_name({key: run[key] for key, _ in axes}) for run in runs]
+    if len(set(names)) != len(names):
+        parser.error(f"two runs would share a directory: {sorted(names)}; use distinct values")
+    args.sweep_dir.mkdir(parents=True, exist_ok=True)
+
+    pending = [
+        (name, run)
+        for name, run in zip(names, runs)
+        if not (args.sweep_dir / name / DONE_FILE).exists()
+    ]
+    skipped = len(runs) - len(pending)
+    print(f"[sweep] {len(runs)} runs, {skipped} already done, {len(pending)} to run", flush=True)
+    sweep = Sweep(args.config, args.sweep_dir, args.parallel)
+    sweep.run(pending)
+    path = write_results(args.sweep_dir, runs, names)
+    print(f"[sweep] results: {path}", flush=True)
+    if sweep.stopping:
+        return 130
+    return 1 if sweep.failed else 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(main())
