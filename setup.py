@@ -23,7 +23,16 @@ setup(
         "tensorboardX",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout", "hypothesis>=6", "ruff>=0.6", "matplotlib"],
+        "test": [
+            "pytest>=8",
+            "pytest-timeout",
+            "hypothesis>=6",
+            "ruff>=0.6",
+            "matplotlib",
+            "nbclient",
+            "nbformat",
+            "ipykernel",
+        ],
         "experiments": ["matplotlib", "pandas"],
         "notebooks": ["jupyter", "nbclient", "nbformat", "ipykernel", "matplotlib"],
         "tf": ["tensorflow-cpu"],
