@@ -16,7 +16,7 @@ def default_config() -> ml_collections.ConfigDict:
     config.model = ml_collections.ConfigDict(
         {
             "kind": "decoder",  # 'decoder' (GLaM-style LM) | 'encoder_decoder' (T5 v1.1)
-            "vocab_size": 256,
+            "vocab_size": 384,  # 256 bytes + 3 specials (data.py) + span-corruption sentinels
             "d_model": 128,
             "num_heads": 4,
             "head_dim": 32,
@@ -110,8 +110,10 @@ def default_config() -> ml_collections.ConfigDict:
 
     config.data = ml_collections.ConfigDict(
         {
-            "name": "synthetic",  # synthetic | text:PATH | tfds:lm1b | tfds:c4 | tfds:tiny_shakespeare
+            # synthetic | text:PATH | tfds:lm1b | tfds:c4 | tfds:tiny_shakespeare
+            "name": "synthetic",
             "download": False,
+            "data_dir": "",  # TFDS data directory; '' uses TFDS_DATA_DIR or the TFDS default
             "noise_density": 0.15,  # T5 span corruption (encoder-decoder models)
             "mean_noise_span_length": 3.0,
             "inputs_length": 0,  # encoder length for span corruption; 0 derives it from seq_len
