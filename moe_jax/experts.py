@@ -1,0 +1,152 @@
+"""Expert feed-forward maths over stacked weights, and the initialisers for them.
+
+Pure JAX (no Flax). One definition of the FFN, `ffn`, takes the matmul as an argument, so the
+same maths runs three ways:
+
+- `stacked_matmul`: every expert's tokens in one batched matmul, `x: [E, N, M] @ w: [E, M, H]`
+  (the einsum and gather dispatch backends);
+- `dense_matmul`: one weight for every row, `x: [..., M] @ w: [M, H]` (dense FFN, shared experts);
+- a block matmul (`moe_jax.blocked.block_matmul`): rows sorted into fixed-size blocks, each block
+  multiplied by its own expert's weight (the dropless backend).
+
+Parameters are a dict: `wi` (input projection), `wi_gate` (the second input projection of gated
+units, present only for gated activations) and `wo` (output projection). Stacked expert weights
+are `wi, wi_gate: [E, M, H]` and `wo: [E, H, M]`; a dense FFN drops the leading E.
+Gated units compute `act(x @ wi_gate) * (x @ wi)` (GEGLU: act = gelu; SwiGLU: act = silu).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+Matmul = Callable[[jax.Array, jax.Array], jax.Array]
+
+# activation name -> (nonlinearity, gated)
+_ACTIVATIONS: dict[str, tuple[Callable[[jax.Array], jax.Array], bool]] = {
+    "relu": (jax.nn.relu, False),
+    "gelu": (jax.nn.gelu, False),
+    "gated-gelu": (jax.nn.gelu, True),
+    "swiglu": (jax.nn.silu, True),
+}
+ACTIVATIONS = tuple(_ACTIVATIONS)
+
+
+def check_activation(activation: str) -> None:
+    """Raise a ValueError naming the known activations if `activation` is not one of them."""
+    if activation not in _ACTIVATIONS:
+        raise ValueError(f"Unknown FFN activation {activation!r}; use one of {ACTIVATIONS}.")
+
+
+def is_gated(activation: str) -> bool:
+    """True for gated linear units (gated-gelu, swiglu), which need a second `wi_gate`."""
+    check_activation(activation)
+    return _ACTIVATIONS[activation][1]
+
+
+def truncated_normal_init(scale: float = 0.1, fan_in_axis: int = -2):
+    """Switch Transformer init: truncated normal (2 std) with std `sqrt(scale / fan_in)`.
+
+    Switch (Fedus et al. 2022, Sec. 2.3 and Table 3) uses scale 0.1, a tenth of the usual 1.0.
+    `fan_in` is the size of `fan_in_axis` (the input dim M of `wi: [E, M, H]`, H of `wo`).
+    Returns `init(key, shape, dtype=float32) -> array`.
+    """
+    if not scale > 0:
+        raise ValueError(f"init scale must be > 0, got {scale!r}; Switch uses 0.1.")
+
+    def init(key: jax.Array, shape: tuple[int, ...], dtype=jnp.float32) -> jax.Array:
+        fan_in = shape[fan_in_axis]
+        std = math.sqrt(scale / fan_in)
+        # jax.random.truncated_normal has unit std only before truncation; divide by the std of
+        # a standard normal truncated to [-2, 2] so the result has exactly `std`.
+        unit_std = 0.87962566103423978
+        sample = jax.random.truncated_normal(key, -2.0, 2.0, shape, jnp.float32)
+        return (sample * (std / unit_std)).astype(dtype)
+
+    return init
+
+
+def init_ffn_params(
+    key: jax.Array,
+    *,
+    d_model: int,
+    d_ff: int,
+    activation: str,
+    num_experts: int | None = None,
+    init_scale: float = 1.0,
+    dtype=jnp.float32,
+) -> dict[str, jax.Array]:
+    """FFN weights: `wi: [E, M, H]`, `wo: [E, H, M]` with `num_experts`, else `[M, H]`, `[H, M]`.
+
+    Every matrix is drawn with `truncated_normal_init(init_scale)` over its own fan-in
+    (1.0 is the usual variance-scaling init; Switch uses 0.1).
+    """
+    check_activation(activation)
+    lead = () if num_experts is None else (num_experts,)
+    init = truncated_normal_init(init_scale)
+    key_wi, key_gate, key_wo = jax.random.split(key, 3)
+    params = {
+        "wi": init(key_wi, (*lead, d_model, d_ff), dtype),  # [E, M, H]
+        "wo": init(key_wo, (*lead, d_ff, d_model), dtype),  # [E, H, M]
+    }
+    if is_gated(activation):
+        params["wi_gate"] = init(key_gate, (*lead, d_model, d_ff), dtype)  # [E, M, H]
+    return params
+
+
+def stacked_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+    """`x: [E, N, A] @ w: [E, A, B] -> f32[E, N, B]`, accumulating in float32."""
+    return jnp.einsum("ena,eab->enb", x, w, preferred_element_type=jnp.float32)
+
+
+def dense_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+    """`x: [..., A] @ w: [A, B] -> f32[..., B]`, accumulating in float32."""
+    return jnp.einsum("...a,ab->...b", x, w, preferred_element_type=jnp.float32)
+
+
+def ffn(
+    params: dict[str, jax.Array],
+    x: jax.Array,
+    *,
+    activation: str,
+    matmul: Matmul = stacked_matmul,
+    dtype=None,
+    dropout_rate: float = 0.0,
+    dropout_rng: jax.Array | None = None,
+) -> jax.Array:
+    """The FFN `wo(act(x wi))` (or gated `wo(act(x wi_gate) * x wi)`), applied with `matmul`.
+
+    Args:
+      params: `wi`, `wo` (and `wi_gate` for gated activations), shaped as `matmul` expects.
+      x: input rows, e.g. f32[E, N, M] for `stacked_matmul`.
+      activation: relu | gelu | gated-gelu | swiglu.
+      matmul: how rows meet weights (see the module docstring).
+      dtype: compute dtype of the matmul operands (e.g. bfloat16); accumulation, the activation
+        and the output are float32. None keeps the operands' own dtypes.
+      dropout_rate: expert dropout on the hidden layer (Switch fine-tuning uses 0.4, Table 4).
+      dropout_rng: key for the dropout mask; required when `dropout_rate > 0`.
+
+    Returns:
+      f32 array with x's shape (last dim M).
+    """
+    check_activation(activation)
+    nonlinearity, gated = _ACTIVATIONS[activation]
+    if not 0.0 <= dropout_rate < 1.0:
+        raise ValueError(f"dropout_rate must be in [0, 1), got {dropout_rate!r}.")
+
+    def cast(a: jax.Array) -> jax.Array:
+        return a if dtype is None else a.astype(dtype)
+
+    x = cast(x)
+    hidden = nonlinearity(matmul(x, cast(params["wi_gate" if gated else "wi"])))  # [..., H]
+    if gated:
+        hidden = hidden * matmul(x, cast(params["wi"]))  # [..., H]
+    if dropout_rate > 0.0:
+        if dropout_rng is None:
+            raise ValueError("dropout_rate > 0 needs a dropout_rng; pass a key or set rate 0.")
+        keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, hidden.shape)
+        hidden = jnp.where(keep, hidden / (1.0 - dropout_rate), 0.0)
+    return matmul(cast(hidden), cast(params["wo"]))  # [..., M]

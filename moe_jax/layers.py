@@ -1,0 +1,388 @@
+"""Flax NNX modules that own the FFN and MoE parameters and call the pure functions.
+
+- `FeedForward(config, rngs, d_ff=None, activation=None)`: dense FFN (dense baselines, ST-MoE's
+  extra dense FFN, shared experts).
+- `Router(config, rngs)`: router weights (always float32), input jitter, the router kind of
+  `config.moe.router`.
+- `MoeFeedForward(config, rngs)`: `y, aux = layer(x, deterministic=...)`.
+
+Logical axis names. Every parameter carries them as the flax 0.12 `out_sharding` metadata
+(`nnx.Param(value, out_sharding=('expert', 'embed', 'mlp'), eager_sharding=False)`):
+`wi`/`wi_gate` `('expert', 'embed', 'mlp')`, `wo` `('expert', 'mlp', 'embed')`, dense FFN
+`('embed', 'mlp')` / `('mlp', 'embed')`, router `('embed', None)` (small, replicated),
+router bias `(None,)`. `eager_sharding=False` lets modules be built without a mesh; read the
+names with `nnx.get_partition_spec(nnx.state(model))` and map them to mesh axes with the
+config's rules table (`moe_jax.parallel`).
+
+Aux-loss-free router bias. `config.moe.router = 'aux_free'` keeps its bias as a `RouterBias`
+variable, not an `nnx.Param`: gradients (`nnx.grad(..., argnums=nnx.DiffState(0, nnx.Param))`)
+and `nnx.Optimizer(model, tx, wrt=nnx.Param)` leave it alone, and the layer itself moves it by
+`update_expert_bias` on every call with `deterministic=False`. A train step must therefore
+carry the model's whole state out of the step (use `nnx.jit`, or `nnx.split`/`nnx.merge` and
+return the non-Param state), and must not run the training forward pass twice per step.
+
+Expert-parallel hook. `MoeFeedForward.experts_impl` is the function that runs dispatch, experts
+and combine; it defaults to `dispatch.dispatch_combine` and has its signature
+`(x: [G, T, M], routing, expert_fn, expert_params, *, backend) -> f32[G, T, M]`. Expert
+parallelism replaces it on a layer (`layer.experts_impl = fn`) when the mesh has an expert axis
+larger than 1; it is a static attribute, so jit retraces when it changes.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from moe_jax import dispatch, experts, losses, routing
+
+ROUTERS = ("tokens_choose", "gshard_top2", "experts_choose", "hash", "noisy_top_k", "aux_free")
+# routers whose capacity=None means "never drop" (tokens choose); experts_choose needs C
+_TOKENS_CHOOSE_ROUTERS = ("tokens_choose", "gshard_top2", "hash", "noisy_top_k", "aux_free")
+
+
+class RouterBias(nnx.Variable):
+    """Aux-loss-free selection bias f32[E]: updated by the layer in training, never by gradients."""
+
+
+class MoeAux(NamedTuple):
+    """What an MoE layer reports; the caller decides what enters the loss.
+
+    Attributes:
+      load_balancing_loss: f32[] the router kind's balancing loss (Switch form for tokens_choose,
+        GShard's for gshard_top2, Shazeer's importance + load for noisy_top_k; 0 for
+        experts_choose, hash and aux_free, which need none), without its coefficient.
+      router_z_loss: f32[] ST-MoE z-loss of the router logits (0 for hash routing).
+      fraction_tokens_dropped, fraction_assignments_dropped, router_confidence, expert_usage:
+        f32[] from `routing.router_metrics`.
+      expert_load: f32[E] share of the filled slots per expert.
+    """
+
+    load_balancing_loss: jax.Array
+    router_z_loss: jax.Array
+    fraction_tokens_dropped: jax.Array
+    fraction_assignments_dropped: jax.Array
+    router_confidence: jax.Array
+    expert_usage: jax.Array
+    expert_load: jax.Array
+
+
+def _param(value: jax.Array, names: tuple[str | None, ...]) -> nnx.Param:
+    return nnx.Param(value, out_sharding=names, eager_sharding=False)
+
+
+def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"Unknown {name} {value!r}; use one of {allowed}.")
+
+
+class FeedForward(nnx.Module):
+    """Dense FFN `wo(act(x wi))` (gated: `wo(act(x wi_gate) * x wi)`), dropout on the hidden.
+
+    `d_ff` defaults to `config.model.d_ff`, `activation` to `config.model.ffn_activation`;
+    compute in `config.model.dtype`, parameters in `config.model.param_dtype`.
+    """
+
+    def __init__(
+        self, config, rngs: nnx.Rngs, d_ff: int | None = None, activation: str | None = None
+    ):
+        model = config.model
+        self.activation = activation or model.ffn_activation
+        experts.check_activation(self.activation)
+        d_ff = d_ff or model.d_ff
+        if d_ff < 1:
+            raise ValueError(f"d_ff must be >= 1, got {d_ff!r}.")
+        self.dtype = jnp.dtype(model.dtype)
+        self.dropout_rate = float(model.dropout_rate)
+        params = experts.init_ffn_params(
+            rngs.params(),
+            d_model=model.d_model,
+            d_ff=d_ff,
+            activation=self.activation,
+            dtype=jnp.dtype(model.param_dtype),
+        )
+        self.wi = _param(params["wi"], ("embed", "mlp"))
+        self.wo = _param(params["wo"], ("mlp", "embed"))
+        if "wi_gate" in params:
+            self.wi_gate = _param(params["wi_gate"], ("embed", "mlp"))
+        self.rngs = rngs["dropout"].fork()
+
+    def params(self) -> dict[str, jax.Array]:
+        """The weights as the dict `experts.ffn` takes."""
+        names = ("wi", "wi_gate", "wo") if experts.is_gated(self.activation) else ("wi", "wo")
+        return {name: getattr(self, name)[...] for name in names}
+
+    def __call__(self, x: jax.Array, *, deterministic: bool = True) -> jax.Array:
+        """`x: [..., M]` -> `[..., M]` in the compute dtype."""
+        rate = 0.0 if deterministic else self.dropout_rate
+        out = experts.ffn(
+            self.params(),
+            x,
+            activation=self.activation,
+            matmul=experts.dense_matmul,
+            dtype=self.dtype,
+            dropout_rate=rate,
+            dropout_rng=self.rngs() if rate > 0 else None,
+        )
+        return out.astype(self.dtype)
+
+
+class Router(nnx.Module):
+    """Router of kind `config.moe.router`; float32 weights and maths whatever the model dtype.
+
+    Training (`deterministic=False`) multiplies the router input by uniform noise in
+    `[1 - eps, 1 + eps]` (Switch, Table 11; eps = `config.moe.router_jitter`), draws the noise of
+    noisy top-k gating and GShard's random second choice. Evaluation does none of these: it uses
+    clean logits and GShard's second_policy 'all' (every second choice that fits).
+    """
+
+    def __init__(self, config, rngs: nnx.Rngs):
+        moe = config.moe
+        _check_choice("router", moe.router, ROUTERS)
+        self.kind = moe.router
+        self.num_experts = moe.num_experts
+        self.k = moe.k
+        if self.kind == "gshard_top2" and self.k != 2:
+            raise ValueError(f"router 'gshard_top2' routes k=2 experts; set moe.k=2, not {self.k}.")
+        self.jitter = float(moe.router_jitter)
+        self.batch_prioritized = bool(moe.batch_prioritized)
+        self.normalize = moe.normalize
+        self.second_policy = moe.second_policy
+        self.second_threshold = float(moe.second_threshold)
+        shape = (config.model.d_model, moe.num_experts)
+        if self.kind != "hash":
+            init = experts.truncated_normal_init(moe.router_init_scale)
+            self.kernel = _param(init(rngs.params(), shape), ("embed", None))
+        if self.kind == "noisy_top_k":
+            # zero noise weights start as plain top-k (Shazeer et al. 2017, Appendix A)
+            self.noise_kernel = _param(jnp.zeros(shape, jnp.float32), ("embed", None))
+        if self.kind == "aux_free":
+            self.bias = RouterBias(jnp.zeros((moe.num_experts,), jnp.float32))
+        self.rngs = rngs["router"].fork()
+
+    def __call__(
+        self,
+        x: jax.Array,
+        *,
+        capacity: int | None,
+        deterministic: bool,
+        token_ids: jax.Array | None = None,
+        padding_mask: jax.Array | None = None,
+    ) -> tuple[routing.Routing, jax.Array | None]:
+        """Route `x: [G, T, M]`: the `Routing` and f32[G, T, E] logits (None for hash routing).
+
+        `token_ids: i32[G, T]` is required by hash routing; `padding_mask: bool[G, T]` marks
+        the real tokens (padding takes no slot).
+        """
+        if self.kind == "hash":
+            if token_ids is None:
+                raise ValueError("router 'hash' needs token_ids; pass layer(x, token_ids=ids).")
+            route = routing.hash_routing(
+                token_ids,
+                num_experts=self.num_experts,
+                capacity=capacity,
+                padding_mask=padding_mask,
+            )
+            return route, None
+        x = x.astype(jnp.float32)
+        if not deterministic and self.jitter > 0:
+            x = x * jax.random.uniform(
+                self.rngs(), x.shape, minval=1.0 - self.jitter, maxval=1.0 + self.jitter
+            )
+        kernel = self.kernel[...].astype(jnp.float32)
+        if self.kind == "noisy_top_k":
+            noise_rng = None if deterministic else self.rngs()
+            logits = routing.noisy_logits(x, kernel, self.noise_kernel[...], noise_rng)
+        else:
+            logits = jnp.einsum("gtm,me->gte", x, kernel)  # [G, T, E]
+        common = dict(capacity=capacity, padding_mask=padding_mask)
+        if self.kind in ("tokens_choose", "noisy_top_k"):
+            route = routing.tokens_choose(
+                logits,
+                k=self.k,
+                batch_prioritized=self.batch_prioritized,
+                normalize=self.normalize,
+                **common,
+            )
+        elif self.kind == "gshard_top2":
+            # evaluation is deterministic: it keeps every second choice that fits
+            policy = "all" if deterministic else self.second_policy
+            route = routing.gshard_top2(
+                logits,
+                rng=None if policy == "all" else self.rngs(),
+                second_policy=policy,
+                threshold=self.second_threshold,
+                **common,
+            )
+        elif self.kind == "experts_choose":
+            route = routing.experts_choose(logits, **common)
+        else:
+            route = routing.biased_top_k(
+                logits,
+                self.bias[...],
+                k=self.k,
+                batch_prioritized=self.batch_prioritized,
+                normalize=self.normalize,
+                **common,
+            )
+        return route, logits
+
+
+class MoeFeedForward(nnx.Module):
+    """Sparse MoE FFN: route, dispatch to stacked experts, combine, plus optional shared experts.
+
+    Configuration read: `config.model.{d_model, d_ff, ffn_activation, dtype, param_dtype,
+    dropout_rate}` and `config.moe.{num_experts, k, router, d_ff, activation,
+    capacity_factor_train, capacity_factor_eval, min_capacity, group_size, backend,
+    expert_dropout, num_shared_experts, bias_update_rate, ...}` (router keys: see `Router`).
+    Expert weights: `wi: [E, M, H]`, `wi_gate: [E, M, H]` (gated activations), `wo: [E, H, M]`,
+    drawn with unit-scale truncated-normal fan-in init.
+    """
+
+    def __init__(self, config, rngs: nnx.Rngs):
+        model, moe = config.model, config.moe
+        if moe.num_experts < 1:
+            raise ValueError(
+                f"MoeFeedForward needs moe.num_experts >= 1, got {moe.num_experts}; "
+                "use FeedForward for a dense layer."
+            )
+        if not 1 <= moe.k <= moe.num_experts:
+            raise ValueError(
+                f"moe.k must be in [1, num_experts={moe.num_experts}], got k={moe.k}; "
+                "lower k or add experts."
+            )
+        if not isinstance(moe.group_size, int) or moe.group_size < 1:
+            raise ValueError(f"moe.group_size must be an int >= 1, got {moe.group_size!r}.")
+        dispatch.check_backend(moe.backend)
+        for name in ("capacity_factor_train", "capacity_factor_eval"):
+            if not moe[name] > 0:
+                raise ValueError(f"moe.{name} must be > 0, got {moe[name]!r}.")
+        self.activation = moe.activation or model.ffn_activation
+        experts.check_activation(self.activation)
+        if moe.backend == "dropless" and moe.router == "experts_choose":
+            raise ValueError(
+                "backend 'dropless' needs a tokens-choose router; experts_choose fixes each "
+                "expert's capacity, so use backend 'gather' or 'einsum' with it."
+            )
+        self.num_experts = moe.num_experts
+        self.router_kind = moe.router
+        self.backend = moe.backend
+        self.group_size = moe.group_size
+        self.capacity_factor_train = float(moe.capacity_factor_train)
+        self.capacity_factor_eval = float(moe.capacity_factor_eval)
+        self.min_capacity = int(moe.min_capacity)
+        self.expert_dropout = float(moe.expert_dropout)
+        self.bias_update_rate = float(moe.bias_update_rate)
+        self.dtype = jnp.dtype(model.dtype)
+        d_ff = moe.d_ff or model.d_ff
+
+        self.router = Router(config, rngs)
+        params = experts.init_ffn_params(
+            rngs.params(),
+            d_model=model.d_model,
+            d_ff=d_ff,
+            activation=self.activation,
+            num_experts=moe.num_experts,
+            dtype=jnp.dtype(model.param_dtype),
+        )
+        self.wi = _param(params["wi"], ("expert", "embed", "mlp"))
+        self.wo = _param(params["wo"], ("expert", "mlp", "embed"))
+        if "wi_gate" in params:
+            self.wi_gate = _param(params["wi_gate"], ("expert", "embed", "mlp"))
+        # S always-on experts of width H are one dense FFN of width S * H (DeepSeekMoE)
+        self.shared = (
+            FeedForward(
+                config, rngs, d_ff=moe.num_shared_experts * d_ff, activation=self.activation
+            )
+            if moe.num_shared_experts > 0
+            else None
+        )
+        self.rngs = rngs["dropout"].fork()
+        self.experts_impl: Callable[..., jax.Array] = dispatch.dispatch_combine
+
+    def expert_params(self) -> dict[str, jax.Array]:
+        """The stacked expert weights as the dict `experts.ffn` takes."""
+        names = ("wi", "wi_gate", "wo") if experts.is_gated(self.activation) else ("wi", "wo")
+        return {name: getattr(self, name)[...] for name in names}
+
+    def capacity(self, tokens_per_group: int, deterministic: bool) -> int | None:
+        """Slots per expert per group; None (never drop) for the dropless backend."""
+        if self.backend == "dropless":
+            return None
+        factor = self.capacity_factor_eval if deterministic else self.capacity_factor_train
+        return routing.expert_capacity(
+            tokens_per_group, self.num_experts, factor, min_capacity=self.min_capacity
+        )
+
+    def __call__(
+        self,
+        x: jax.Array,
+        *,
+        deterministic: bool = True,
+        token_ids: jax.Array | None = None,
+        padding_mask: jax.Array | None = None,
+    ) -> tuple[jax.Array, MoeAux]:
+        """`x: f32|bf16[B, L, M]` -> (`[B, L, M]` in x's dtype, `MoeAux`).
+
+        `token_ids: i32[B, L]` (hash routing); `padding_mask: bool[B, L]`, True for real
+        tokens (padding takes no expert slot and is left out of the losses and metrics).
+        Tokens that find no slot get zero from the routed experts; the residual carries them.
+        """
+        if x.ndim != 3:
+            raise ValueError(f"x must be [B, L, M], got shape {x.shape}.")
+        grouped, grouping = dispatch.group_tokens(x, group_size=self.group_size)  # [G, T, M]
+        real = grouping.valid  # [G, T]
+        if padding_mask is not None:
+            real = real & grouping.group(padding_mask.astype(jnp.bool_))
+        grouped_ids = None if token_ids is None else grouping.group(token_ids)  # [G, T]
+        route, logits = self.router(
+            grouped,
+            capacity=self.capacity(grouping.group_size, deterministic),
+            deterministic=deterministic,
+            token_ids=grouped_ids,
+            padding_mask=real,
+        )
+        rate = 0.0 if deterministic else self.expert_dropout
+        expert_fn = functools.partial(
+            experts.ffn,
+            activation=self.activation,
+            dtype=self.dtype,
+            dropout_rate=rate,
+            dropout_rng=self.rngs() if rate > 0 else None,
+        )
+        routed = self.experts_impl(
+            grouped.astype(self.dtype), route, expert_fn, self.expert_params(), backend=self.backend
+        )  # [G, T, M]
+        y = grouping(routed)  # [B, L, M]
+        if self.shared is not None:
+            y = y + self.shared(x, deterministic=deterministic)
+        if self.router_kind == "aux_free" and not deterministic:
+            bias = self.router.bias
+            bias[...] = routing.update_expert_bias(
+                bias[...], route, rate=self.bias_update_rate, padding_mask=real
+            )
+        return y.astype(x.dtype), self._aux(route, logits, real)
+
+    def _aux(self, route: routing.Routing, logits: Any, real: jax.Array) -> MoeAux:
+        zero = jnp.zeros((), jnp.float32)
+        balance = {
+            "tokens_choose": losses.load_balancing_loss,
+            "gshard_top2": losses.gshard_aux_loss,
+            "noisy_top_k": losses.importance_load_loss,
+        }.get(self.router_kind)
+        balancing = zero if balance is None else balance(route.probs, route.expert_index, real)
+        z_loss = zero if logits is None else losses.router_z_loss(logits, real)
+        metrics = routing.router_metrics(route, real)
+        return MoeAux(
+            load_balancing_loss=balancing,
+            router_z_loss=z_loss,
+            fraction_tokens_dropped=metrics["fraction_tokens_dropped"],
+            fraction_assignments_dropped=metrics["fraction_assignments_dropped"],
+            router_confidence=metrics["router_confidence"],
+            expert_usage=metrics["expert_usage"],
+            expert_load=metrics["expert_load"],
+        )

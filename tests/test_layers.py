@@ -1,0 +1,202 @@
+"""MoeFeedForward, Router and FeedForward: shapes, dtypes, randomness, capacity, config errors."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from moe_jax import dispatch, experts, layers
+from moe_jax.config import default_config
+
+B, L, M = 2, 6, 16
+
+
+def _config(**moe):
+    config = default_config()
+    config.model.d_model = M
+    config.model.d_ff = 32
+    config.moe.group_size = 8
+    config.moe.num_experts = 4
+    for key, value in moe.items():
+        config.moe[key] = value
+    return config
+
+
+def _x(dtype=jnp.float32):
+    return jax.random.normal(jax.random.PRNGKey(0), (B, L, M)).astype(dtype)
+
+
+@pytest.mark.parametrize("router", layers.ROUTERS)
+def test_every_router_kind_runs_and_matches_dense_reference(router):
+    layer = layers.MoeFeedForward(_config(router=router, k=2, router_jitter=0.0), nnx.Rngs(0))
+    ids = jnp.arange(B * L).reshape(B, L)
+    y, aux = layer(_x(), deterministic=True, token_ids=ids)
+    assert y.shape == (B, L, M) and y.dtype == jnp.float32
+    assert aux.expert_load.shape == (4,)
+    # oracle: the same routing through the per-expert loop
+    grouped, grouping = dispatch.group_tokens(_x(), group_size=8)
+    route, _ = layer.router(
+        grouped,
+        capacity=layer.capacity(8, True),
+        deterministic=True,
+        token_ids=grouping.group(ids),
+        padding_mask=grouping.valid,
+    )
+    expert_fn = lambda p, xe: experts.ffn(p, xe, activation="gated-gelu")
+    want = grouping(dispatch.dense_reference(grouped, route, expert_fn, layer.expert_params()))
+    np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-6)
+
+
+def test_bfloat16_model_keeps_router_float32():
+    config = _config(k=2)
+    config.model.dtype = "bfloat16"
+    config.model.param_dtype = "bfloat16"
+    layer = layers.MoeFeedForward(config, nnx.Rngs(0))
+    assert layer.router.kernel[...].dtype == jnp.float32
+    assert layer.wi[...].dtype == jnp.bfloat16
+    y, aux = layer(_x(jnp.bfloat16), deterministic=False)
+    assert y.dtype == jnp.bfloat16
+    _, logits = layer.router(_x(jnp.bfloat16), capacity=4, deterministic=False)
+    assert logits.dtype == jnp.float32 and aux.router_z_loss.dtype == jnp.float32
+
+
+def test_jitter_only_in_training():
+    eps = 0.1
+    router = layers.Router(_config(router_jitter=eps), nnx.Rngs(0))
+    x = jnp.abs(_x()) + 0.5
+    _, eval_logits = router(x, capacity=4, deterministic=True)
+    np.testing.assert_allclose(eval_logits, x @ router.kernel[...], rtol=1e-6)
+    _, again = router(x, capacity=4, deterministic=True)
+    np.testing.assert_array_equal(eval_logits, again)
+    _, train_1 = router(x, capacity=4, deterministic=False)
+    _, train_2 = router(x, capacity=4, deterministic=False)
+    assert not np.allclose(train_1, eval_logits) and not np.allclose(train_1, train_2)
+    # multiplicative noise in [1 - eps, 1 + eps]: a one-hot kernel column reads the noisy input
+    router.kernel[...] = jnp.zeros((M, 4)).at[0, 0].set(1.0)
+    _, one_hot = router(x, capacity=4, deterministic=False)
+    ratio = np.asarray(one_hot[..., 0] / x[..., 0])
+    assert np.all(ratio >= 1 - eps - 1e-6) and np.all(ratio <= 1 + eps + 1e-6)
+    assert ratio.std() > 0.01
+
+
+def test_shared_experts_are_added_to_routed_output():
+    layer = layers.MoeFeedForward(_config(num_shared_experts=2), nnx.Rngs(0))
+    assert layer.shared.wi[...].shape == (M, 2 * 32)  # S experts of width H = one of S * H
+    y, _ = layer(_x())
+    shared = layer.shared(_x())
+    layer.experts_impl = lambda x, *args, **kwargs: jnp.zeros(x.shape, jnp.float32)
+    only_shared, _ = layer(_x())
+    np.testing.assert_allclose(only_shared, shared, rtol=1e-6)
+    assert not np.allclose(y, shared)
+
+
+def test_eval_capacity_factor_used_when_deterministic():
+    config = _config(
+        capacity_factor_train=0.25, capacity_factor_eval=4.0, min_capacity=1, router_jitter=0.0
+    )
+    layer = layers.MoeFeedForward(config, nnx.Rngs(0))
+    # T = 8 tokens per group, E = 4: train round(0.25 * 8 / 4) = 0 -> min 1; eval 4 * 2 = 8
+    assert layer.capacity(8, deterministic=False) == 1
+    assert layer.capacity(8, deterministic=True) == 8
+    _, train_aux = layer(_x(), deterministic=False)
+    _, eval_aux = layer(_x(), deterministic=True)
+    # 1 slot x 4 experts per group place at most 8 of the 12 real tokens: >= 1/3 dropped
+    assert float(train_aux.fraction_tokens_dropped) >= 1 / 3 - 1e-6
+    assert float(eval_aux.fraction_tokens_dropped) == 0.0
+
+
+def test_padding_mask_tokens_get_no_expert():
+    layer = layers.MoeFeedForward(_config(router_jitter=0.0), nnx.Rngs(0))
+    mask = jnp.arange(L)[None, :] < jnp.array([[4], [6]])
+    y, aux = layer(_x(), padding_mask=mask)
+    np.testing.assert_array_equal(y[0, 4:], 0.0)
+    assert float(jnp.abs(y[0, :4]).min()) > 0
+    full, _ = layer(_x())
+    assert float(aux.fraction_tokens_dropped) == 0.0 and full.shape == y.shape
+
+
+def test_aux_free_bias_updates_in_training_only():
+    layer = layers.MoeFeedForward(_config(router="aux_free", bias_update_rate=0.01), nnx.Rngs(0))
+    param_paths = [path for path, _ in nnx.to_flat_state(nnx.state(layer, nnx.Param))]
+    assert ("router", "kernel") in param_paths and ("router", "bias") not in param_paths
+    # every token's logit for expert 0 is sum(x) > 8, the others 0: expert 0 takes all tokens
+    # (load 12 > mean 3) and the rest none, and a 0.01 bias step cannot change that.
+    layer.router.kernel[...] = jnp.zeros((M, 4)).at[:, 0].set(1.0)
+    x = jnp.abs(_x()) + 0.5
+    layer(x, deterministic=True)
+    np.testing.assert_array_equal(layer.router.bias[...], 0.0)
+    layer(x, deterministic=False)  # b_0 -= 0.01, others += 0.01
+    np.testing.assert_allclose(layer.router.bias[...], [-0.01, 0.01, 0.01, 0.01], rtol=1e-6)
+
+    def loss(model):
+        y, aux = model(x, deterministic=False)
+        return jnp.sum(y**2) + aux.router_z_loss
+
+    grads = nnx.grad(loss, argnums=nnx.DiffState(0, nnx.Param))(layer)
+    grad_paths = [jax.tree_util.keystr(path) for path, _ in jax.tree.leaves_with_path(grads)]
+    assert grad_paths and not any("bias" in path for path in grad_paths)
+    # the update made inside nnx.grad comes out of it: a second step
+    np.testing.assert_allclose(layer.router.bias[...], [-0.02, 0.02, 0.02, 0.02], rtol=1e-6)
+
+
+def test_parameters_carry_logical_axis_names():
+    layer = layers.MoeFeedForward(_config(num_shared_experts=1), nnx.Rngs(0))
+    specs = nnx.get_partition_spec(nnx.state(layer, nnx.Param))
+    assert tuple(specs["wi"].get_value()) == ("expert", "embed", "mlp")
+    assert tuple(specs["wi_gate"].get_value()) == ("expert", "embed", "mlp")
+    assert tuple(specs["wo"].get_value()) == ("expert", "mlp", "embed")
+    assert tuple(specs["router"]["kernel"].get_value()) == ("embed", None)
+    assert tuple(specs["shared"]["wo"].get_value()) == ("mlp", "embed")
+
+
+def test_gradients_flow_to_router_and_experts():
+    layer = layers.MoeFeedForward(_config(k=2, backend="gather"), nnx.Rngs(0))
+
+    def loss(model):
+        y, aux = model(_x(), deterministic=True)
+        return jnp.sum(y**2) + aux.load_balancing_loss
+
+    grads = nnx.grad(loss)(layer)
+    for name in ("wi", "wi_gate", "wo"):
+        assert float(jnp.abs(grads[name][...]).max()) > 0
+    assert float(jnp.abs(grads["router"]["kernel"][...]).max()) > 0
+
+
+def test_dense_feed_forward_matches_experts_ffn_and_dropout_only_in_training():
+    config = _config()
+    config.model.dropout_rate = 0.5
+    ffn = layers.FeedForward(config, nnx.Rngs(0), d_ff=24, activation="swiglu")
+    params = {k: v[None] for k, v in ffn.params().items()}
+    want = experts.ffn(params, _x().reshape(1, B * L, M), activation="swiglu")
+    np.testing.assert_allclose(ffn(_x()), want.reshape(B, L, M), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(ffn(_x(), deterministic=False), want.reshape(B, L, M))
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"num_experts": 2, "k": 3}, "moe.k"),
+        ({"backend": "ragged"}, "dispatch backend"),
+        ({"activation": "tanh"}, "activation"),
+        ({"group_size": 0}, "group_size"),
+        ({"router": "top1"}, "router"),
+        ({"router": "gshard_top2", "k": 1}, "k=2"),
+        ({"num_experts": 0}, "FeedForward"),
+        ({"capacity_factor_eval": 0.0}, "capacity_factor_eval"),
+        ({"router": "experts_choose", "backend": "dropless"}, "tokens-choose"),
+    ],
+)
+def test_bad_configs_raise(change, message):
+    with pytest.raises(ValueError, match=message):
+        layers.MoeFeedForward(_config(**change), nnx.Rngs(0))
+
+
+def test_hash_router_needs_token_ids():
+    layer = layers.MoeFeedForward(_config(router="hash"), nnx.Rngs(0))
+    with pytest.raises(ValueError, match="token_ids"):
+        layer(_x())
+    y, _ = layer(_x(), token_ids=jnp.zeros((B, L), jnp.int32))
+    # one id -> one expert for all 12 tokens; groups of 8 real + (4 real, 4 padding); eval
+    # capacity round(2.0 * 8 / 4) = 4, so group 0 drops 4 tokens and group 1 none: 4 / 12.
+    np.testing.assert_allclose(float(jnp.mean(jnp.all(y == 0, axis=-1))), 4 / 12)
