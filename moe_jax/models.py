@@ -1,0 +1,566 @@
+"""Transformer models: a T5 v1.1-style encoder-decoder and a decoder-only LM, sparse or dense.
+
+`build_model(config, *, rngs)` returns
+- `EncoderDecoder` (`config.model.kind == 'encoder_decoder'`; T5 v1.1, Switch, ST-MoE):
+  `logits, aux = model(encoder_inputs, decoder_inputs, *, deterministic, encoder_segment_ids=None,
+  decoder_segment_ids=None)`;
+- `DecoderLM` (`'decoder'`; GLaM): `logits, aux = model(tokens, *, deterministic,
+  segment_ids=None, positions=None)`.
+`logits` are f32[B, L, V]; `aux` is one `layers.MoeAux` whose leaves carry a leading
+`[num_sparse_layers]` axis (encoder's sparse layers first, then the decoder's), or None for a
+dense model (`config.moe.num_experts == 0`).
+
+Architecture (T5 v1.1): pre-norm residual sublayers `x + dropout(sublayer(rms_norm(x)))`, no
+biases, one relative position bias table per stack shared by its layers, a final RMSNorm and
+dropout per stack, token embeddings shared by encoder and decoder. Tied logits use the embedding
+table with T5's `d_model ** -0.5` rescaling; untied logits have their own `[M, V]` kernel.
+GLaM's relative position bias is per layer; here it is T5's one table per stack (a few thousand
+parameters' difference).
+
+Sparse layers. Layer i (0-based) of a stack has a sparse FFN (`layers.MoeFeedForward`) when
+- `moe.sparse_placement == 'every'`: `i % sparse_every == sparse_every - 1` (the last layer of
+  each block of `sparse_every`; Switch/GLaM 2, ST-MoE 4, Switch-C 1);
+- `'bottom'` / `'top'`: i is among the first / last `moe.num_sparse_layers` layers.
+With `moe.extra_dense_ffn` (ST-MoE) a sparse layer has a second, dense FFN sublayer after the
+sparse one. Expert Choice (`moe.router == 'experts_choose'`) sees future tokens, so a causal
+stack (the decoder-only model, the encoder-decoder's decoder) with sparse layers refuses it.
+
+Padding. A token is padding where its segment id is 0 (when segment ids are given), else, in an
+encoder, where its id is 0. Without segment ids a decoder treats every token as real: its inputs
+are targets shifted right with id 0 as the start token (T5X, `moe_jax.data`). Padding keys are
+masked out of attention and padding tokens take no expert slot.
+
+Depth. The layers of a stack form segments of identical blocks (a block is the `sparse_every`
+layers that repeat, or one layer); with `model.scan_layers` each segment's blocks are stacked
+along a leading axis and run with `nnx.scan` (compile time flat in depth), otherwise they are a
+list run in a Python loop. `model.remat` rematerialises each block in the backward pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from moe_jax.attention import (
+    MultiHeadAttention,
+    RelativePositionBias,
+    RMSNorm,
+    attention_mask,
+)
+from moe_jax.layers import FeedForward, MoeAux, MoeFeedForward
+
+KINDS = ("decoder", "encoder_decoder")
+PLACEMENTS = ("every", "bottom", "top")
+# The stacked (scan) axis of block parameters is replicated: no logical name.
+_SCAN_METADATA = {nnx.PARTITION_NAME: None}
+
+Plan = tuple[tuple[tuple[bool, ...], int], ...]
+
+
+# ---------------------------------------------------------------------------- layer placement
+
+
+def layer_plan(num_layers: int, moe_config: Any) -> Plan:
+    """The segments of a stack: `((block_pattern, repeats), ...)`, bottom to top.
+
+    `block_pattern` says which layers of a block are sparse (True); the segment is that block
+    repeated `repeats` times. A dense model (`num_experts == 0`) is one segment of dense layers.
+    """
+    if num_layers < 1:
+        raise ValueError(f"a stack needs num_layers >= 1, got {num_layers}.")
+    if moe_config.num_experts == 0:
+        return (((False,), num_layers),)
+    if moe_config.num_experts < 0:
+        raise ValueError(f"moe.num_experts must be >= 0 (0: dense), got {moe_config.num_experts}.")
+    placement = moe_config.sparse_placement
+    if placement == "every":
+        every = moe_config.sparse_every
+        if not isinstance(every, int) or every < 1:
+            raise ValueError(f"moe.sparse_every must be an int >= 1, got {every!r}.")
+        segments = [((False,) * (every - 1) + (True,), num_layers // every)]
+        segments.append(((False,), num_layers % every))  # dense layers past the last block
+    elif placement in ("bottom", "top"):
+        num_sparse = moe_config.num_sparse_layers
+        if not 1 <= num_sparse <= num_layers:
+            raise ValueError(
+                f"moe.num_sparse_layers={num_sparse} must be in [1, {num_layers}] for "
+                f"sparse_placement={placement!r}."
+            )
+        segments = [((True,), num_sparse), ((False,), num_layers - num_sparse)]
+        if placement == "top":
+            segments.reverse()
+    else:
+        raise ValueError(f"Unknown moe.sparse_placement {placement!r}; use one of {PLACEMENTS}.")
+    return tuple((pattern, repeats) for pattern, repeats in segments if repeats > 0)
+
+
+def sparse_layer_flags(num_layers: int, moe_config: Any) -> tuple[bool, ...]:
+    """bool per layer, bottom to top: True where the FFN is sparse."""
+    return tuple(
+        flag
+        for pattern, repeats in layer_plan(num_layers, moe_config)
+        for flag in pattern * repeats
+    )
+
+
+# --------------------------------------------------------------------------------- layers
+
+
+class LayerInputs(NamedTuple):
+    """What every layer of a stack reads besides the residual stream (a pytree of arrays).
+
+    Attributes:
+      self_mask: bool[B, 1, L, L]; self_bias: f32[B, N, L, L] relative position bias.
+      token_ids: i32[B, L] the stack's input tokens (hash routing).
+      padding_mask: bool[B, L] True for real tokens.
+      encoded: [B, Le, M] encoder output (decoder of an encoder-decoder) or None.
+      cross_mask: bool[B, 1, L, Le] or None.
+    """
+
+    self_mask: jax.Array
+    self_bias: jax.Array
+    token_ids: jax.Array
+    padding_mask: jax.Array
+    encoded: jax.Array | None = None
+    cross_mask: jax.Array | None = None
+
+
+class TransformerLayer(nnx.Module):
+    """Self-attention, optional cross-attention, an FFN (dense or sparse), optional extra dense FFN.
+
+    Each sublayer is `x + dropout(sublayer(rms_norm(x)))`.
+    """
+
+    def __init__(self, config, *, sparse: bool, cross: bool, rngs: nnx.Rngs):
+        model = config.model
+        self.sparse, self.cross = sparse, cross
+        self.dtype = jnp.dtype(model.dtype)
+
+        def norm() -> RMSNorm:
+            return RMSNorm(model.d_model, dtype=model.dtype, param_dtype=model.param_dtype)
+
+        self.self_norm = norm()
+        self.self_attention = MultiHeadAttention(config, rngs=rngs)
+        if cross:
+            self.cross_norm = norm()
+            self.cross_attention = MultiHeadAttention(config, rngs=rngs)
+        self.ffn_norm = norm()
+        self.ffn = MoeFeedForward(config, rngs=rngs) if sparse else FeedForward(config, rngs=rngs)
+        self.extra_dense = sparse and bool(config.moe.extra_dense_ffn)
+        if self.extra_dense:
+            self.extra_norm = norm()
+            self.extra_ffn = FeedForward(config, rngs=rngs)
+        self.dropout = nnx.Dropout(model.dropout_rate, rngs=rngs)
+
+    def __call__(
+        self, x: jax.Array, inputs: LayerInputs, *, deterministic: bool
+    ) -> tuple[jax.Array, MoeAux | None]:
+        """`x: [B, L, M]` -> (`[B, L, M]`, the sparse FFN's `MoeAux` or None)."""
+
+        def residual(x: jax.Array, y: jax.Array) -> jax.Array:
+            return x + self.dropout(y, deterministic=deterministic).astype(x.dtype)
+
+        h = self.self_norm(x)
+        h = self.self_attention(
+            h, h, mask=inputs.self_mask, bias=inputs.self_bias, deterministic=deterministic
+        )
+        x = residual(x, h)
+        if self.cross:
+            h = self.cross_attention(
+                self.cross_norm(x),
+                inputs.encoded,
+                mask=inputs.cross_mask,
+                deterministic=deterministic,
+            )
+            x = residual(x, h)
+        aux = None
+        h = self.ffn_norm(x)
+        if self.sparse:
+            h, aux = self.ffn(
+                h,
+                deterministic=deterministic,
+                token_ids=inputs.token_ids,
+                padding_mask=inputs.padding_mask,
+            )
+        else:
+            h = self.ffn(h, deterministic=deterministic)
+        x = residual(x, h)
+        if self.extra_dense:
+            x = residual(x, self.extra_ffn(self.extra_norm(x), deterministic=deterministic))
+        return x, aux
+
+
+def _stack_aux(auxes: list[MoeAux]) -> MoeAux | None:
+    """Stack per-layer aux along a new leading axis; None when there is none."""
+    if not auxes:
+        return None
+    return jax.tree.map(lambda *leaves: jnp.stack(leaves), *auxes)
+
+
+def _concat_aux(auxes: list[MoeAux | None]) -> MoeAux | None:
+    """Concatenate stacked aux along the leading (sparse layer) axis, skipping None."""
+    auxes = [aux for aux in auxes if aux is not None]
+    if not auxes:
+        return None
+    return jax.tree.map(lambda *leaves: jnp.concatenate(leaves), *auxes)
+
+
+class LayerBlock(nnx.Module):
+    """Consecutive layers following `pattern` (True: sparse), the unit that scan repeats."""
+
+    def __init__(self, config, pattern: tuple[bool, ...], *, cross: bool, rngs: nnx.Rngs):
+        self.layers = nnx.List(
+            [TransformerLayer(config, sparse=sparse, cross=cross, rngs=rngs) for sparse in pattern]
+        )
+
+    def __call__(
+        self, x: jax.Array, inputs: LayerInputs, *, deterministic: bool
+    ) -> tuple[jax.Array, MoeAux | None]:
+        """`x: [B, L, M]` -> (`[B, L, M]`, MoeAux with leaves `[S_block, ...]` or None)."""
+        auxes = []
+        for layer in self.layers:
+            x, aux = layer(x, inputs, deterministic=deterministic)
+            if aux is not None:
+                auxes.append(aux)
+        return x, _stack_aux(auxes)
+
+
+def _create_stacked(make: Callable[[nnx.Rngs], nnx.Module], repeats: int, rngs: nnx.Rngs):
+    """`repeats` independently initialised modules, parameters stacked on a leading axis."""
+
+    @nnx.split_rngs(splits=repeats)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata=_SCAN_METADATA)
+    def create(rngs: nnx.Rngs) -> nnx.Module:
+        return make(rngs)
+
+    return create(rngs)
+
+
+class TransformerStack(nnx.Module):
+    """An encoder (bidirectional) or decoder (causal, optionally cross-attending) stack.
+
+    Holds the relative position bias, the layers (in segments, see `layer_plan`), and the final
+    RMSNorm; the token embedding belongs to the model.
+    """
+
+    def __init__(self, config, num_layers: int, *, causal: bool, cross: bool, rngs: nnx.Rngs):
+        model = config.model
+        self.causal = causal
+        self.scan = bool(model.scan_layers)
+        self.remat = bool(model.remat)
+        self.plan = layer_plan(num_layers, config.moe)
+        if (
+            causal
+            and config.moe.router == "experts_choose"
+            and any(True in pattern for pattern, _ in self.plan)
+        ):
+            raise ValueError(
+                "moe.router='experts_choose' (Expert Choice) lets each expert pick tokens from "
+                "the whole group, future tokens included, so it cannot be used in a causal "
+                "decoder; use it only in encoder-only layers, or choose a tokens-choose router "
+                "(e.g. moe.router='tokens_choose')."
+            )
+        self.position_bias = RelativePositionBias(
+            num_buckets=model.relative_attention_num_buckets,
+            max_distance=model.relative_attention_max_distance,
+            num_heads=model.num_heads,
+            bidirectional=not causal,
+            rngs=rngs,
+            param_dtype=jnp.dtype(model.param_dtype),
+        )
+        segments = []
+        for pattern, repeats in self.plan:
+
+            def make(rngs: nnx.Rngs, pattern=pattern) -> LayerBlock:
+                return LayerBlock(config, pattern, cross=cross, rngs=rngs)
+
+            if self.scan:
+                segments.append(_create_stacked(make, repeats, rngs))
+            else:
+                segments.append(nnx.List([make(rngs) for _ in range(repeats)]))
+        self.segments = nnx.List(segments)
+        self.final_norm = RMSNorm(model.d_model, dtype=model.dtype, param_dtype=model.param_dtype)
+        self.dropout = nnx.Dropout(model.dropout_rate, rngs=rngs)
+
+    def __call__(
+        self,
+        x: jax.Array,
+        *,
+        token_ids: jax.Array,
+        padding_mask: jax.Array,
+        positions: jax.Array,
+        segment_ids: jax.Array | None,
+        deterministic: bool,
+        encoded: jax.Array | None = None,
+        cross_mask: jax.Array | None = None,
+    ) -> tuple[jax.Array, MoeAux | None]:
+        """Embedded tokens `x: [B, L, M]` -> (normed output `[B, L, M]`, stacked MoeAux or None).
+
+        `token_ids, positions: i32[B, L]`; `padding_mask: bool[B, L]`; `segment_ids: i32[B, L]`
+        or None; `encoded: [B, Le, M]` and `cross_mask: bool[B, 1, L, Le]` for cross-attention.
+        """
+        inputs = LayerInputs(
+            self_mask=attention_mask(
+                key_valid=padding_mask,
+                query_segments=segment_ids,
+                key_segments=segment_ids,
+                causal=self.causal,
+            ),
+            self_bias=self.position_bias(positions, positions),
+            token_ids=token_ids,
+            padding_mask=padding_mask,
+            encoded=encoded,
+            cross_mask=cross_mask,
+        )
+
+        def run_block(block: LayerBlock, x: jax.Array, inputs: LayerInputs):
+            return block(x, inputs, deterministic=deterministic)
+
+        if self.remat:
+            run_block = nnx.remat(run_block)
+
+        x = self.dropout(x, deterministic=deterministic)
+        auxes = []
+        for segment in self.segments:
+            if self.scan:
+                scan = nnx.scan(
+                    run_block,
+                    in_axes=(0, nnx.Carry, None),
+                    out_axes=(nnx.Carry, 0),
+                    transform_metadata=_SCAN_METADATA,
+                )
+                x, aux = scan(segment, x, inputs)  # aux leaves: [repeats, S_block, ...]
+                if aux is not None:
+                    aux = jax.tree.map(lambda a: a.reshape((-1, *a.shape[2:])), aux)
+            else:
+                block_auxes = []
+                for block in segment:
+                    x, block_aux = run_block(block, x, inputs)
+                    block_auxes.append(block_aux)
+                aux = _concat_aux(block_auxes)
+            auxes.append(aux)
+        x = self.dropout(self.final_norm(x), deterministic=deterministic)
+        return x, _concat_aux(auxes)
+
+
+# ---------------------------------------------------------------------------------- models
+
+
+class Embedding(nnx.Module):
+    """Token embedding `f32[V, M]` (logical `('vocab', 'embed')`), T5's unit-normal init.
+
+    Also computes tied logits (`attend`).
+    """
+
+    def __init__(self, config, *, rngs: nnx.Rngs):
+        model = config.model
+        self.dtype = jnp.dtype(model.dtype)
+        shape = (model.vocab_size, model.d_model)
+        table = jax.random.normal(rngs.params(), shape, jnp.dtype(model.param_dtype))
+        self.embedding = nnx.Param(table, out_sharding=("vocab", "embed"), eager_sharding=False)
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        """`tokens: i32[B, L]` -> `[B, L, M]` in the compute dtype."""
+        return jnp.take(self.embedding[...], tokens, axis=0).astype(self.dtype)  # [B, L, M]
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        """`x: [B, L, M]` -> f32[B, L, V]: dot products with every token's embedding."""
+        table = self.embedding[...].astype(self.dtype)
+        return jnp.einsum("blm,vm->blv", x, table, preferred_element_type=jnp.float32)
+
+
+class OutputLogits(nnx.Module):
+    """Untied output projection `f32[M, V]` (logical `('embed', 'vocab')`)."""
+
+    def __init__(self, config, *, rngs: nnx.Rngs):
+        model = config.model
+        self.dtype = jnp.dtype(model.dtype)
+        init = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
+        kernel = init(rngs.params(), (model.d_model, model.vocab_size), model.param_dtype)
+        self.kernel = nnx.Param(kernel, out_sharding=("embed", "vocab"), eager_sharding=False)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """`x: [B, L, M]` -> f32[B, L, V]."""
+        kernel = self.kernel[...].astype(self.dtype)
+        return jnp.einsum("blm,mv->blv", x, kernel, preferred_element_type=jnp.float32)
+
+
+class _LanguageModelHead(nnx.Module):
+    """Shared by both models: the embedding and the (tied or untied) logits."""
+
+    def _init_head(self, config, rngs: nnx.Rngs) -> None:
+        model = config.model
+        if model.vocab_size < 2:
+            raise ValueError(f"model.vocab_size must be >= 2, got {model.vocab_size}.")
+        self.tie_embeddings = bool(model.tie_embeddings)
+        self.d_model = model.d_model
+        self.embed = Embedding(config, rngs=rngs)
+        if not self.tie_embeddings:
+            self.output = OutputLogits(config, rngs=rngs)
+
+    def logits(self, x: jax.Array) -> jax.Array:
+        """f32[B, L, V] from the final hidden states `[B, L, M]`."""
+        if self.tie_embeddings:
+            return self.embed.attend(x * self.d_model**-0.5)  # T5's rescaling for tied logits
+        return self.output(x)
+
+
+def _positions(tokens: jax.Array) -> jax.Array:
+    """i32[B, L]: 0..L-1 in every row."""
+    return jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+
+
+def _check_tokens(name: str, tokens: jax.Array) -> None:
+    if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
+        raise ValueError(
+            f"{name} must be integer token ids [B, L], got {tokens.dtype}{tokens.shape}."
+        )
+
+
+class DecoderLM(_LanguageModelHead):
+    """Decoder-only causal LM (GLaM): embedding, causal stack of `model.num_layers`, logits."""
+
+    def __init__(self, config, *, rngs: nnx.Rngs):
+        self._init_head(config, rngs)
+        self.decoder = TransformerStack(
+            config, config.model.num_layers, causal=True, cross=False, rngs=rngs
+        )
+
+    def __call__(
+        self,
+        tokens: jax.Array,
+        *,
+        deterministic: bool,
+        segment_ids: jax.Array | None = None,
+        positions: jax.Array | None = None,
+    ) -> tuple[jax.Array, MoeAux | None]:
+        """`tokens: i32[B, L]` -> (f32[B, L, V] logits, MoeAux `[num_sparse_layers, ...]` or None).
+
+        `segment_ids: i32[B, L]` packing segments (0: padding); `positions: i32[B, L]` positions
+        within segments (default 0..L-1; only their differences within a segment matter).
+        """
+        _check_tokens("tokens", tokens)
+        padding_mask = jnp.ones(tokens.shape, jnp.bool_) if segment_ids is None else segment_ids > 0
+        x, aux = self.decoder(
+            self.embed(tokens),
+            token_ids=tokens,
+            padding_mask=padding_mask,
+            positions=_positions(tokens) if positions is None else positions,
+            segment_ids=segment_ids,
+            deterministic=deterministic,
+        )
+        return self.logits(x), aux
+
+
+class EncoderDecoder(_LanguageModelHead):
+    """T5 v1.1-style encoder-decoder (Switch, ST-MoE): shared embedding, two stacks, logits."""
+
+    def __init__(self, config, *, rngs: nnx.Rngs):
+        model = config.model
+        self._init_head(config, rngs)
+        self.encoder = TransformerStack(
+            config, model.num_encoder_layers, causal=False, cross=False, rngs=rngs
+        )
+        self.decoder = TransformerStack(
+            config, model.num_decoder_layers, causal=True, cross=True, rngs=rngs
+        )
+
+    def __call__(
+        self,
+        encoder_inputs: jax.Array,
+        decoder_inputs: jax.Array,
+        *,
+        deterministic: bool,
+        encoder_segment_ids: jax.Array | None = None,
+        decoder_segment_ids: jax.Array | None = None,
+    ) -> tuple[jax.Array, MoeAux | None]:
+        """`encoder_inputs: i32[B, Le]`, `decoder_inputs: i32[B, Ld]` (targets shifted right)
+        -> (f32[B, Ld, V] logits, MoeAux `[num_sparse_layers, ...]` (encoder first) or None).
+        """
+        _check_tokens("encoder_inputs", encoder_inputs)
+        _check_tokens("decoder_inputs", decoder_inputs)
+        if encoder_segment_ids is None:
+            encoder_valid = encoder_inputs != 0
+        else:
+            encoder_valid = encoder_segment_ids > 0
+        if decoder_segment_ids is None:
+            decoder_valid = jnp.ones(decoder_inputs.shape, jnp.bool_)
+        else:
+            decoder_valid = decoder_segment_ids > 0
+        encoded, encoder_aux = self.encoder(
+            self.embed(encoder_inputs),
+            token_ids=encoder_inputs,
+            padding_mask=encoder_valid,
+            positions=_positions(encoder_inputs),
+            segment_ids=encoder_segment_ids,
+            deterministic=deterministic,
+        )
+        segments_given = encoder_segment_ids is not None and decoder_segment_ids is not None
+        cross_mask = attention_mask(
+            key_valid=encoder_valid,
+            query_segments=decoder_segment_ids if segments_given else None,
+            key_segments=encoder_segment_ids if segments_given else None,
+        )  # [B, 1, 1 or Ld, Le]
+        x, decoder_aux = self.decoder(
+            self.embed(decoder_inputs),
+            token_ids=decoder_inputs,
+            padding_mask=decoder_valid,
+            positions=_positions(decoder_inputs),
+            segment_ids=decoder_segment_ids,
+            deterministic=deterministic,
+            encoded=encoded,
+            cross_mask=cross_mask,
+        )
+        return self.logits(x), _concat_aux([encoder_aux, decoder_aux])
+
+
+def build_model(config, *, rngs: nnx.Rngs) -> DecoderLM | EncoderDecoder:
+    """The model `config.model.kind` names ('decoder' or 'encoder_decoder')."""
+    kind = config.model.kind
+    if kind == "decoder":
+        return DecoderLM(config, rngs=rngs)
+    if kind == "encoder_decoder":
+        return EncoderDecoder(config, rngs=rngs)
+    raise ValueError(f"Unknown model.kind {kind!r}; use one of {KINDS}.")
+
+
+# ---------------------------------------------------------------------------- param counting
+
+
+def count_params(config, *, include_embeddings: bool = True) -> dict[str, int]:
+    """`{'total': int, 'active': int}` parameters of `config`'s model, built abstractly.
+
+    The model is traced with `nnx.eval_shape`, so no array is allocated (Switch-C's 1.6T
+    parameters count in seconds). `active` is what one token touches: every non-expert parameter
+    plus `k` experts' worth of each sparse layer's stacked expert weights (shared experts and
+    routers are non-expert parameters, so they count in full).
+
+    Embeddings (the `[V, M]` table and an untied `[M, V]` output kernel) count in both numbers
+    by default, as Switch (Table 9: T5-Base's 223M includes its tied 32128 x 768 table) and
+    ST-MoE count them; `include_embeddings=False` leaves them out, which is how GLaM's Table 4
+    totals read (0.1B/64E: 1.9B matches only without its 256K x 768 table).
+    """
+    model = nnx.eval_shape(lambda: build_model(config, rngs=nnx.Rngs(0)))
+    total = active = 0
+    for path, param in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        size = param.size
+        if not include_embeddings and path[-2:] in (("embed", "embedding"), ("output", "kernel")):
+            continue
+        total += size
+        is_expert_weight = path[-1] in ("wi", "wi_gate", "wo") and "ffn" in path
+        if is_expert_weight and isinstance(_submodule(model, path[:-1]), MoeFeedForward):
+            active += size * config.moe.k // config.moe.num_experts
+        else:
+            active += size
+    return {"total": int(total), "active": int(active)}
+
+
+def _submodule(module: nnx.Module, path: tuple) -> Any:
+    """The object at `path` (attribute names and list indices) below `module`."""
+    for key in path:
+        module = module[key] if isinstance(module, nnx.List) else getattr(module, key)
+    return module

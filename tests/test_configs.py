@@ -1,0 +1,186 @@
+"""Tests of configs/: variants load, paper sizes count to the papers' figures, tiny ones train."""
+
+import functools
+import importlib
+import sys
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import pytest
+from absl import flags
+from flax import nnx
+from ml_collections import config_flags
+
+from moe_jax import models
+
+FAMILIES = {
+    "dense": ("t5_base", "t5_large", "t5_xxl", "tiny"),
+    "switch": ("base", "large", "xxl", "c", "tiny"),
+    "st_moe": ("base", "l", "32b", "tiny"),
+    "glam": ("0.1b_64e", "1.7b_64e", "8b_64e", "64b_64e", "tiny"),
+}
+
+
+def get_config(family: str, variant: str) -> ml_collections.ConfigDict:
+    return importlib.import_module(f"configs.{family}").get_config(variant)
+
+
+@functools.cache
+def count(family: str, variant: str, include_embeddings: bool = True) -> dict[str, int]:
+    """`models.count_params` of a named config, computed once per test session."""
+    config = get_config(family, variant)
+    return models.count_params(config, include_embeddings=include_embeddings)
+
+
+@pytest.mark.parametrize(
+    "family, variant", [(f, v) for f, variants in FAMILIES.items() for v in variants]
+)
+def test_every_variant_loads_and_builds_abstractly(family, variant):
+    config = get_config(family, variant)
+    assert config.model.kind in models.KINDS
+    with pytest.raises(AttributeError):  # locked: a misspelt key fails loudly
+        config.model.d_modle = 1
+    counts = count(family, variant)
+    assert 0 < counts["active"] <= counts["total"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_unknown_variant_raises(family):
+    with pytest.raises(ValueError, match="variant"):
+        get_config(family, "huge")
+
+
+def within_printed_figure(counted: float, printed: float, last_digit: float) -> bool:
+    """`counted` rounds to the paper's `printed` figure (half a unit of its `last_digit`), with 1%
+    slack for the small parameters implementations place differently (norms, position biases)."""
+    low, high = printed - last_digit / 2, printed + last_digit / 2
+    return 0.99 * low <= counted <= 1.01 * high
+
+
+B, T = 1e9, 1e12
+PAPER_TOTALS = [
+    # Switch Transformer (Fedus et al. 2022), Table 9 (Table 7 for the expert sweep), totals
+    # including the (tied) embedding.
+    ("dense", "t5_base", 223e6, 1e6),
+    ("dense", "t5_large", 739e6, 1e6),
+    ("dense", "t5_xxl", 11 * B, 1 * B),
+    ("switch", "base", 7.4 * B, 0.1 * B),  # Table 7: 7.4B (Table 9 prints 7B)
+    ("switch", "base-16", 1.1 * B, 0.1 * B),  # Table 7
+    ("switch", "base-32", 2.0 * B, 0.1 * B),  # Table 7
+    ("switch", "base-64", 3.8 * B, 0.1 * B),  # Table 7
+    ("switch", "base-256", 14.7 * B, 0.1 * B),  # Table 7
+    ("switch", "large", 26 * B, 1 * B),
+    ("switch", "xxl", 395 * B, 1 * B),  # with 128 experts (Table 9 prints 64)
+    ("switch", "c", 1571 * B, 1 * B),
+    # ST-MoE (Zoph et al. 2022): ST-MoE-L 4.1B, ST-MoE-32B 269B.
+    ("st_moe", "l", 4.1 * B, 0.1 * B),
+    ("st_moe", "32b", 269 * B, 1 * B),
+]
+
+GLAM_TOTALS = [
+    # GLaM (Du et al. 2022), Table 4 totals, which match without the 256K x d embedding table.
+    ("0.1b_64e", 1.9 * B, 0.1 * B),
+    ("1.7b_64e", 27 * B, 1 * B),
+    ("8b_64e", 143 * B, 1 * B),
+    ("64b_64e", 1.2 * T, 0.1 * T),
+]
+
+
+@pytest.mark.parametrize("family, variant, printed, last_digit", PAPER_TOTALS)
+def test_paper_totals(family, variant, printed, last_digit):
+    total = count(family, variant)["total"]
+    assert within_printed_figure(total, printed, last_digit), (total, printed)
+
+
+@pytest.mark.parametrize("variant, printed, last_digit", GLAM_TOTALS)
+def test_glam_totals_without_embeddings(variant, printed, last_digit):
+    total = count("glam", variant, include_embeddings=False)["total"]
+    assert within_printed_figure(total, printed, last_digit), (total, printed)
+
+
+def test_switch_base_is_flop_matched_to_t5_base():
+    # Switch-Base's active parameters are T5-Base's plus 12 routers (Sec. 2.4: FLOP-matched);
+    # 12 sparse layers * 768 * 128 router weights = 1,179,648
+    active = count("switch", "base")["active"]
+    dense = count("dense", "t5_base")["total"]
+    assert active - dense == 12 * 768 * 128
+
+
+def test_glam_64b_activated_matches_paper():
+    # GLaM Table 4: 96.6B activated for 64B/64E; counted with the tied 256K x 8192 embedding
+    active = count("glam", "64b_64e")["active"]
+    assert within_printed_figure(active, 96.6 * B, 0.1 * B), active
+
+
+def test_expert_count_in_variant_name_equals_override():
+    from_name = get_config("switch", "base-16")
+    overridden = get_config("switch", "base")
+    overridden.moe.num_experts = 16
+    assert from_name.to_dict() == overridden.to_dict()
+    with pytest.raises(ValueError, match="expert count"):
+        get_config("switch", "base-x")
+
+
+def test_command_line_loading_and_override(monkeypatch):
+    argv = ["prog", "--config=configs/switch.py:base", "--config.moe.num_experts=16"]
+    monkeypatch.setattr(sys, "argv", argv)  # config_flags reads its overrides from sys.argv
+    flag_values = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", flag_values=flag_values)
+    flag_values(argv)
+    config = flag_values.config
+    assert config.moe.num_experts == 16 and config.model.d_model == 768
+
+
+def test_paper_training_choices():
+    switch = get_config("switch", "xxl")
+    assert (switch.moe.k, switch.moe.capacity_factor_train, switch.moe.capacity_factor_eval) == (
+        1,
+        1.25,
+        2.0,
+    )
+    assert switch.train.optimizer == "adafactor" and switch.train.schedule == "rsqrt"
+    assert switch.model.vocab_size == 32128 and switch.moe.num_experts == 128
+    st_moe = get_config("st_moe", "32b")
+    assert (st_moe.moe.k, st_moe.moe.sparse_every, st_moe.moe.extra_dense_ffn) == (2, 4, True)
+    assert (st_moe.loss.z_coef, st_moe.loss.aux_coef) == (1e-3, 1e-2)
+    glam = get_config("glam", "8b_64e")
+    assert glam.moe.router == "gshard_top2" and glam.model.vocab_size == 256_000
+    assert glam.train.seq_len == 1024 and glam.model.kind == "decoder"
+
+
+def batch_for(config, batch: int = 2, length: int = 32):
+    """Random token ids (shorter than the config's seq_len: shapes do not change the code path)."""
+    model = config.model
+    ids = jax.random.randint(jax.random.key(0), (batch, length), 3, model.vocab_size)
+    if model.kind == "decoder":
+        return (ids,)
+    return ids, ids[:, : length // 4]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_tiny_variant_trains_forward_and_backward(family):
+    config = get_config(family, "tiny")
+    assert config.model.vocab_size == 384 and config.train.seq_len == 128
+    assert config.train.optimizer == "adamw"
+    model = models.build_model(config, rngs=nnx.Rngs(0))
+    inputs = batch_for(config)
+
+    @nnx.jit
+    def loss_and_grads(model, inputs):
+        def loss_fn(model):
+            logits, aux = model(*inputs, deterministic=False)
+            targets = inputs[-1]
+            log_probs = jax.nn.log_softmax(logits)
+            loss = -jnp.take_along_axis(log_probs, targets[..., None], -1).mean()
+            if aux is not None:
+                loss = loss + 1e-2 * aux.load_balancing_loss.sum()
+            return loss
+
+        return nnx.value_and_grad(loss_fn)(model)
+
+    loss, grads = loss_and_grads(model, inputs)
+    assert jnp.isfinite(loss)
+    norms = [jnp.abs(g).sum() for g in jax.tree.leaves(grads)]
+    assert all(bool(jnp.isfinite(n)) for n in norms)
+    assert all(float(n) > 0 for n in norms)
