@@ -22,10 +22,12 @@ carry the model's whole state out of the step (use `nnx.jit`, or `nnx.split`/`nn
 return the non-Param state), and must not run the training forward pass twice per step.
 
 Expert-parallel hook. `MoeFeedForward.experts_impl` is the function that runs dispatch, experts
-and combine; it defaults to `dispatch.dispatch_combine` and has its signature
-`(x: [G, T, M], routing, expert_fn, expert_params, *, backend) -> f32[G, T, M]`. Expert
-parallelism replaces it on a layer (`layer.experts_impl = fn`) when the mesh has an expert axis
-larger than 1; it is a static attribute, so jit retraces when it changes.
+and combine, with the signature of `dispatch.dispatch_combine`
+`(x: [G, T, M], routing, expert_fn, expert_params, *, backend) -> f32[G, T, M]`. It defaults to
+`parallel.ExpertParallel`, which runs expert parallelism (shard_map + all_to_all, or GSPMD, by
+`config.mesh.expert_parallelism`) when the mesh set with `jax.set_mesh` has an expert axis larger
+than 1, and the local `dispatch.dispatch_combine` otherwise. It is a static attribute: a layer may
+be given another function (`layer.experts_impl = fn`), and jit retraces when it changes.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moe_jax import dispatch, experts, losses, routing
+from moe_jax import dispatch, experts, losses, parallel, routing
 
 ROUTERS = ("tokens_choose", "gshard_top2", "experts_choose", "hash", "noisy_top_k", "aux_free")
 # routers whose capacity=None means "never drop" (tokens choose); experts_choose needs C
@@ -162,6 +164,7 @@ class Router(nnx.Module):
             self.noise_kernel = _param(jnp.zeros(shape, jnp.float32), ("embed", None))
         if self.kind == "aux_free":
             self.bias = RouterBias(jnp.zeros((moe.num_experts,), jnp.float32))
+        self.rules = parallel.logical_rules(config)
         self.rngs = rngs["router"].fork()
 
     def __call__(
@@ -181,11 +184,13 @@ class Router(nnx.Module):
         if self.kind == "hash":
             if token_ids is None:
                 raise ValueError("router 'hash' needs token_ids; pass layer(x, token_ids=ids).")
-            route = routing.hash_routing(
+            route = parallel.per_device_groups(
+                lambda ids, mask: routing.hash_routing(
+                    ids, num_experts=self.num_experts, capacity=capacity, padding_mask=mask
+                ),
                 token_ids,
-                num_experts=self.num_experts,
-                capacity=capacity,
-                padding_mask=padding_mask,
+                padding_mask,
+                rules=self.rules,
             )
             return route, None
         x = x.astype(jnp.float32)
@@ -199,37 +204,51 @@ class Router(nnx.Module):
             logits = routing.noisy_logits(x, kernel, self.noise_kernel[...], noise_rng)
         else:
             logits = jnp.einsum("gtm,me->gte", x, kernel)  # [G, T, E]
+        # evaluation is deterministic: GShard keeps every second choice that fits
+        second_policy = "all" if deterministic else self.second_policy
+        rng = self.rngs() if self.kind == "gshard_top2" and second_policy != "all" else None
+        select = functools.partial(self._select, capacity=capacity, second_policy=second_policy)
+        # each device routes only its own groups (see parallel.per_device_groups)
+        route = parallel.per_device_groups(select, logits, padding_mask, rng=rng, rules=self.rules)
+        return route, logits
+
+    def _select(
+        self,
+        logits: jax.Array,
+        padding_mask: jax.Array | None,
+        *,
+        capacity: int | None,
+        second_policy: str,
+        rng: jax.Array | None = None,
+    ) -> routing.Routing:
+        """The router kind's slot assignment for f32[G, T, E] logits."""
         common = dict(capacity=capacity, padding_mask=padding_mask)
         if self.kind in ("tokens_choose", "noisy_top_k"):
-            route = routing.tokens_choose(
+            return routing.tokens_choose(
                 logits,
                 k=self.k,
                 batch_prioritized=self.batch_prioritized,
                 normalize=self.normalize,
                 **common,
             )
-        elif self.kind == "gshard_top2":
-            # evaluation is deterministic: it keeps every second choice that fits
-            policy = "all" if deterministic else self.second_policy
-            route = routing.gshard_top2(
+        if self.kind == "gshard_top2":
+            return routing.gshard_top2(
                 logits,
-                rng=None if policy == "all" else self.rngs(),
-                second_policy=policy,
+                rng=rng,
+                second_policy=second_policy,
                 threshold=self.second_threshold,
                 **common,
             )
-        elif self.kind == "experts_choose":
-            route = routing.experts_choose(logits, **common)
-        else:
-            route = routing.biased_top_k(
-                logits,
-                self.bias[...],
-                k=self.k,
-                batch_prioritized=self.batch_prioritized,
-                normalize=self.normalize,
-                **common,
-            )
-        return route, logits
+        if self.kind == "experts_choose":
+            return routing.experts_choose(logits, **common)
+        return routing.biased_top_k(
+            logits,
+            self.bias[...],
+            k=self.k,
+            batch_prioritized=self.batch_prioritized,
+            normalize=self.normalize,
+            **common,
+        )
 
 
 class MoeFeedForward(nnx.Module):
@@ -302,21 +321,28 @@ class MoeFeedForward(nnx.Module):
             else None
         )
         self.rngs = rngs["dropout"].fork()
-        self.experts_impl: Callable[..., jax.Array] = dispatch.dispatch_combine
+        self.experts_impl: Callable[..., jax.Array] = parallel.ExpertParallel.from_config(config)
+
+    def expert_param_names(self) -> tuple[str, ...]:
+        """Attribute names of the stacked expert weights, as `experts.ffn` keys them."""
+        return ("wi", "wi_gate", "wo") if experts.is_gated(self.activation) else ("wi", "wo")
 
     def expert_params(self) -> dict[str, jax.Array]:
         """The stacked expert weights as the dict `experts.ffn` takes."""
-        names = ("wi", "wi_gate", "wo") if experts.is_gated(self.activation) else ("wi", "wo")
-        return {name: getattr(self, name)[...] for name in names}
+        return {name: getattr(self, name)[...] for name in self.expert_param_names()}
 
     def capacity(self, tokens_per_group: int, deterministic: bool) -> int | None:
         """Slots per expert per group; None (never drop) for the dropless backend."""
         if self.backend == "dropless":
             return None
         factor = self.capacity_factor_eval if deterministic else self.capacity_factor_train
-        return routing.expert_capacity(
+        capacity = routing.expert_capacity(
             tokens_per_group, self.num_experts, factor, min_capacity=self.min_capacity
         )
+        if self.router_kind == "experts_choose":
+            # an expert picks among the group's T tokens, so it has at most T slots
+            capacity = min(capacity, tokens_per_group)
+        return capacity
 
     def __call__(
         self,

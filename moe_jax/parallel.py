@@ -26,10 +26,11 @@ group size). A bad split fails before compiling with a ValueError naming both nu
 Each device routes its own groups with `per_device_groups` (a `jax.shard_map` over the batch
 axes): under plain `jax.jit`, XLA gathers the router's `top_k` input onto every device.
 
-Wiring: `MoeFeedForward.experts_impl` is the layer's hook for dispatch -> experts -> combine;
-`enable_expert_parallelism(model, config)` sets it to an `ExpertParallel` on every MoE layer, which
-uses the expert-parallel path whenever the mesh (given, or set with `jax.set_mesh`) has an expert
-axis larger than 1, and the local `dispatch.dispatch_combine` otherwise.
+Wiring: `MoeFeedForward.experts_impl` is the layer's hook for dispatch -> experts -> combine.
+Every MoE layer starts with an `ExpertParallel` built from its config, which uses the
+expert-parallel path whenever the mesh set with `jax.set_mesh` has an expert axis larger than 1,
+and the local `dispatch.dispatch_combine` otherwise. `enable_expert_parallelism(model, config,
+mesh)` pins a given mesh (for code that runs outside `jax.set_mesh`) on every MoE layer.
 """
 
 from __future__ import annotations
@@ -632,11 +633,11 @@ def enable_expert_parallelism(model: Any, config: Any, mesh: Mesh | None = None)
     base = ExpertParallel.from_config(config, mesh)
     count = 0
     for _, module in nnx.iter_graph(model):
-        if not hasattr(module, "experts_impl") or not hasattr(module, "expert_params"):
+        if not hasattr(module, "experts_impl") or not hasattr(module, "expert_param_names"):
             continue
         axes = tuple(
             (name, tuple(getattr(module, name).get_metadata()["out_sharding"]))
-            for name in module.expert_params()
+            for name in module.expert_param_names()
         )
         module.experts_impl = dataclasses.replace(base, param_axes=axes)
         count += 1

@@ -138,15 +138,16 @@ def test_state_shardings_reject_uneven_dims():
 
 @functools.cache
 def _layers(strategy="shard_map"):
-    """One MoE layer per variant as `(graphdef, params, rest)`, with the expert-parallel hook.
+    """One MoE layer per variant as `(graphdef, params, rest)`.
 
-    The hook computes locally when there is no mesh, so the same layers give the reference.
+    Layers are expert-parallel by default: the hook computes locally when there is no mesh, so
+    the same layers give the reference.
     """
     split = []
     for router, k, capacity_factor in VARIANTS:
         config = _config(router, k, capacity_factor, strategy)
         layer = layers.MoeFeedForward(config, rngs=nnx.Rngs(0))
-        assert parallel.enable_expert_parallelism(layer, config) == 1
+        assert layer.experts_impl == parallel.ExpertParallel.from_config(config)
         split.append(nnx.split(layer, nnx.Param, ...))
     return tuple(split)
 
