@@ -1,0 +1,121 @@
+"""Where training metrics go: `metrics.jsonl`, TensorBoard event files and the progress display.
+
+`MetricsWriter` writes one JSON object per logged step and split to `WORKDIR/metrics.jsonl`
+(`{"step": 10, "split": "train", "loss": 5.1, "expert_load": [[...], ...], ...}`) and the same
+values to TensorBoard event files under `WORKDIR/tensorboard/` (scalars as `split/name`; each
+sparse layer's per-expert load as a histogram and as its max/mean imbalance). Only process 0
+writes; other processes get a writer that does nothing.
+
+`Progress` shows a tqdm bar with the loss and tokens/s when stderr is a terminal and plain log
+lines otherwise (CI logs, `nohup`, notebooks' captured output).
+"""
+
+import json
+import math
+import os
+import sys
+import time
+
+import numpy as np
+import tqdm
+
+METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
+
+
+def _to_json(value):
+    """Python floats/ints/lists for a metric value (a scalar or an array)."""
+    array = np.asarray(value)
+    if array.ndim == 0:
+        scalar = array.item()
+        if isinstance(scalar, float) and not math.isfinite(scalar):
+            return str(scalar)  # 'nan' / 'inf': JSON has no literal for them
+        return scalar
+    return array.tolist()
+
+
+def truncate_metrics(workdir: str, last_step: int) -> None:
+    """Drops lines logged after `last_step` (a resumed run logs those steps again)."""
+    path = os.path.join(workdir, METRICS_FILE)
+    if not os.path.exists(path):
+        return
+    with open(path, encoding="utf-8") as file:
+        lines = [line for line in file if line.strip()]
+    kept = [line for line in lines if json.loads(line)["step"] <= last_step]
+    if len(kept) != len(lines):
+        with open(path + ".tmp", "w", encoding="utf-8") as file:
+            file.writelines(kept)
+        os.replace(path + ".tmp", path)
+
+
+class MetricsWriter:
+    """Appends metrics to `metrics.jsonl` and TensorBoard; a no-op unless `enabled`."""
+
+    def __init__(self, workdir: str, *, enabled: bool = True):
+        self._enabled = enabled
+        if not enabled:
+            return
+        from tensorboardX import SummaryWriter
+
+        self._file = open(os.path.join(workdir, METRICS_FILE), "a", encoding="utf-8")
+        self._tensorboard = SummaryWriter(os.path.join(workdir, TENSORBOARD_DIR))
+
+    def write(self, step: int, split: str, values: dict) -> None:
+        """Logs `values` (scalars; `expert_load` may be `f32[num_sparse_layers, E]`) at `step`."""
+        if not self._enabled:
+            return
+        record = {"step": int(step), "split": split}
+        record.update({name: _to_json(value) for name, value in values.items()})
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        for name, value in values.items():
+            array = np.asarray(value, dtype=np.float64)
+            if array.ndim == 0:
+                self._tensorboard.add_scalar(f"{split}/{name}", float(array), step)
+                continue
+            for layer, layer_values in enumerate(array.reshape(array.shape[0], -1)):
+                tag = f"{split}/{name}/layer_{layer}"
+                self._tensorboard.add_histogram(tag, layer_values, step)
+                imbalance = layer_values.max() / max(layer_values.mean(), 1e-12)
+                self._tensorboard.add_scalar(f"{tag}/max_over_mean", imbalance, step)
+        self._tensorboard.flush()
+
+    def close(self) -> None:
+        if self._enabled:
+            self._file.close()
+            self._tensorboard.close()
+
+
+class Progress:
+    """A tqdm bar on a terminal, log lines elsewhere; `update` is called once per step."""
+
+    def __init__(self, *, start_step: int, num_steps: int, enabled: bool = True):
+        self._enabled = enabled
+        self._bar = None
+        if enabled and sys.stderr.isatty():
+            self._bar = tqdm.tqdm(
+                total=num_steps, initial=start_step, unit="step", dynamic_ncols=True
+            )
+        self._num_steps = num_steps
+        self._start_time = time.time()
+
+    def update(self, step: int, values: dict | None = None) -> None:
+        """Advances to `step`; `values` (e.g. loss, tokens/s) are shown when given."""
+        if not self._enabled:
+            return
+        if self._bar is not None:
+            self._bar.update(step - self._bar.n)
+            if values:
+                self._bar.set_postfix({k: f"{v:.4g}" for k, v in values.items()}, refresh=False)
+        elif values:
+            shown = "  ".join(f"{k}={v:.4g}" for k, v in values.items())
+            elapsed = time.time() - self._start_time
+            print(
+                f"step {step}/{self._num_steps}  {shown}  ({elapsed:.0f} s)",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()

@@ -1,0 +1,97 @@
+"""Learning-rate schedules and optimizers from `config.train` (optax).
+
+Schedules (`train.schedule`), each with a linear warmup from 0 to `train.learning_rate` over
+`train.warmup_steps` updates:
+
+- `'constant'`: then constant.
+- `'rsqrt'`: then `learning_rate * sqrt(warmup_steps / step)`, the inverse-square-root decay of
+  T5 and Switch (Raffel et al. 2020, Sec. 3.1.2), continuous at the end of the warmup.
+- `'cosine'`: then a cosine decay to `COSINE_FINAL_FRACTION * learning_rate` at `train.num_steps`
+  (MaxText's default final fraction).
+
+Update s (1-based) of the warmup uses `learning_rate * s / warmup_steps`, so the first update
+already moves the parameters.
+
+Optimizers (`train.optimizer`): `'adafactor'` (the T5/Switch/ST-MoE choice: factored second
+moments, update clipping at 1.0, updates scaled by the parameter RMS, no momentum) and
+`'adamw'`. Weight decay (`train.weight_decay`, decoupled) applies to matrices and stacked expert
+weights only, not to norm scales or biases. `train.grad_clip_norm > 0` clips the global gradient
+norm before the optimizer sees it.
+"""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+COSINE_FINAL_FRACTION = 0.1
+SCHEDULES = ("constant", "rsqrt", "cosine")
+OPTIMIZERS = ("adamw", "adafactor")
+
+
+def make_schedule(train_config: ml_collections.ConfigDict) -> optax.Schedule:
+    """The learning rate as a function of the number of updates already applied (0, 1, ...)."""
+    peak = float(train_config.learning_rate)
+    warmup_steps = int(train_config.warmup_steps)
+    name = train_config.schedule
+    if name not in SCHEDULES:
+        raise ValueError(
+            f"train.schedule={name!r} is not a schedule; use one of {', '.join(SCHEDULES)}."
+        )
+    if warmup_steps < 0:
+        raise ValueError(f"train.warmup_steps={warmup_steps} must be >= 0.")
+    num_steps = int(train_config.num_steps)
+    if name == "cosine" and warmup_steps >= num_steps:
+        raise ValueError(
+            f"train.warmup_steps={warmup_steps} must be smaller than train.num_steps={num_steps} "
+            "for the cosine schedule; lower the warmup or raise num_steps."
+        )
+    warmup_length = max(warmup_steps, 1)
+
+    def schedule(count):
+        step = jnp.asarray(count, jnp.float32) + 1.0  # the update being computed, 1-based
+        warmup = jnp.minimum(step / warmup_length, 1.0)
+        if name == "constant":
+            decay = 1.0
+        elif name == "rsqrt":
+            decay = jnp.sqrt(warmup_length / jnp.maximum(step, warmup_length))
+        else:
+            progress = jnp.clip((step - warmup_steps) / (num_steps - warmup_steps), 0.0, 1.0)
+            cosine = 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
+            decay = COSINE_FINAL_FRACTION + (1.0 - COSINE_FINAL_FRACTION) * cosine
+        return peak * warmup * decay
+
+    return schedule
+
+
+def _decay_mask(params):
+    """True for the weights that weight decay applies to: arrays with two or more dims."""
+    return jax.tree.map(lambda p: jnp.ndim(p) >= 2, params)
+
+
+def make_optimizer(
+    train_config: ml_collections.ConfigDict,
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """`(optimizer, schedule)` for `train_config`; the optimizer includes gradient clipping."""
+    schedule = make_schedule(train_config)
+    weight_decay = float(train_config.weight_decay)
+    name = train_config.optimizer
+    if name == "adamw":
+        optimizer = optax.adamw(schedule, weight_decay=weight_decay, mask=_decay_mask)
+    elif name == "adafactor":
+        optimizer = optax.adafactor(
+            schedule,
+            weight_decay_rate=weight_decay or None,
+            weight_decay_mask=_decay_mask,
+        )
+    else:
+        raise ValueError(
+            f"train.optimizer={name!r} is not an optimizer; use one of {', '.join(OPTIMIZERS)}."
+        )
+    if train_config.grad_clip_norm < 0:
+        raise ValueError(
+            f"train.grad_clip_norm={train_config.grad_clip_norm} must be >= 0 (0 disables it)."
+        )
+    if train_config.grad_clip_norm > 0:
+        optimizer = optax.chain(optax.clip_by_global_norm(train_config.grad_clip_norm), optimizer)
+    return optimizer, schedule

@@ -1,0 +1,156 @@
+"""The train and eval steps: pure functions of (state, batch), to be jit-compiled.
+
+`make_train_step(...)` returns `train_step(state, batch, rng) -> (state, metrics)`;
+`make_eval_step(...)` returns `eval_step(state, batch) -> metrics`. The model enters as an
+`nnx.GraphDef` plus states (`nnx.split` / `nnx.merge` inside the step), so the steps shard under
+a mesh like any jitted function of arrays.
+
+Loss: masked mean cross-entropy over the target weights, plus `loss.aux_coef` times the
+load-balancing loss and `loss.z_coef` times the router z-loss, each *summed* over the sparse
+layers (as T5X and ST-MoE do). The metrics `aux_loss` and `z_loss` are those sums without their
+coefficients; `fraction_dropped` and `router_confidence` are means over the sparse layers and
+`expert_load` is `f32[num_sparse_layers, E]`.
+
+Randomness: the step's key is `fold_in(rng, state.step)` and reseeds every random stream of the
+model (dropout, router jitter, GShard's random second choice), so a step's randomness depends on
+(seed, step) only and a resumed run repeats an uninterrupted one exactly.
+"""
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+
+class TrainState(NamedTuple):
+    """What a checkpoint holds; a pytree. `model_state` is the non-trainable model state
+    (e.g. the aux-free router bias); random keys are not state (they derive from the step)."""
+
+    step: jax.Array  # i32[]: updates applied so far
+    params: nnx.State
+    model_state: nnx.State
+    opt_state: optax.OptState
+
+
+# ------------------------------------------------------------------------------ the steps
+
+
+def compute_loss(model, batch: dict, config, *, deterministic: bool):
+    """`(loss, metrics)` of `model` on `batch`; metrics hold sums for token-weighted means."""
+    if config.model.kind == "decoder":
+        logits, aux = model(
+            batch["inputs"],
+            deterministic=deterministic,
+            segment_ids=batch["segment_ids"],
+            positions=batch["positions"],
+        )  # [B, L, V]
+        targets, weights = batch["targets"], batch["weights"]
+    else:
+        logits, aux = model(
+            batch["encoder_inputs"],
+            batch["decoder_inputs"],
+            deterministic=deterministic,
+            encoder_segment_ids=batch["encoder_segment_ids"],
+            decoder_segment_ids=batch["decoder_segment_ids"],
+        )  # [B, Ld, V]
+        targets, weights = batch["decoder_targets"], batch["decoder_weights"]
+    token_losses = optax.softmax_cross_entropy_with_integer_labels(
+        logits.astype(jnp.float32), targets
+    )  # [B, L]
+    weight_sum = weights.sum()
+    cross_entropy = (token_losses * weights).sum() / jnp.maximum(weight_sum, 1.0)
+    correct = (jnp.argmax(logits, axis=-1) == targets) * weights  # [B, L]
+    step_metrics = {
+        "cross_entropy": cross_entropy,
+        "accuracy": correct.sum() / jnp.maximum(weight_sum, 1.0),
+        "weight_sum": weight_sum,
+    }
+    loss = cross_entropy
+    if aux is not None:
+        aux_loss = aux.load_balancing_loss.sum()  # summed over the sparse layers
+        z_loss = aux.router_z_loss.sum()
+        loss = loss + config.loss.aux_coef * aux_loss + config.loss.z_coef * z_loss
+        step_metrics.update(
+            aux_loss=aux_loss,
+            z_loss=z_loss,
+            fraction_dropped=aux.fraction_tokens_dropped.mean(),
+            router_confidence=aux.router_confidence.mean(),
+            expert_load=aux.expert_load,  # [num_sparse_layers, E]
+        )
+    step_metrics["loss"] = loss
+    return loss, step_metrics
+
+
+def _rng_stream_tags(rng_state: nnx.State) -> tuple[str, ...]:
+    """Names of the model's random streams ('dropout', 'router', ...)."""
+    keys = jax.tree.leaves(rng_state, is_leaf=lambda x: isinstance(x, nnx.RngKey))
+    return tuple(sorted({key.tag for key in keys if isinstance(key, nnx.RngKey)}))
+
+
+def _stand_in_rng_state(rng_state: nnx.State) -> nnx.State:
+    """Keys and counts shaped like the model's RNG state, built inside the trace so that they
+    compile to the same constants in every process; `nnx.reseed` replaces them before use."""
+
+    def stand_in(leaf):
+        if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+            return jax.random.split(jax.random.key(0), leaf.shape)
+        return jnp.zeros(leaf.shape, leaf.dtype)
+
+    return jax.tree.map(stand_in, rng_state)
+
+
+def make_train_step(
+    graphdef: nnx.GraphDef,
+    rng_state: nnx.State,
+    optimizer: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    config,
+) -> Callable:
+    """`train_step(state, batch, rng) -> (state, metrics)`, pure (jit it).
+
+    `graphdef` and `rng_state` come from `nnx.split(model, nnx.Param, nnx.RngState, ...)`; only
+    the structure of `rng_state` is used (arrays or `jax.ShapeDtypeStruct`s). `rng` is the run's
+    base key; the step's key is `fold_in(rng, state.step)`, which reseeds every random stream of
+    the model (dropout, router jitter), so a step's randomness depends on (seed, step) only.
+    """
+    tags = _rng_stream_tags(rng_state)
+
+    def train_step(state: TrainState, batch: dict, rng: jax.Array):
+        step_key = jax.random.fold_in(rng, state.step)
+
+        def loss_fn(params):
+            rngs = _stand_in_rng_state(rng_state)
+            model = nnx.merge(graphdef, params, rngs, state.model_state, copy=True)
+            nnx.reseed(model, policy="match_shape", **dict.fromkeys(tags, step_key))
+            loss, step_metrics = compute_loss(model, batch, config, deterministic=False)
+            _, _, _, model_state = nnx.split(model, nnx.Param, nnx.RngState, ...)
+            return loss, (step_metrics, model_state)
+
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        (_, (step_metrics, model_state)), grads = grad_fn(state.params)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        step_metrics.update(
+            learning_rate=schedule(state.step),
+            grad_norm=optax.tree.norm(grads),
+            param_norm=optax.tree.norm(params),
+        )
+        return TrainState(state.step + 1, params, model_state, opt_state), step_metrics
+
+    return train_step
+
+
+def make_eval_step(graphdef: nnx.GraphDef, rng_state: nnx.State, config) -> Callable:
+    """`eval_step(state, batch) -> metrics`: the deterministic forward pass (no jitter or
+    dropout, the eval capacity factor); arguments as for `make_train_step`."""
+
+    def eval_step(state: TrainState, batch: dict):
+        rngs = _stand_in_rng_state(rng_state)  # unused: evaluation draws no random numbers
+        model = nnx.merge(graphdef, state.params, rngs, state.model_state)
+        _, step_metrics = compute_loss(model, batch, config, deterministic=True)
+        return step_metrics
+
+    return eval_step

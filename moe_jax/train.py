@@ -1,0 +1,513 @@
+"""Training: setup, the loop, checkpoints and metrics, and `python -m moe_jax.train`.
+
+    python -m moe_jax.train --config=configs/switch.py:tiny --workdir=runs/switch_tiny \\
+        --config.train.num_steps=200 --config.mesh.data=2 --config.mesh.expert=4
+
+The workdir receives `config.json` (the resolved config), `metrics.jsonl` and TensorBoard files
+(`moe_jax.metrics`), and `checkpoints/` (`moe_jax.checkpoint`). Running the same command again
+resumes from the latest checkpoint; raise `train.num_steps` to train further. Every check of the
+config, mesh, data and existing checkpoints runs before anything is written.
+
+Exact resume: a batch is a pure function of (seed, split, step) (`moe_jax.data`) and the dropout
+and router-jitter keys of step s are `fold_in(key(seed), s)` (`moe_jax.steps`), so a run resumed
+from the checkpoint of step s computes the same losses as an uninterrupted run (bit for bit on
+the same devices). SIGTERM (TPU/GCE preemption) saves a checkpoint and exits 0. A non-finite loss,
+gradient norm or parameter norm stops the run with `TrainingDiverged`; it is checked before each
+checkpoint, so the checkpoints on disk are always finite.
+
+The loss and the jit-compiled train and eval steps are in `moe_jax.steps`.
+
+Multi-host: `jax.distributed` starts when `--coordinator_address` (with `--num_processes` and
+`--process_id`) is given, or when a cluster is detected from its environment (a multi-worker
+Cloud TPU slice: `TPU_WORKER_HOSTNAMES` or `MEGASCALE_COORDINATOR_ADDRESS`; SLURM with
+`SLURM_NTASKS > 1`; Open MPI with `OMPI_COMM_WORLD_SIZE > 1`), in which case JAX finds the
+arguments itself. Every process runs the same command; each loads its share of the batch.
+"""
+
+import difflib
+import functools
+import importlib.util
+import os
+import signal
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import app, flags, logging
+from flax import nnx
+from ml_collections import config_flags
+
+from moe_jax import checkpoint, data, metrics, multihost, optim, parallel
+from moe_jax.models import build_model
+from moe_jax.steps import TrainState, make_eval_step, make_train_step
+
+KINDS = ("decoder", "encoder_decoder")
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss, gradient norm or parameter norm became NaN or infinite."""
+
+
+# ------------------------------------------------------------------------------ setup
+
+
+class SetupError(ValueError):
+    """A bad config, mesh, dataset or workdir, found before anything is written."""
+
+
+class RunResult(NamedTuple):
+    step: int  # updates applied when the run ended
+    preempted: bool  # stopped by SIGTERM (a checkpoint of `step` was saved)
+    state: TrainState  # the final state (sharded arrays)
+
+
+def check_config(config) -> None:
+    """Raises ValueError naming the key for settings no run can use."""
+    train = config.train
+    for key in ("num_steps", "batch_size", "seq_len", "log_every", "checkpoint_every"):
+        if train[key] < 1:
+            raise ValueError(f"train.{key}={train[key]} must be >= 1.")
+    if train.keep_checkpoints < 1 or train.eval_steps < 1:
+        raise ValueError(
+            f"train.keep_checkpoints={train.keep_checkpoints} and train.eval_steps="
+            f"{train.eval_steps} must be >= 1."
+        )
+    if train.eval_every < 0:
+        raise ValueError(f"train.eval_every={train.eval_every} must be >= 0 (0: no evaluation).")
+    for key in ("aux_coef", "z_coef"):
+        if config.loss[key] < 0:
+            raise ValueError(f"loss.{key}={config.loss[key]} must be >= 0.")
+    if config.model.kind not in KINDS:
+        raise ValueError(f"model.kind={config.model.kind!r} must be one of {KINDS}.")
+    optim.make_optimizer(train)
+
+
+def _check_groups(config, mesh, dataset: data.Dataset) -> None:
+    """Each device's share of a batch must hold whole routing groups (see `moe_jax.parallel`)."""
+    shards = parallel.batch_shards(mesh, config.mesh.rules)
+    rows = config.train.batch_size // shards
+    group_size = config.moe.group_size
+    if config.moe.num_experts == 0 or shards == 1:
+        return
+    for key, (shape, _) in dataset.element_spec.items():
+        if key.endswith("inputs") and (rows * shape[1]) % group_size:
+            raise ValueError(
+                f"each of the {shards} batch shards holds {rows} rows x {shape[1]} tokens of "
+                f"'{key}', which do not split into whole groups of moe.group_size={group_size}; "
+                f"set --config.moe.group_size to a divisor of {rows * shape[1]}."
+            )
+
+
+def _optimizer_shardings(abstract_opt_state, params: nnx.State, mesh):
+    """A moment shaped like its parameter shares its sharding; the rest (counters, factored
+    second moments) is replicated."""
+    by_path = {
+        jax.tree_util.keystr(path): (leaf.shape, leaf.sharding)
+        for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]
+    }
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+    def sharding(path, leaf):
+        name = jax.tree_util.keystr(path)
+        for param_path, (shape, param_sharding) in by_path.items():
+            if name.endswith(param_path) and leaf.shape == shape:
+                return param_sharding
+        return replicated
+
+    return jax.tree_util.tree_map_with_path(sharding, abstract_opt_state)
+
+
+class _Prepared(NamedTuple):
+    mesh: Any
+    train_data: data.Dataset
+    eval_data: data.Dataset | None
+    optimizer: optax.GradientTransformation
+    schedule: optax.Schedule
+    signature: dict
+    abstract_model: nnx.Module  # from nnx.eval_shape, outside any mesh
+
+
+def _prepare(config, workdir: str, devices) -> _Prepared:
+    """Every check that can fail, in order, before the workdir is touched."""
+    check_config(config)
+    mesh = parallel.mesh_from_config(config, devices=devices)
+    try:
+        parallel.check_batch(config.train.batch_size, mesh, config.mesh.rules)
+    except ValueError as error:
+        raise ValueError(f"train.batch_size={config.train.batch_size}: {error}") from error
+    shares = {"process_index": jax.process_index(), "process_count": jax.process_count()}
+    train_data = data.dataset_from_config(config, "train", **shares)
+    eval_data = None
+    if config.train.eval_every:
+        eval_data = data.dataset_from_config(config, "validation", **shares)
+    _check_groups(config, mesh, train_data)
+    optimizer, schedule = optim.make_optimizer(config.train)
+    abstract_model = nnx.eval_shape(lambda: build_model(config, rngs=nnx.Rngs(config.seed)))
+    _, params, _, model_state = nnx.split(abstract_model, nnx.Param, nnx.RngState, ...)
+    abstract_state = TrainState(
+        jax.ShapeDtypeStruct((), jnp.int32),
+        params,
+        model_state,
+        jax.eval_shape(optimizer.init, params),
+    )
+    signature = checkpoint.make_signature(config, abstract_state)
+    directory = os.path.join(workdir, checkpoint.CHECKPOINT_DIR)
+    if os.path.isdir(directory):
+        existing = checkpoint.Checkpoints(directory, keep=1, read_only=True)
+        existing.check_compatible(signature)
+        existing.close()
+    return _Prepared(mesh, train_data, eval_data, optimizer, schedule, signature, abstract_model)
+
+
+def _create_state(config, mesh, optimizer) -> TrainState:
+    """The state of a freshly initialised model, sharded over `mesh`."""
+    model = parallel.create_sharded(
+        lambda: build_model(config, rngs=nnx.Rngs(config.seed)), mesh, config.mesh.rules
+    )
+    _, params, _, model_state = nnx.split(model, nnx.Param, nnx.RngState, ...)
+    opt_shardings = _optimizer_shardings(jax.eval_shape(optimizer.init, params), params, mesh)
+    opt_state = jax.jit(optimizer.init, out_shardings=opt_shardings)(params)
+    step = jax.device_put(jnp.zeros((), jnp.int32), _replicated(mesh))
+    return TrainState(step, params, model_state, opt_state)
+
+
+def _abstract_state(
+    model: nnx.Module, config, mesh, optimizer
+) -> tuple[TrainState, nnx.GraphDef, nnx.State]:
+    """`(state, graphdef, rng_state)` from an abstract `model` (`nnx.eval_shape`): the state as
+    `jax.ShapeDtypeStruct`s with their shardings, what a checkpoint is restored onto."""
+    parallel.enable_expert_parallelism(model, config, mesh)
+    graphdef, params, rng_state, model_state = nnx.split(model, nnx.Param, nnx.RngState, ...)
+
+    def with_shardings(tree, shardings):
+        return jax.tree.map(
+            lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
+            tree,
+            shardings,
+        )
+
+    params = with_shardings(params, parallel.state_shardings(params, mesh, config.mesh.rules))
+    model_state = with_shardings(
+        model_state, parallel.state_shardings(model_state, mesh, config.mesh.rules)
+    )
+    opt_state = jax.eval_shape(optimizer.init, params)
+    opt_state = with_shardings(opt_state, _optimizer_shardings(opt_state, params, mesh))
+    step = jax.ShapeDtypeStruct((), jnp.int32, sharding=_replicated(mesh))
+    return TrainState(step, params, model_state, opt_state), graphdef, rng_state
+
+
+def _batch_shardings(dataset: data.Dataset, mesh, config) -> dict:
+    return {
+        key: parallel.batch_sharding(mesh, config.mesh.rules, len(shape))
+        for key, (shape, _) in dataset.element_spec.items()
+    }
+
+
+def _replicated(mesh):
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+
+# ------------------------------------------------------------------------------- the loop
+
+
+class _Preemption:
+    """Notes SIGTERM; `requested()` is agreed across processes."""
+
+    def __init__(self):
+        self._received = False
+        self._previous = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        del signum, frame
+        self._received = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+    def requested(self) -> bool:
+        if jax.process_count() == 1:
+            return self._received
+        flags_seen = multihost.to_host(np.asarray([self._received]))
+        return bool(np.any(flags_seen))
+
+
+_FINITE_KEYS = ("loss", "grad_norm", "param_norm")
+
+
+def _check_finite(pending: list, last_saved: int | None, directory: str, config) -> None:
+    """Raises TrainingDiverged at the first step in `pending` with a non-finite value."""
+    for step, values in jax.device_get(pending):
+        bad = [f"{key}={float(value)}" for key, value in values.items() if not np.isfinite(value)]
+        if bad:
+            kept = (
+                f"the last good checkpoint is step {last_saved} in {directory}"
+                if last_saved
+                else "no checkpoint was saved"
+            )
+            raise TrainingDiverged(
+                f"training diverged at step {step}: {', '.join(bad)}; stopped, and {kept}. Lower "
+                f"train.learning_rate (now {config.train.learning_rate}), raise "
+                "train.warmup_steps or tighten train.grad_clip_norm, then rerun to resume."
+            )
+    pending.clear()
+
+
+def _evaluate(eval_step, state, dataset: data.Dataset, mesh, config) -> dict:
+    """Token-weighted means over `train.eval_steps` validation batches (always the same ones)."""
+    results = []
+    for index in range(config.train.eval_steps):
+        batch = multihost.global_batch(dataset.batch(index), mesh, config.mesh.rules)
+        results.append(eval_step(state, batch))
+    results = jax.device_get(results)
+    weights = [float(result.pop("weight_sum")) for result in results]
+    total = max(sum(weights), 1.0)
+    return {
+        key: sum(np.asarray(result[key]) * weight for result, weight in zip(results, weights))
+        / total
+        for key in results[0]
+    }
+
+
+def _train_loop(config, workdir, prepared, state, train_step, eval_step, checkpoints, start):
+    """Steps `start + 1 .. train.num_steps`; returns the RunResult."""
+    train, mesh, rules = config.train, prepared.mesh, config.mesh.rules
+    main = multihost.is_main_process()
+    writer = metrics.MetricsWriter(workdir, enabled=main)
+    progress = metrics.Progress(start_step=start, num_steps=train.num_steps, enabled=main)
+    rng = jax.device_put(jax.random.key(config.seed), _replicated(mesh))
+    spec = prepared.train_data.element_spec
+    tokens_per_step = jax.process_count() * sum(
+        int(np.prod(shape)) for key, (shape, _) in spec.items() if key.endswith("inputs")
+    )
+    pending, last_saved, step, preempted = [], start or None, start, False
+    clock, timed_steps = time.perf_counter(), 0
+    executor = ThreadPoolExecutor(max_workers=1)  # reads the next batch during this step
+    next_batch = executor.submit(prepared.train_data.batch, step)
+    try:
+        with _Preemption() as preemption:
+            while step < train.num_steps:
+                batch = multihost.global_batch(next_batch.result(), mesh, rules)
+                next_batch = executor.submit(prepared.train_data.batch, step + 1)
+                state, step_metrics = train_step(state, batch, rng)
+                step += 1
+                timed_steps += 1
+                pending.append((step, {key: step_metrics[key] for key in _FINITE_KEYS}))
+                preempted = preemption.requested()
+                log_now = step % train.log_every == 0 or step == train.num_steps
+                eval_now = prepared.eval_data is not None and (
+                    step % train.eval_every == 0 or step == train.num_steps
+                )
+                save_now = step % train.checkpoint_every == 0 or step == train.num_steps
+                if log_now or eval_now or save_now or preempted:
+                    _check_finite(pending, last_saved, checkpoints.directory, config)
+                if log_now:
+                    values = jax.device_get(step_metrics)
+                    del values["weight_sum"]
+                    elapsed = time.perf_counter() - clock
+                    values["tokens_per_second"] = timed_steps * tokens_per_step / elapsed
+                    writer.write(step, "train", values)
+                    shown = {"loss": values["loss"], "tokens/s": values["tokens_per_second"]}
+                    progress.update(step, shown)
+                else:
+                    progress.update(step)
+                if eval_now:
+                    eval_values = _evaluate(eval_step, state, prepared.eval_data, mesh, config)
+                    writer.write(step, "eval", eval_values)
+                if save_now or preempted:
+                    checkpoints.save(step, state, {"step": step}, prepared.signature)
+                    last_saved = step
+                if log_now or eval_now or save_now:
+                    jax.block_until_ready(state.step)
+                    clock, timed_steps = time.perf_counter(), 0
+                if preempted:
+                    break
+    finally:
+        executor.shutdown(wait=True, cancel_futures=True)
+        checkpoints.close()
+        writer.close()
+        progress.close()
+    return RunResult(step=step, preempted=preempted, state=state)
+
+
+def run(config, workdir: str, *, devices=None) -> RunResult:
+    """Train `config` in `workdir`, resuming from its latest checkpoint if there is one.
+
+    `devices` (default: all) are the devices the mesh is laid over. Raises SetupError (a
+    ValueError) before writing anything when the config, mesh, data or checkpoints do not fit,
+    and TrainingDiverged when the loss stops being finite.
+    """
+    workdir = os.path.abspath(workdir)
+    try:
+        prepared = _prepare(config, workdir, devices)
+    except ValueError as error:
+        raise SetupError(str(error)) from error
+    if multihost.is_main_process():
+        os.makedirs(workdir, exist_ok=True)
+        with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as file:
+            file.write(config.to_json_best_effort(indent=2) + "\n")
+    multihost.sync("moe_jax.train: workdir ready")
+    mesh = prepared.mesh
+    with jax.set_mesh(mesh):
+        checkpoints = checkpoint.Checkpoints(
+            os.path.join(workdir, checkpoint.CHECKPOINT_DIR), keep=config.train.keep_checkpoints
+        )
+        # the shardings of the abstract state are the canonical ones: fresh and resumed runs
+        # compile the same step (and share a persistent compilation cache)
+        target, graphdef, rng_state = _abstract_state(
+            prepared.abstract_model, config, mesh, prepared.optimizer
+        )
+        shardings = jax.tree.map(lambda leaf: leaf.sharding, target)
+        start = multihost.agree_on_step(checkpoints.latest_step()) or 0
+        if start:
+            state, data_state = checkpoints.restore(start, target)
+            if data_state["step"] != start:
+                raise ValueError(f"checkpoint {start} holds data position {data_state}.")
+        else:
+            state = _create_state(config, mesh, prepared.optimizer)
+        if multihost.is_main_process():
+            metrics.truncate_metrics(workdir, start)
+        step_fn = make_train_step(
+            graphdef, rng_state, prepared.optimizer, prepared.schedule, config
+        )
+
+        def constrained_step(state, batch, rng):
+            new_state, step_metrics = step_fn(state, batch, rng)
+            return jax.lax.with_sharding_constraint(new_state, shardings), step_metrics
+
+        batch_shardings = _batch_shardings(prepared.train_data, mesh, config)
+        train_step = jax.jit(
+            constrained_step,
+            in_shardings=(shardings, batch_shardings, _replicated(mesh)),
+            donate_argnums=0,
+        )
+        eval_step = make_eval_step(graphdef, rng_state, config)
+        if prepared.eval_data is not None:
+            eval_shardings = _batch_shardings(prepared.eval_data, mesh, config)
+            eval_step = jax.jit(eval_step, in_shardings=(shardings, eval_shardings))
+        return _train_loop(
+            config, workdir, prepared, state, train_step, eval_step, checkpoints, start
+        )
+
+
+# -------------------------------------------------------------------------------- the CLI
+
+
+def _config_keys(config: ml_collections.ConfigDict, prefix: str = ""):
+    """Every dotted key of `config`, sections included."""
+    for key, value in config.items():
+        yield prefix + key
+        if isinstance(value, ml_collections.ConfigDict):
+            yield from _config_keys(value, f"{prefix}{key}.")
+
+
+def _load_config_file(spec: str) -> ml_collections.ConfigDict:
+    """`get_config(VARIANT)` of `--config=PATH[:VARIANT]`."""
+    path, _, variant = spec.partition(":")
+    if not os.path.isfile(path):
+        raise ValueError(
+            f"--config={spec}: no config file {path!r}; pass one of configs/*.py with a variant, "
+            "e.g. --config=configs/switch.py:tiny."
+        )
+    module_spec = importlib.util.spec_from_file_location("_moe_jax_config_check", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(variant) if variant else module.get_config()
+
+
+def check_config_overrides(argv: list[str]) -> None:
+    """Raises ValueError for a `--config.KEY=...` naming no key, suggesting close matches."""
+    overrides = [
+        arg.removeprefix("--config.").split("=", 1)[0]
+        for arg in argv[1:]
+        if arg.startswith("--config.")
+    ]
+    if not overrides:
+        return
+    specs = [arg.split("=", 1)[1] for arg in argv[1:] if arg.startswith("--config=")]
+    if not specs:
+        raise ValueError("--config.KEY overrides need --config=PATH:VARIANT first.")
+    known = list(_config_keys(_load_config_file(specs[-1])))
+    for key in overrides:
+        if key not in known:
+            matches = difflib.get_close_matches(key, known, n=3, cutoff=0.5)
+            hint = (
+                "did you mean " + " or ".join(f"--config.{match}" for match in matches) + "?"
+                if matches
+                else f"the keys are listed in {specs[-1].partition(':')[0]} and moe_jax/config.py."
+            )
+            raise ValueError(f"--config.{key}: the config has no key {key!r}; {hint}")
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    try:
+        check_config_overrides(argv)
+    except ValueError as error:
+        sys.stderr.write(f"FATAL Flags parsing error: {error}\n")
+        sys.exit(2)
+    return app.parse_flags_with_usage(argv)
+
+
+def _cluster_detected() -> bool:
+    """True in a multi-process environment `jax.distributed.initialize()` can read by itself."""
+    env = os.environ
+    return (
+        "," in env.get("TPU_WORKER_HOSTNAMES", "")
+        or "MEGASCALE_COORDINATOR_ADDRESS" in env
+        or int(env.get("SLURM_NTASKS", "1") or 1) > 1
+        or int(env.get("OMPI_COMM_WORLD_SIZE", "1") or 1) > 1
+    )
+
+
+def _define_flags():
+    config = config_flags.DEFINE_config_file(
+        "config", None, "Config file and variant, e.g. configs/switch.py:tiny."
+    )
+    flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the config.")
+    flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host).")
+    flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host).")
+    flags.DEFINE_integer("process_id", None, "This process's index (multi-host).")
+    flags.mark_flags_as_required(["config", "workdir"])
+    return config
+
+
+def main(argv: list[str], config_flag) -> int:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    options = flags.FLAGS
+    if not options["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # orbax logs every save step at INFO
+    if options.coordinator_address or _cluster_detected():
+        multihost.initialize(options.coordinator_address, options.num_processes, options.process_id)
+    workdir = options.workdir
+    try:
+        result = run(config_flag.value, workdir)
+    except (SetupError, TrainingDiverged) as error:
+        sys.stderr.write(f"moe_jax.train: {error}\n")
+        return 1
+    if multihost.is_main_process():
+        how = "stopped by SIGTERM at" if result.preempted else "trained to"
+        print(
+            f"{how} step {result.step}\n  metrics: {os.path.join(workdir, metrics.METRICS_FILE)}"
+            f"\n  tensorboard: {os.path.join(workdir, metrics.TENSORBOARD_DIR)}"
+            f"\n  checkpoints: {os.path.join(workdir, checkpoint.CHECKPOINT_DIR)}",
+            file=sys.stderr,
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    _config_flag = _define_flags()
+    app.run(functools.partial(main, config_flag=_config_flag), flags_parser=_parse_flags)

@@ -1,0 +1,54 @@
+"""The metrics writer's JSON lines and TensorBoard files, and resumed-run truncation."""
+
+import json
+import os
+
+import numpy as np
+
+from moe_jax.metrics import METRICS_FILE, TENSORBOARD_DIR, MetricsWriter, Progress, truncate_metrics
+
+
+def _read(workdir):
+    with open(os.path.join(workdir, METRICS_FILE), encoding="utf-8") as file:
+        return [json.loads(line) for line in file]
+
+
+def test_writes_json_lines_and_event_files(tmp_path):
+    writer = MetricsWriter(str(tmp_path))
+    load = np.array([[0.5, 0.25, 0.25, 0.0], [0.25, 0.25, 0.25, 0.25]], np.float32)
+    writer.write(10, "train", {"loss": np.float32(2.5), "expert_load": load})
+    writer.write(10, "eval", {"loss": float("nan")})
+    writer.close()
+    records = _read(tmp_path)
+    assert records[0] == {
+        "step": 10,
+        "split": "train",
+        "loss": 2.5,
+        "expert_load": [[0.5, 0.25, 0.25, 0.0], [0.25, 0.25, 0.25, 0.25]],
+    }
+    assert records[1] == {"step": 10, "split": "eval", "loss": "nan"}
+    event_files = os.listdir(os.path.join(tmp_path, TENSORBOARD_DIR))
+    assert any(name.startswith("events.out.tfevents") for name in event_files)
+
+
+def test_disabled_writer_writes_nothing(tmp_path):
+    writer = MetricsWriter(str(tmp_path), enabled=False)
+    writer.write(1, "train", {"loss": 1.0})
+    writer.close()
+    assert os.listdir(tmp_path) == []
+
+
+def test_truncate_drops_steps_after_the_checkpoint(tmp_path):
+    writer = MetricsWriter(str(tmp_path))
+    for step in (5, 10, 15):
+        writer.write(step, "train", {"loss": float(step)})
+    writer.close()
+    truncate_metrics(str(tmp_path), 10)
+    assert [record["step"] for record in _read(tmp_path)] == [5, 10]
+
+
+def test_progress_logs_plain_lines_off_a_terminal(capsys):
+    progress = Progress(start_step=0, num_steps=4)
+    progress.update(2, {"loss": 1.5})
+    progress.close()
+    assert "step 2/4  loss=1.5" in capsys.readouterr().err

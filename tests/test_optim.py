@@ -1,0 +1,93 @@
+"""Schedules and optimizers of `moe_jax.optim` against hand-computed values and plain optax."""
+
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from moe_jax import optim
+from moe_jax.config import default_config
+
+
+def _train_config(**overrides):
+    train = default_config().train
+    train.unlock()
+    train.update(overrides)
+    return train
+
+
+def test_constant_schedule_warms_up_linearly():
+    # warmup 4, peak 2.0: update 0 is the 1st of 4 warmup steps -> 2 * 1/4 = 0.5; update 3 -> 2.0.
+    schedule = optim.make_schedule(
+        _train_config(schedule="constant", learning_rate=2.0, warmup_steps=4)
+    )
+    assert [float(schedule(i)) for i in (0, 1, 3, 50)] == pytest.approx([0.5, 1.0, 2.0, 2.0])
+
+
+def test_rsqrt_schedule_decays_as_inverse_square_root():
+    # warmup 4, peak 1.0: update 3 (step 4) -> 1.0; update 15 (step 16) -> sqrt(4/16) = 0.5;
+    # update 99 (step 100) -> sqrt(4/100) = 0.2.
+    schedule = optim.make_schedule(
+        _train_config(schedule="rsqrt", learning_rate=1.0, warmup_steps=4)
+    )
+    assert [float(schedule(i)) for i in (1, 3, 15, 99)] == pytest.approx([0.5, 1.0, 0.5, 0.2])
+
+
+def test_cosine_schedule_ends_at_final_fraction():
+    # peak 1.0, warmup 10, 110 steps: update 5 (count 4) -> 5/10 = 0.5; update 10 -> 1.0;
+    # halfway through the decay (update 60) the cosine factor is 0.5, so lr = 0.1 + 0.9 * 0.5 =
+    # 0.55; the last update (110) reaches 0.1.
+    schedule = optim.make_schedule(
+        _train_config(schedule="cosine", learning_rate=1.0, warmup_steps=10, num_steps=110)
+    )
+    assert [float(schedule(i)) for i in (4, 9, 59, 109)] == pytest.approx([0.5, 1.0, 0.55, 0.1])
+
+
+def test_weight_decay_skips_vectors():
+    # Zero gradients leave Adam's step at 0, so the update is the decoupled decay alone:
+    # -lr * weight_decay * p = -1 * 0.1 * 3 = -0.3 on the matrix, 0 on the norm scale.
+    config = _train_config(
+        schedule="constant", learning_rate=1.0, warmup_steps=0, weight_decay=0.1, grad_clip_norm=0.0
+    )
+    optimizer, _ = optim.make_optimizer(config)
+    params = {"kernel": jnp.full((2, 2), 3.0), "scale": jnp.full((2,), 3.0)}
+    zeros = {"kernel": jnp.zeros((2, 2)), "scale": jnp.zeros((2,))}
+    updates, _ = optimizer.update(zeros, optimizer.init(params), params)
+    np.testing.assert_allclose(updates["kernel"], -0.3, rtol=1e-6)
+    np.testing.assert_allclose(updates["scale"], 0.0)
+
+
+@pytest.mark.parametrize("name", ["adamw", "adafactor"])
+def test_gradient_clipping_matches_clipped_gradients(name):
+    # Two updates, the first gradient with norm 10 (clipped to 1 by scaling by 1/10), the second
+    # with norm 0.5 (left alone); the oracle is optax's plain optimizer on pre-scaled gradients.
+    config = _train_config(
+        optimizer=name, schedule="constant", learning_rate=0.1, warmup_steps=0, grad_clip_norm=1.0
+    )
+    optimizer, schedule = optim.make_optimizer(config)
+    plain = (
+        optax.adamw(schedule, weight_decay=0.0) if name == "adamw" else optax.adafactor(schedule)
+    )
+    params = {"w": jnp.arange(6.0).reshape(2, 3) + 1.0}
+    first = {"w": jnp.array([[6.0, 0.0, 0.0], [0.0, 8.0, 0.0]])}  # norm 10
+    second = {"w": jnp.array([[0.3, 0.0, 0.0], [0.0, 0.0, 0.4]])}  # norm 0.5
+    state, plain_state = optimizer.init(params), plain.init(params)
+    for grads, scale in ((first, 0.1), (second, 1.0)):
+        updates, state = optimizer.update(grads, state, params)
+        scaled = {"w": grads["w"] * scale}
+        expected, plain_state = plain.update(scaled, plain_state, params)
+        np.testing.assert_allclose(updates["w"], expected["w"], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"optimizer": "sgd"}, "train.optimizer='sgd'"),
+        ({"schedule": "linear"}, "train.schedule='linear'"),
+        ({"schedule": "cosine", "warmup_steps": 50, "num_steps": 50}, "train.warmup_steps=50"),
+        ({"grad_clip_norm": -1.0}, "train.grad_clip_norm=-1.0"),
+    ],
+)
+def test_bad_settings_name_the_key(overrides, message):
+    with pytest.raises(ValueError, match=message.replace(".", r"\.")):
+        optim.make_optimizer(_train_config(**overrides))

@@ -1,0 +1,313 @@
+"""The training program: exact resume (clean stop, SIGTERM, kill -9), sharded runs against one
+device, divergence handling, the CLI and its refusals of bad input.
+
+Runs are tiny (d_model 32, 2 layers, 4 experts, batch 8 x 32 tokens). Compilation dominates, so
+the module shares a persistent XLA compilation cache with its subprocesses, and the losses of
+one uninterrupted single-device run are the oracle for several tests.
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.experimental.compilation_cache import compilation_cache
+
+from moe_jax import checkpoint, metrics, optim, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = os.path.join(ROOT, "configs", "switch.py") + ":tiny"
+NUM_STEPS = 40
+SMALL = {
+    "model.d_model": 32,
+    "model.num_heads": 2,
+    "model.head_dim": 16,
+    "model.d_ff": 64,
+    "model.num_layers": 2,
+    "moe.num_experts": 4,
+    "moe.group_size": 32,
+    "train.batch_size": 8,
+    "train.seq_len": 32,
+    "train.warmup_steps": 2,
+    "train.num_steps": NUM_STEPS,
+    "train.log_every": 1,
+    "train.eval_every": 0,
+    "train.checkpoint_every": 10,
+    "mesh.data": 1,
+}
+SUBPROCESS_TIMEOUT = 120
+
+
+def small_config(**overrides):
+    """The tiny Switch config shrunk further; `overrides` use '__' for '.' in keys."""
+    config = train._load_config_file(CONFIG)
+    settings = dict(SMALL, **{key.replace("__", "."): value for key, value in overrides.items()})
+    for key, value in settings.items():
+        section, name = key.split(".")
+        config[section][name] = value
+    return config
+
+
+def train_losses(workdir):
+    with open(os.path.join(workdir, metrics.METRICS_FILE), encoding="utf-8") as file:
+        records = [json.loads(line) for line in file]
+    return [(r["step"], r["loss"]) for r in records if r["split"] == "train"]
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    """A persistent compilation cache for this module and its subprocesses."""
+    directory = str(tmp_path_factory.mktemp("jax_cache"))
+    compilation_cache.set_cache_dir(directory)
+    compilation_cache.reset_cache()
+    yield directory
+    jax.config.update("jax_compilation_cache_dir", None)
+    compilation_cache.reset_cache()
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, cache_dir):
+    """An uninterrupted single-device run: (workdir, [(step, loss), ...])."""
+    workdir = str(tmp_path_factory.mktemp("reference"))
+    result = train.run(small_config(), workdir, devices=jax.devices()[:1])
+    assert (result.step, result.preempted) == (NUM_STEPS, False)
+    return workdir, train_losses(workdir)
+
+
+def cli(workdir, cache_dir, *extra):
+    """A `python -m moe_jax.train` process on one CPU device with the small settings."""
+    env = dict(
+        os.environ,
+        XLA_FLAGS="--xla_force_host_platform_device_count=1",
+        JAX_PLATFORMS="cpu",
+        JAX_DEFAULT_MATMUL_PRECISION="highest",
+        JAX_COMPILATION_CACHE_DIR=cache_dir,
+    )
+    overrides = [f"--config.{key}={value}" for key, value in SMALL.items()]
+    command = [sys.executable, "-m", "moe_jax.train", f"--config={CONFIG}", f"--workdir={workdir}"]
+    return subprocess.Popen(
+        command + overrides + list(extra),
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def wait_for(condition, process, timeout=SUBPROCESS_TIMEOUT):
+    deadline = time.time() + timeout
+    while not condition():
+        if process.poll() is not None:
+            raise AssertionError(f"process ended early: {process.communicate()[1][-3000:]}")
+        if time.time() > deadline:
+            process.kill()
+            raise AssertionError("timed out waiting for the training process")
+        time.sleep(0.02)
+
+
+def finish(process):
+    try:
+        _, stderr = process.communicate(timeout=SUBPROCESS_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        raise
+    return process.returncode, stderr
+
+
+def test_outputs_of_a_run(reference):
+    workdir, losses = reference
+    assert [step for step, _ in losses] == list(range(1, NUM_STEPS + 1))
+    with open(os.path.join(workdir, metrics.METRICS_FILE), encoding="utf-8") as file:
+        first = json.loads(file.readline())
+    for key in ("learning_rate", "aux_loss", "z_loss", "fraction_dropped", "tokens_per_second"):
+        assert np.isfinite(first[key]), key
+    assert np.asarray(first["expert_load"]).shape == (1, 4)  # 1 sparse layer of 4 experts
+    np.testing.assert_allclose(np.sum(first["expert_load"]), 1.0, rtol=1e-5)
+    assert os.listdir(os.path.join(workdir, metrics.TENSORBOARD_DIR))
+    with open(os.path.join(workdir, "config.json"), encoding="utf-8") as file:
+        assert json.load(file)["train"]["num_steps"] == NUM_STEPS
+    # keep_checkpoints=3 of the saves at 10, 20, 30, 40
+    assert sorted(os.listdir(os.path.join(workdir, checkpoint.CHECKPOINT_DIR))) == [
+        "20",
+        "30",
+        "40",
+    ]
+    assert losses[-1][1] < losses[0][1]
+
+
+def test_resume_after_clean_stop_is_exact(reference, tmp_path):
+    # Stop cleanly after step 20 by training a copy whose later checkpoints are removed: the
+    # continued run must reproduce the reference's losses of steps 21..40 bit for bit.
+    reference_dir, reference_losses = reference
+    workdir = tmp_path / "resumed"
+    checkpoints = workdir / checkpoint.CHECKPOINT_DIR
+    shutil.copytree(
+        os.path.join(reference_dir, checkpoint.CHECKPOINT_DIR, "20"), checkpoints / "20"
+    )
+    result = train.run(small_config(), str(workdir), devices=jax.devices()[:1])
+    assert result.step == NUM_STEPS
+    assert train_losses(workdir) == reference_losses[20:]
+
+
+def test_sigterm_saves_and_kill_resumes_exactly(cache_dir, tmp_path):
+    # One workdir goes through SIGTERM, a resumed process killed with -9 and a final resume; the
+    # oracle is an uninterrupted process on the same single device (an in-process run with 8
+    # fake devices may differ in the last bit of a reduction).
+    uninterrupted = str(tmp_path / "uninterrupted")
+    reference_process = cli(uninterrupted, cache_dir)
+    workdir = str(tmp_path / "interrupted")
+    checkpoints_dir = os.path.join(workdir, checkpoint.CHECKPOINT_DIR)
+
+    # SIGTERM once training runs: a checkpoint of the current step, exit status 0.
+    process = cli(workdir, cache_dir)
+    metrics_file = os.path.join(workdir, metrics.METRICS_FILE)
+    wait_for(lambda: os.path.exists(metrics_file) and os.path.getsize(metrics_file), process)
+    process.send_signal(signal.SIGTERM)
+    returncode, stderr = finish(process)
+    assert returncode == 0, stderr[-3000:]
+    saved = checkpoint.Checkpoints(checkpoints_dir, keep=3, read_only=True).latest_step()
+    assert f"stopped by SIGTERM at step {saved}" in stderr
+    next_save = (saved // 10 + 1) * 10
+    assert next_save < NUM_STEPS, f"SIGTERM came too late (step {saved})"
+
+    # The same command resumes; kill -9 once its next checkpoint is complete.
+    process = cli(workdir, cache_dir)
+    committed = os.path.join(checkpoints_dir, str(next_save), "commit_success.txt")
+    wait_for(lambda: os.path.exists(committed), process)
+    process.kill()
+    assert finish(process)[0] == -signal.SIGKILL
+
+    returncode, stderr = finish(cli(workdir, cache_dir))  # and again, to the end
+    assert returncode == 0, stderr[-3000:]
+    returncode, stderr = finish(reference_process)
+    assert returncode == 0, stderr[-3000:]
+    reference_losses = train_losses(uninterrupted)
+    assert len(reference_losses) == NUM_STEPS
+    assert train_losses(workdir) == reference_losses
+
+
+def test_eight_devices_match_one_device(reference, tmp_path):
+    _, reference_losses = reference
+    config = small_config(mesh__data=2, mesh__expert=4, train__checkpoint_every=1000)
+    result = train.run(config, str(tmp_path), devices=jax.devices())
+    assert result.step == NUM_STEPS
+    sharded = np.array([loss for _, loss in train_losses(tmp_path)])
+    single = np.array([loss for _, loss in reference_losses])
+    np.testing.assert_allclose(sharded, single, rtol=1e-3)
+
+
+def test_divergence_stops_and_keeps_the_last_good_checkpoint(monkeypatch, tmp_path, cache_dir):
+    # A learning rate that jumps to 1e30 at update 5 (count 4): the parameter norm overflows at
+    # step 5, so the run stops there; the checkpoint of step 4 stays the latest.
+    def exploding_schedule(train_config):
+        del train_config
+        return lambda count: jnp.where(count < 4, 1e-3, 1e30)
+
+    monkeypatch.setattr(optim, "make_schedule", exploding_schedule)
+    config = small_config(train__checkpoint_every=2, train__log_every=100)
+    with pytest.raises(train.TrainingDiverged, match="step 5") as error:
+        train.run(config, str(tmp_path), devices=jax.devices()[:1])
+    assert "last good checkpoint is step 4" in str(error.value)
+    assert "train.learning_rate" in str(error.value)
+    checkpoints = checkpoint.Checkpoints(
+        str(tmp_path / checkpoint.CHECKPOINT_DIR), keep=3, read_only=True
+    )
+    assert checkpoints.all_steps() == [2, 4]
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"mesh__data": 3}, "needs 3 devices but 8"),
+        ({"mesh__data": 8, "train__batch_size": 12}, "train.batch_size=12"),
+        ({"data__name": "text:/no/such/file.txt"}, "no such file"),
+        ({"train__optimizer": "sgd"}, "train.optimizer='sgd'"),
+        ({"mesh__data": 8, "moe__group_size": 64}, "moe.group_size=64"),
+    ],
+)
+def test_bad_input_fails_before_writing(overrides, message, tmp_path):
+    workdir = tmp_path / "run"
+    config = small_config(**{"mesh__data": -1, **overrides})  # -1: all 8 devices
+    with pytest.raises(train.SetupError, match=message.replace(".", r"\.")):
+        train.run(config, str(workdir))
+    assert not workdir.exists()
+
+
+def test_unprepared_tfds_dataset_fails_fast(tmp_path, monkeypatch):
+    monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "tfds"))
+    workdir = tmp_path / "run"
+    start = time.time()
+    with pytest.raises(train.SetupError, match="not prepared"):
+        config = small_config(data__name="tfds:tiny_shakespeare")
+        train.run(config, str(workdir), devices=jax.devices()[:1])
+    assert time.time() - start < 60
+    assert not workdir.exists()
+
+
+def test_incompatible_checkpoint_is_refused(reference):
+    workdir, _ = reference
+    config_file = os.path.join(workdir, "config.json")
+    modified = os.path.getmtime(config_file)
+    with pytest.raises(train.SetupError, match=r"model\.d_model: 32 \(checkpoint\) vs 64"):
+        train.run(small_config(model__d_model=64), workdir, devices=jax.devices()[:1])
+    assert os.path.getmtime(config_file) == modified
+
+
+def test_unknown_config_key_suggests_close_matches(tmp_path):
+    argv = ["train", f"--config={CONFIG}", "--config.train.num_stepz=3"]
+    with pytest.raises(ValueError, match=r"did you mean --config\.train\.num_steps"):
+        train.check_config_overrides(argv)
+    argv = ["train", f"--config={CONFIG}", "--config.trian.num_steps=3"]
+    with pytest.raises(ValueError, match=r"--config\.train\.num_steps"):
+        train.check_config_overrides(argv)
+    train.check_config_overrides(["train", f"--config={CONFIG}", "--config.train.num_steps=3"])
+
+
+def test_cli_reports_bad_input_with_status(tmp_path, cache_dir):
+    workdir = tmp_path / "run"
+    returncode, stderr = finish(cli(str(workdir), cache_dir, "--config.loss.aux_cof=0.1"))
+    assert returncode != 0
+    assert "did you mean --config.loss.aux_coef" in stderr
+    returncode, stderr = finish(cli(str(workdir), cache_dir, "--config.mesh.expert=2"))
+    assert returncode == 1
+    assert "needs 2 devices but 1" in stderr and "Traceback" not in stderr
+    assert not workdir.exists()
+
+
+def test_encoder_decoder_carries_router_bias_through_steps_and_checkpoints(tmp_path):
+    # Aux-loss-free routing moves each expert's bias by exactly +-rate or 0 per step (DeepSeek-V3
+    # sign update), so after 3 steps with rate 0.25 every bias is a multiple of 0.25 in
+    # [-0.75, 0.75]; the bias is state, not a parameter, and must survive a checkpoint.
+    config = small_config(
+        model__kind="encoder_decoder",
+        model__num_encoder_layers=2,
+        model__num_decoder_layers=2,
+        moe__router="aux_free",
+        moe__bias_update_rate=0.25,
+        train__num_steps=3,
+        train__checkpoint_every=3,
+        train__eval_every=3,
+        train__eval_steps=1,
+    )
+    result = train.run(config, str(tmp_path), devices=jax.devices()[:1])
+    biases = np.stack([np.asarray(leaf) for leaf in jax.tree.leaves(result.state.model_state)])
+    assert biases.shape == (2, 4)  # one sparse layer in each stack, 4 experts
+    np.testing.assert_array_equal(biases * 4, np.round(biases * 4))
+    assert np.abs(biases).max() <= 0.75 and np.abs(biases).max() > 0
+    with open(os.path.join(tmp_path, metrics.METRICS_FILE), encoding="utf-8") as file:
+        records = [json.loads(line) for line in file]
+    evaluation = [record for record in records if record["split"] == "eval"]
+    assert [record["step"] for record in evaluation] == [3]
+    assert np.isfinite(evaluation[0]["loss"]) and 0 <= evaluation[0]["accuracy"] <= 1
+    resumed = train.run(config, str(tmp_path), devices=jax.devices()[:1])  # nothing left to do
+    assert resumed.step == 3
+    for restored, trained in zip(jax.tree.leaves(resumed.state), jax.tree.leaves(result.state)):
+        np.testing.assert_array_equal(restored, trained)
