@@ -500,9 +500,9 @@ def biased_top_k(
     """Aux-loss-free balancing (DeepSeek-V3, Sec. 2.1.2): select by score + bias, weight by score.
 
     Scores are sigmoid(logits) (DeepSeek-V3) or softmax(logits). Each token picks the k experts
-    with the highest score + bias; the bias is only a selection offset (no gradient) and its
-    weight is the unbiased score, renormalised over the k picks with normalize='topk'
-    (DeepSeek-V3) or raw with 'none'. Slot filling is that of `tokens_choose`.
+    with the highest score + bias; the bias only decides which experts are picked (so no gradient
+    reaches it) and each pick's weight is the unbiased score, renormalised over the k picks with
+    normalize='topk' (DeepSeek-V3) or raw with 'none'. Slot filling is that of `tokens_choose`.
 
     Args:
       logits: f32[G, T, E]; bias: f32[E], updated by `update_expert_bias` outside the gradient.
@@ -520,7 +520,7 @@ def biased_top_k(
     scores = jax.nn.sigmoid(logits) if score == "sigmoid" else jax.nn.softmax(logits, axis=-1)
     expert_index, token_index, weight = _choose_top_k(
         scores,
-        scores + jax.lax.stop_gradient(bias),
+        scores + bias,
         k=k,
         capacity=capacity,
         batch_prioritized=batch_prioritized,
