@@ -11,7 +11,7 @@ NOTEBOOKS = sorted(COLAB.glob("*.ipynb"))
 
 
 def test_notebooks_are_present():
-    assert {path.name for path in NOTEBOOKS} >= {"routing_explorer.ipynb"}
+    assert {path.name for path in NOTEBOOKS} == {"quickstart.ipynb", "routing_explorer.ipynb"}
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda path: path.name)
