@@ -62,6 +62,8 @@ class MoeAux(NamedTuple):
       fraction_tokens_dropped, fraction_assignments_dropped, router_confidence, expert_usage:
         f32[] from `routing.router_metrics`.
       expert_load: f32[E] share of the filled slots per expert.
+      router_logit_max: f32[] largest absolute router logit over the real tokens (0 for hash
+        routing): the logit growth that the z-loss holds back (ST-MoE, Sec. 3.3).
     """
 
     load_balancing_loss: jax.Array
@@ -71,6 +73,7 @@ class MoeAux(NamedTuple):
     router_confidence: jax.Array
     expert_usage: jax.Array
     expert_load: jax.Array
+    router_logit_max: jax.Array
 
 
 def _param(value: jax.Array, names: tuple[str | None, ...]) -> nnx.Param:
@@ -402,6 +405,7 @@ class MoeFeedForward(nnx.Module):
         }.get(self.router_kind)
         balancing = zero if balance is None else balance(route.probs, route.expert_index, real)
         z_loss = zero if logits is None else losses.router_z_loss(logits, real)
+        logit_max = zero if logits is None else jnp.max(jnp.abs(logits) * real[..., None])
         metrics = routing.router_metrics(route, real)
         return MoeAux(
             load_balancing_loss=balancing,
@@ -411,4 +415,5 @@ class MoeFeedForward(nnx.Module):
             router_confidence=metrics["router_confidence"],
             expert_usage=metrics["expert_usage"],
             expert_load=metrics["expert_load"],
+            router_logit_max=logit_max,
         )

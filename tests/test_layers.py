@@ -116,6 +116,21 @@ def test_padding_mask_tokens_get_no_expert():
     assert float(aux.fraction_tokens_dropped) == 0.0 and full.shape == y.shape
 
 
+def test_router_logit_max_is_the_largest_real_token_logit():
+    layer = layers.MoeFeedForward(_config(router_jitter=0.0), nnx.Rngs(0))
+    x = _x()
+    # the largest logit sits on the last token; marking it padding must hide it
+    x = x.at[1, -1].multiply(100.0)
+    logits = np.einsum("blm,me->ble", np.asarray(x), np.asarray(layer.router.kernel[...]))
+    _, aux = layer(x, deterministic=True)
+    np.testing.assert_allclose(aux.router_logit_max, np.abs(logits).max(), rtol=1e-6)
+    mask = jnp.ones((B, L), bool).at[1, -1].set(False)
+    _, aux = layer(x, deterministic=True, padding_mask=mask)
+    want = np.abs(logits)[np.asarray(mask)].max()
+    np.testing.assert_allclose(aux.router_logit_max, want, rtol=1e-6)
+    assert want < np.abs(logits).max()
+
+
 def test_aux_free_bias_updates_in_training_only():
     layer = layers.MoeFeedForward(_config(router="aux_free", bias_update_rate=0.01), nnx.Rngs(0))
     param_paths = [path for path, _ in nnx.to_flat_state(nnx.state(layer, nnx.Param))]
