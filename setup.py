@@ -27,7 +27,7 @@ setup(
             "pytest>=8",
             "pytest-timeout",
             "hypothesis>=6",
-            "ruff>=0.6",
+            "ruff==0.17.6",
             "matplotlib",
             "nbclient",
             "nbformat",
