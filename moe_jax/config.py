@@ -42,6 +42,10 @@ def default_config() -> ml_collections.ConfigDict:
             "k": 1,  # experts per token (tokens-choose routers)
             # tokens_choose | gshard_top2 | experts_choose | hash | noisy_top_k | aux_free
             "router": "tokens_choose",
+            # router of causal (decoder) stacks; '' means `router`. Expert Choice sees future
+            # tokens, so an encoder-decoder with router='experts_choose' sets this, e.g. to
+            # 'tokens_choose'.
+            "decoder_router": "",
             "d_ff": 0,  # expert hidden width; 0 means model.d_ff
             "activation": "",  # expert activation; '' means model.ffn_activation
             "capacity_factor_train": 1.25,

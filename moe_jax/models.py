@@ -253,6 +253,9 @@ class TransformerStack(nnx.Module):
         self.scan = bool(model.scan_layers)
         self.remat = bool(model.remat)
         self.plan = layer_plan(num_layers, config.moe)
+        if causal and config.moe.decoder_router:
+            config = config.copy_and_resolve_references()
+            config.moe.router = config.moe.decoder_router
         if (
             causal
             and config.moe.router == "experts_choose"
@@ -261,8 +264,9 @@ class TransformerStack(nnx.Module):
             raise ValueError(
                 "moe.router='experts_choose' (Expert Choice) lets each expert pick tokens from "
                 "the whole group, future tokens included, so it cannot be used in a causal "
-                "decoder; use it only in encoder-only layers, or choose a tokens-choose router "
-                "(e.g. moe.router='tokens_choose')."
+                "decoder; in an encoder-decoder give the decoder a tokens-choose router "
+                "(--config.moe.decoder_router=tokens_choose), or choose a tokens-choose router "
+                "for every stack (moe.router='tokens_choose')."
             )
         self.position_bias = RelativePositionBias(
             num_buckets=model.relative_attention_num_buckets,

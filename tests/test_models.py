@@ -364,6 +364,23 @@ def test_expert_choice_refused_in_causal_decoder(kind):
         models.build_model(config, rngs=nnx.Rngs(0))
 
 
+def test_expert_choice_encoder_with_tokens_choose_decoder():
+    config = micro_config(
+        "encoder_decoder", router="experts_choose", decoder_router="tokens_choose"
+    )
+    model = models.build_model(config, rngs=nnx.Rngs(0))
+
+    def router_kinds(stack):
+        return {m.router_kind for _, m in nnx.iter_graph(stack) if hasattr(m, "router_kind")}
+
+    assert router_kinds(model.encoder) == {"experts_choose"}
+    assert router_kinds(model.decoder) == {"tokens_choose"}
+    logits, aux = apply(model, tokens(15, (2, 16)), tokens(16, (2, 8)))
+    assert logits.shape == (2, 8, VOCAB) and bool(jnp.all(jnp.isfinite(logits)))
+    # encoder sparse layer first: Expert Choice fills every slot, so no expert is idle
+    assert float(aux.expert_usage[0]) == 1.0
+
+
 def test_unknown_kind_raises():
     config = micro_config()
     config.model.kind = "encoder"
