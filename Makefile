@@ -23,7 +23,6 @@ lint: venv
 
 run: venv
 	$(PY) -m moe_jax.train --config=configs/switch.py:tiny --workdir=$(WORKDIR)
-	@echo "metrics: $(WORKDIR)/metrics.jsonl  checkpoints: $(WORKDIR)/checkpoints"
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache
