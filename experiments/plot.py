@@ -3,11 +3,14 @@
     python -m experiments.plot runs/experts            # every run under a sweep directory
     python -m experiments.plot runs/switch_tiny        # a single training workdir
 
-Figures: `loss_curves.png` (train and eval loss against step), `expert_load_<run>.png`
-(per-layer heatmap of the fraction of tokens each expert took over training),
+Figures: `loss_curves.png` (train and eval cross-entropy against step: the auxiliary losses
+are left out so that runs with different auxiliary losses compare), `expert_load_<run>.png`
+(per-layer heatmap over training of each expert's share of the filled slots, i.e. of the tokens
+it processed after capacity drops),
 `dropped_vs_capacity.png` (fraction of dropped tokens against the capacity factor, when the
-sweep varies `moe.capacity_factor_train`), and `router_logits.png` (largest router logit and
-router z-loss over training).
+sweep varies `moe.capacity_factor_train`), `router_logits.png` (largest router logit, when the
+metrics have it, and router z-loss over training) and `final_eval.png` (each run's final eval
+cross-entropy, from results.csv).
 """
 
 import argparse
@@ -47,9 +50,9 @@ def series(records: list[dict], split: str, key: str) -> tuple[np.ndarray, np.nd
 def plot_loss_curves(runs: dict[str, list[dict]], out_dir: Path) -> Path:
     figure, (train_axis, eval_axis) = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
     for name, records in runs.items():
-        train_axis.plot(*series(records, "train", "loss"), label=name)
-        eval_axis.plot(*series(records, "eval", "loss"), marker="o", label=name)
-    for axis, title in ((train_axis, "train loss"), (eval_axis, "eval loss")):
+        train_axis.plot(*series(records, "train", "cross_entropy"), label=name)
+        eval_axis.plot(*series(records, "eval", "cross_entropy"), marker="o", label=name)
+    for axis, title in ((train_axis, "train cross-entropy"), (eval_axis, "eval cross-entropy")):
         axis.set_title(title)
         axis.set_xlabel("step")
         axis.grid(alpha=0.3)
@@ -59,7 +62,8 @@ def plot_loss_curves(runs: dict[str, list[dict]], out_dir: Path) -> Path:
 
 
 def plot_expert_load(name: str, records: list[dict], out_dir: Path) -> Path | None:
-    """Heatmaps of `expert_load` (f32[layers, E] per record): x step, y expert, one per layer."""
+    """Heatmaps of `expert_load` (f32[layers, E] per record: each expert's share of the filled
+    slots) with x step, y expert, one panel per sparse layer."""
     train = [r for r in records if r.get("split") == "train" and "expert_load" in r]
     if not train:
         return None
@@ -81,7 +85,9 @@ def plot_expert_load(name: str, records: list[dict], out_dir: Path) -> Path | No
         axis.set_ylabel(f"layer {layer}\nexpert")
         figure.colorbar(image, ax=axis, label="load")
     axes[-1, 0].set_xlabel("step")
-    axes[0, 0].set_title(f"{name}: fraction of tokens routed to each expert (uniform = 1/E)")
+    axes[0, 0].set_title(
+        f"{name}: share of the filled expert slots (after capacity; uniform = 1/E)"
+    )
     return save(figure, out_dir / f"expert_load_{name}.png")
 
 
@@ -95,7 +101,7 @@ def plot_dropped_vs_capacity(sweep_dir: Path) -> Path | None:
     rows = [row for row in rows if row.get("final_fraction_dropped")]
     if not rows:
         return None
-    swept = [key for key in rows[0] if "." in key and key != CAPACITY_KEY]
+    swept = [key for key in varying_settings(rows) if key != CAPACITY_KEY]
     lines: dict[str, list[tuple[float, float]]] = {}
     for row in rows:
         label = ", ".join(f"{key}={row[key]}" for key in swept) or "runs"
@@ -112,21 +118,60 @@ def plot_dropped_vs_capacity(sweep_dir: Path) -> Path | None:
     return save(figure, sweep_dir / "dropped_vs_capacity.png")
 
 
+def varying_settings(rows: list[dict]) -> list[str]:
+    """The config keys (dotted columns of results.csv) whose value differs between rows."""
+    keys = [key for key in rows[0] if "." in key]
+    return [key for key in keys if len({row.get(key) for row in rows}) > 1]
+
+
 def plot_router_logits(runs: dict[str, list[dict]], out_dir: Path) -> Path | None:
-    if not any(series(records, "train", "router_logit_max")[0].size for records in runs.values()):
+    """Largest router logit (if logged) and router z-loss (mean logsumexp^2) over training."""
+    has = {
+        key: any(series(records, "train", key)[0].size for records in runs.values())
+        for key in ("router_logit_max", "z_loss")
+    }
+    keys = [key for key, present in has.items() if present]
+    if not keys:
         return None
-    figure, (logit_axis, z_axis) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for name, records in runs.items():
-        logit_axis.plot(*series(records, "train", "router_logit_max"), label=name)
-        z_axis.plot(*series(records, "train", "z_loss"), label=name)
-    logit_axis.set_title("largest router logit")
-    z_axis.set_title("router z-loss")
-    z_axis.set_yscale("log")
-    for axis in (logit_axis, z_axis):
+    titles = {
+        "router_logit_max": "largest router logit",
+        "z_loss": "router z-loss = mean logsumexp(logits)^2, summed over sparse layers",
+    }
+    figure, axes = plt.subplots(1, len(keys), figsize=(6 * len(keys), 4.5), squeeze=False)
+    for axis, key in zip(axes[0], keys):
+        for name, records in runs.items():
+            axis.plot(*series(records, "train", key), label=name)
+        axis.set_title(titles[key], fontsize=9)
         axis.set_xlabel("step")
         axis.grid(alpha=0.3)
-    z_axis.legend(fontsize=7)
+        if key == "z_loss":
+            axis.set_yscale("log")
+    axes[0, -1].legend(fontsize=7)
     return save(figure, out_dir / "router_logits.png")
+
+
+def plot_final_eval(sweep_dir: Path) -> Path | None:
+    """Final eval cross-entropy of each run of a sweep (results.csv), as bars."""
+    path = sweep_dir / RESULTS_FILE
+    if not path.exists():
+        return None
+    with path.open() as f:
+        rows = [row for row in csv.DictReader(f) if row.get("final_eval_cross_entropy")]
+    if not rows:
+        return None
+    swept = varying_settings(rows)
+    labels = [", ".join(row[key] for key in swept) or row["run"] for row in rows]
+    values = [float(row["final_eval_cross_entropy"]) for row in rows]
+    figure, axis = plt.subplots(figsize=(max(5.0, 1.1 * len(rows)), 4.5))
+    axis.bar(range(len(rows)), values, color="tab:blue")
+    for index, value in enumerate(values):
+        axis.text(index, value, f"{value:.3f}", ha="center", va="bottom", fontsize=8)
+    axis.set_xticks(range(len(rows)), labels, rotation=30, ha="right", fontsize=8)
+    axis.set_ylim(min(values) - 0.1, max(values) + 0.05)
+    axis.set_ylabel("final eval cross-entropy (nats/token)")
+    axis.set_title(", ".join(swept) or "runs", fontsize=9)
+    axis.grid(alpha=0.3, axis="y")
+    return save(figure, sweep_dir / "final_eval.png")
 
 
 def save(figure, path: Path) -> Path:
@@ -146,6 +191,7 @@ def make_plots(directory: Path) -> list[Path]:
     written = [plot_loss_curves(runs, directory)]
     written += [plot_expert_load(name, records, directory) for name, records in runs.items()]
     written += [plot_dropped_vs_capacity(directory), plot_router_logits(runs, directory)]
+    written.append(plot_final_eval(directory))
     return [path for path in written if path is not None]
 
 

@@ -81,8 +81,26 @@ def read_metrics(workdir: Path) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def reached_end(workdir: Path) -> bool:
+    """Whether the run logged its last step (`train.num_steps` of its config.json).
+
+    The trainer exits 0 both when it finishes and when SIGTERM stops it early (after saving a
+    checkpoint), so the exit code alone cannot tell a finished run from a preempted one.
+    """
+    config_path = workdir / "config.json"
+    if not config_path.exists():
+        return False
+    num_steps = json.loads(config_path.read_text())["train"]["num_steps"]
+    steps = [r["step"] for r in read_metrics(workdir) if r.get("split") == "train"]
+    return bool(steps) and steps[-1] >= num_steps
+
+
 def summarize(workdir: Path) -> dict[str, float]:
-    """Final and best figures of one run, from its metrics.jsonl."""
+    """Final and best figures of one run, from its metrics.jsonl.
+
+    `loss` is the training objective (cross-entropy plus the weighted auxiliary losses);
+    `cross_entropy` alone is what compares models with different auxiliary losses.
+    """
     records = read_metrics(workdir)
     train = [r for r in records if r.get("split") == "train"]
     evals = [r for r in records if r.get("split") == "eval"]
@@ -91,17 +109,20 @@ def summarize(workdir: Path) -> dict[str, float]:
         last = train[-1]
         summary["final_step"] = last["step"]
         summary["final_train_loss"] = last["loss"]
-        for key in ("fraction_dropped", "aux_loss", "z_loss", "router_logit_max"):
+        for key in ("cross_entropy", "fraction_dropped", "aux_loss", "z_loss", "router_logit_max"):
             if key in last:
                 summary[f"final_{key}"] = last[key]
+        if "z_loss" in last:
+            summary["max_z_loss"] = max(r["z_loss"] for r in train)
         speeds = sorted(r["tokens_per_second"] for r in train if r.get("tokens_per_second"))
         if speeds:
             summary["median_tokens_per_second"] = speeds[len(speeds) // 2]
     if evals:
         summary["final_eval_loss"] = evals[-1]["loss"]
         summary["best_eval_loss"] = min(r["loss"] for r in evals)
-        if "fraction_dropped" in evals[-1]:
-            summary["final_eval_fraction_dropped"] = evals[-1]["fraction_dropped"]
+        for key in ("cross_entropy", "accuracy", "fraction_dropped"):
+            if key in evals[-1]:
+                summary[f"final_eval_{key}"] = evals[-1][key]
     return summary
 
 
@@ -154,10 +175,11 @@ class Sweep:
                 continue
             del self.running[name]
             elapsed = time.time() - started
-            if self.stopping:
+            finished = process.returncode == 0 and reached_end(self.sweep_dir / name)
+            if (self.stopping or process.returncode == 0) and not finished:
                 print(f"[sweep] stopped {name}; it resumes on the next run", flush=True)
                 continue
-            if process.returncode == 0:
+            if finished:
                 status, marker = "finished", DONE_FILE
             else:
                 status, marker = f"failed (exit {process.returncode})", FAILED_FILE

@@ -1,0 +1,144 @@
+"""A real sweep of 4 tiny runs (experiments/sweep.py): interrupted after its first finished run,
+resumed without redoing finished runs, then results.csv and the plots (experiments/plot.py).
+
+Runs are tiny (d_model 32, 2 layers, 4 experts, batch 8 x 32 tokens, 6 steps); the sweep and its
+trainers are subprocesses, so that the test can signal the sweep as a user's Ctrl-C would.
+"""
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from experiments import plot, sweep
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NUM_STEPS = 6
+SETTINGS = {
+    "model.d_model": 32,
+    "model.num_heads": 2,
+    "model.head_dim": 16,
+    "model.d_ff": 64,
+    "model.num_layers": 2,
+    "moe.num_experts": 4,
+    "moe.group_size": 32,
+    "train.batch_size": 8,
+    "train.seq_len": 32,
+    "train.warmup_steps": 2,
+    "train.num_steps": NUM_STEPS,
+    "train.log_every": 1,
+    "train.eval_every": 3,
+    "train.eval_steps": 1,
+    "train.checkpoint_every": 2,
+    "mesh.data": 1,
+}
+AXES = ("moe.k=1,2", "moe.capacity_factor_train=1.0,2.0")
+RUN_NAMES = [
+    "moe.k-1__moe.capacity_factor_train-1.0",
+    "moe.k-1__moe.capacity_factor_train-2.0",
+    "moe.k-2__moe.capacity_factor_train-1.0",
+    "moe.k-2__moe.capacity_factor_train-2.0",
+]
+TIMEOUT = 150  # seconds for the whole sweep; a hang fails the test instead of blocking CI
+
+
+def sweep_command(sweep_dir):
+    command = [sys.executable, "-m", "experiments.sweep", "--config=configs/switch.py:tiny"]
+    command += [f"--sweep_dir={sweep_dir}", "--parallel=1"]
+    command += [f"--sweep={axis}" for axis in AXES]
+    return command + [f"--set={key}={value}" for key, value in SETTINGS.items()]
+
+
+def sweep_env(tmp_path):
+    """One CPU device for the trainers, and a compilation cache shared by them."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
+    env["XLA_FLAGS"] = " ".join(
+        flag
+        for flag in env.get("XLA_FLAGS", "").split()
+        if not flag.startswith("--xla_force_host_platform_device_count")
+    )
+    env["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path / "jax_cache")
+    return env
+
+
+def done_runs(sweep_dir):
+    return [name for name in RUN_NAMES if (sweep_dir / name / sweep.DONE_FILE).exists()]
+
+
+def test_sweep_is_interrupted_resumed_and_plotted(tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    env = sweep_env(tmp_path)
+    deadline = time.monotonic() + TIMEOUT
+
+    first = subprocess.Popen(
+        sweep_command(sweep_dir), cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        while not done_runs(sweep_dir):
+            assert first.poll() is None, "the sweep ended before any run finished"
+            assert time.monotonic() < deadline, "no run finished in time"
+            time.sleep(0.05)
+        first.send_signal(signal.SIGINT)  # as Ctrl-C: the sweep stops its trainer and exits
+        output, _ = first.communicate(timeout=max(1.0, deadline - time.monotonic()))
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert first.returncode == 130, output
+    assert "stopped" in output, output
+    finished = done_runs(sweep_dir)
+    assert 1 <= len(finished) < len(RUN_NAMES), output
+    assert (sweep_dir / sweep.RESULTS_FILE).exists()
+    before = {
+        name: (
+            (sweep_dir / name / sweep.DONE_FILE).read_text(),
+            (sweep_dir / name / sweep.DONE_FILE).stat().st_mtime_ns,
+            (sweep_dir / name / "train.log").stat().st_size,
+            (sweep_dir / name / "metrics.jsonl").read_text(),
+        )
+        for name in finished
+    }
+
+    second = subprocess.run(
+        sweep_command(sweep_dir),
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=max(1.0, deadline - time.monotonic()),
+    )
+    assert second.returncode == 0, second.stdout + second.stderr
+    skipped = len(finished)
+    assert f"4 runs, {skipped} already done, {4 - skipped} to run" in second.stdout
+    for name in finished:  # neither restarted nor touched
+        assert f"start {name}:" not in second.stdout
+        after = (
+            (sweep_dir / name / sweep.DONE_FILE).read_text(),
+            (sweep_dir / name / sweep.DONE_FILE).stat().st_mtime_ns,
+            (sweep_dir / name / "train.log").stat().st_size,
+            (sweep_dir / name / "metrics.jsonl").read_text(),
+        )
+        assert after == before[name]
+    assert done_runs(sweep_dir) == RUN_NAMES
+
+    with (sweep_dir / sweep.RESULTS_FILE).open() as f:
+        rows = {row["run"]: row for row in csv.DictReader(f)}
+    assert sorted(rows) == sorted(RUN_NAMES)
+    for name, row in rows.items():
+        assert row["status"] == "finished"
+        assert float(row["final_step"]) == NUM_STEPS
+        assert float(row["final_eval_cross_entropy"]) > 0.0
+        train_steps = [
+            record["step"]
+            for record in sweep.read_metrics(sweep_dir / name)
+            if record["split"] == "train"
+        ]
+        assert train_steps == list(range(1, NUM_STEPS + 1)), name  # resumed, no gap or repeat
+
+    written = {path.name for path in plot.make_plots(sweep_dir)}
+    expected = {"loss_curves.png", "dropped_vs_capacity.png", "router_logits.png"}
+    expected |= {"final_eval.png"} | {f"expert_load_{name}.png" for name in RUN_NAMES}
+    assert expected <= written
+    for name in expected:
+        assert (sweep_dir / name).stat().st_size > 1000
