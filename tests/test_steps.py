@@ -25,6 +25,7 @@ class FixedModel:
             router_confidence=jnp.array([0.5, 0.7]),
             expert_usage=jnp.array([1.0, 1.0]),
             expert_load=jnp.array([[0.5, 0.5], [1.0, 0.0]]),
+            router_logit_max=jnp.array([1.5, 4.0]),
         )
         return logits, aux
 
@@ -49,6 +50,7 @@ def test_loss_is_masked_cross_entropy_plus_summed_aux_terms():
     assert float(metrics["aux_loss"]) == pytest.approx(3.0)
     assert float(metrics["z_loss"]) == pytest.approx(1.0)
     assert float(metrics["fraction_dropped"]) == pytest.approx(0.5)
+    assert float(metrics["router_logit_max"]) == 4.0  # the larger of the two layers'
     # argmax of [0, 0] is class 0: token 1 (target 0) right, token 2 (target 1) wrong
     assert float(metrics["accuracy"]) == pytest.approx(0.5)
     assert float(metrics["weight_sum"]) == 2.0
