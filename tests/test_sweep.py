@@ -12,27 +12,18 @@ import subprocess
 import sys
 import time
 
+from tiny_training import TINY_TRAINING
+
 from experiments import plot, sweep
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_STEPS = 6
 SETTINGS = {
-    "model.d_model": 32,
-    "model.num_heads": 2,
-    "model.head_dim": 16,
-    "model.d_ff": 64,
-    "model.num_layers": 2,
-    "moe.num_experts": 4,
-    "moe.group_size": 32,
-    "train.batch_size": 8,
-    "train.seq_len": 32,
-    "train.warmup_steps": 2,
+    **TINY_TRAINING,
     "train.num_steps": NUM_STEPS,
-    "train.log_every": 1,
     "train.eval_every": 3,
     "train.eval_steps": 1,
     "train.checkpoint_every": 2,
-    "mesh.data": 1,
 }
 AXES = ("moe.k=1,2", "moe.capacity_factor_train=1.0,2.0")
 RUN_NAMES = [

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.experimental.compilation_cache import compilation_cache
+from tiny_training import TINY_TRAINING
 
 from moe_jax import checkpoint, metrics, optim, train
 
@@ -26,21 +27,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "switch.py") + ":tiny"
 NUM_STEPS = 40
 SMALL = {
-    "model.d_model": 32,
-    "model.num_heads": 2,
-    "model.head_dim": 16,
-    "model.d_ff": 64,
-    "model.num_layers": 2,
-    "moe.num_experts": 4,
-    "moe.group_size": 32,
-    "train.batch_size": 8,
-    "train.seq_len": 32,
-    "train.warmup_steps": 2,
+    **TINY_TRAINING,
     "train.num_steps": NUM_STEPS,
-    "train.log_every": 1,
     "train.eval_every": 0,
     "train.checkpoint_every": 10,
-    "mesh.data": 1,
 }
 SUBPROCESS_TIMEOUT = 120
 
