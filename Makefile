@@ -24,5 +24,9 @@ lint: venv
 run: venv
 	$(PY) -m moe_jax.train --config=configs/switch.py:tiny --workdir=$(WORKDIR)
 
+# the MoE layer table of experiments/BENCHMARKS.md (about 10 minutes on 2 cores)
+bench: venv
+	$(PY) experiments/benchmark_moe.py --experts 8,32,64,128 --k 2 --backends gather,dropless
+
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

@@ -8,15 +8,22 @@ padding. Capacity factors are stated over the balanced load: CF 1.0 gives every 
 
     python experiments/benchmark_moe.py --experts 8,32,128 --k 2 --backends gather,dropless
 
-Prints one Markdown table row per configuration: ms per step (median), tokens/s, achieved
-GFLOP/s of the active FLOPs, the ratio to the dense FFN, and XLA's peak-memory estimate.
+Every configuration is compiled first; then `--rounds` rounds each time every configuration
+once, in turn, so that a slow spell of a shared machine falls on all of them alike. Prints one
+Markdown table row per configuration (median ms per step, tokens/s, achieved GFLOP/s of the
+active FLOPs, the ratio to the dense FFN, XLA's peak-memory estimate), then for each activation
+and K the best backend per E, its ratio to dense and its time relative to the smallest E.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
+import os
+import resource
 import statistics
 import time
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +31,21 @@ from flax import nnx
 
 from moe_jax import experts, layers
 from moe_jax.config import default_config
+
+# not a dispatch backend: the stacked expert FFN alone, on the rows the experts would receive
+EXPERTS_ONLY = "experts-only"
+
+
+class Case(NamedTuple):
+    """One timed configuration; `num_experts` is None for the dense FFN."""
+
+    activation: str
+    k: int
+    num_experts: int | None
+    backend: str
+    step: Any
+    inputs: tuple[Any, jax.Array]
+    peak_gib: float
 
 
 def _config(args, *, num_experts: int, k: int, activation: str, backend: str):
@@ -44,21 +66,8 @@ def _config(args, *, num_experts: int, k: int, activation: str, backend: str):
     return config
 
 
-def _time(step, params, x, steps: int) -> tuple[float, float]:
-    """Median seconds per call and XLA's memory estimate (GiB) of the compiled step."""
-    compiled = jax.jit(step).lower(params, x).compile()
-    memory = compiled.memory_analysis()
-    peak = (memory.temp_size_in_bytes + memory.argument_size_in_bytes) / 2**30 if memory else 0.0
-    jax.block_until_ready(compiled(params, x))
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        jax.block_until_ready(compiled(params, x))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), peak
-
-
-def _train_step(module, *, moe: bool):
+def _module_loss(module, *, moe: bool):
+    """A mean-square loss (plus the balancing loss) of `module`'s output, and its params."""
     graphdef, params, rest = nnx.split(module, nnx.Param, ...)
 
     def loss(params, x):
@@ -68,12 +77,137 @@ def _train_step(module, *, moe: bool):
             return jnp.mean(y.astype(jnp.float32) ** 2) + 1e-2 * aux.load_balancing_loss
         return jnp.mean(model(x, deterministic=False).astype(jnp.float32) ** 2)
 
-    return jax.grad(loss, argnums=(0, 1)), params
+    return loss, params
+
+
+def _experts_only(args, *, num_experts: int, k: int, activation: str):
+    """The loss of `experts.ffn` alone on `x: [E, N, M]`, N = CF * K * tokens / E rows per expert.
+
+    No router, dispatch or combine: the same stacked matmuls the gather backend runs, so the
+    difference to a gather row is the price of routing, and its growth with E is the matmuls'.
+    """
+    rows = math.ceil(args.capacity_factor * k * args.tokens / num_experts)
+    key_params, key_rows = jax.random.split(jax.random.PRNGKey(1))
+    params = experts.init_ffn_params(
+        key_params,
+        d_model=args.d_model,
+        d_ff=args.d_ff,
+        activation=activation,
+        num_experts=num_experts,
+    )
+    expert_rows = jax.random.normal(key_rows, (num_experts, rows, args.d_model))  # [E, N, M]
+    dtype = jnp.dtype(args.dtype)
+
+    def loss(params, x):
+        return jnp.mean(experts.ffn(params, x, activation=activation, dtype=dtype) ** 2)
+
+    return loss, params, expert_rows.astype(dtype)
+
+
+def _compile(loss, params, x) -> tuple[Any, tuple[Any, jax.Array], float]:
+    """`grad(loss)` w.r.t. params and input, compiled and warmed up; its inputs; XLA's GiB."""
+    compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(params, x).compile()
+    memory = compiled.memory_analysis()
+    peak = (memory.temp_size_in_bytes + memory.argument_size_in_bytes) / 2**30 if memory else 0.0
+    jax.block_until_ready(compiled(params, x))
+    return compiled, (params, x), peak
+
+
+def _compile_moe(args, x, *, num_experts: int, k: int, activation: str, backend: str):
+    """`_compile` of one MoE layer, or of the expert FFN alone for `EXPERTS_ONLY`."""
+    if backend == EXPERTS_ONLY:
+        return _compile(*_experts_only(args, num_experts=num_experts, k=k, activation=activation))
+    config = _config(args, num_experts=num_experts, k=k, activation=activation, backend=backend)
+    return _compile(*_module_loss(layers.MoeFeedForward(config, nnx.Rngs(0)), moe=True), x)
+
+
+def _cases(args, x) -> list[Case]:
+    cases = []
+    for activation in args.activations.split(","):
+        for k in (int(v) for v in args.k.split(",")):
+            config = _config(args, num_experts=8, k=k, activation=activation, backend="gather")
+            dense = layers.FeedForward(config, nnx.Rngs(0), d_ff=k * args.d_ff)
+            compiled = _compile(*_module_loss(dense, moe=False), x)
+            cases.append(Case(activation, k, None, "dense", *compiled))
+            for num_experts in (int(v) for v in args.experts.split(",")):
+                for backend in args.backends.split(","):
+                    compiled = _compile_moe(
+                        args,
+                        x,
+                        num_experts=num_experts,
+                        k=k,
+                        activation=activation,
+                        backend=backend,
+                    )
+                    cases.append(Case(activation, k, num_experts, backend, *compiled))
+    return cases
+
+
+def _measure(cases: list[Case], rounds: int) -> tuple[list[float], list[float]]:
+    """Median wall seconds per step of every case, timed round-robin, and the page faults.
+
+    Returns the medians and, per case, the mean number of minor page faults per step: memory
+    the allocator handed back to the kernel and has to fault in (and zero) again.
+    """
+    times: list[list[float]] = [[] for _ in cases]
+    faults = [0] * len(cases)
+    for _ in range(rounds):
+        for index, case in enumerate(cases):
+            faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            start = time.perf_counter()
+            jax.block_until_ready(case.step(*case.inputs))
+            times[index].append(time.perf_counter() - start)
+            faults[index] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before
+    return [statistics.median(case_times) for case_times in times], [f / rounds for f in faults]
+
+
+def _report(args, cases: list[Case], seconds: list[float], faults: list[float]) -> None:
+    num_tokens = args.tokens
+    print("| act | E | K | backend | ms | tokens/s | GFLOP/s | x dense | peak GiB | faults/step |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    summary = []
+    dense_s = best = None
+    for case, case_s, case_faults in zip(cases, seconds, faults, strict=True):
+        matrices = 3 if experts.is_gated(case.activation) else 2
+        # forward 2 FLOPs per multiply-add, backward twice the forward
+        flops = 3 * 2 * num_tokens * args.d_model * case.k * args.d_ff * matrices
+        if case.num_experts is None:
+            dense_s, best, alone = case_s, {}, {}
+            summary.append((case.activation, case.k, dense_s, best, alone))
+            name, num_experts = f"dense (H={case.k}x{args.d_ff})", "-"
+        else:
+            name, num_experts = case.backend, case.num_experts
+            fastest = best.get(case.num_experts, ("", float("inf")))[1]
+            if case.backend == EXPERTS_ONLY:
+                alone[case.num_experts] = case_s
+            elif case_s < fastest:
+                best[case.num_experts] = (case.backend, case_s)
+        print(
+            f"| {case.activation} | {num_experts} | {case.k} | {name} | {case_s * 1e3:.1f} "
+            f"| {num_tokens / case_s:.0f} | {flops / case_s / 1e9:.0f} | {case_s / dense_s:.2f} "
+            f"| {case.peak_gib:.2f} | {case_faults:.0f} |",
+            flush=True,
+        )
+    for activation, k, dense_s, best, alone in summary:
+        if best:
+            first_s = next(iter(best.values()))[1]
+            print(f"\nbest backend, {activation} K={k}:")
+        for num_experts, (backend, case_s) in best.items():
+            print(
+                f"  E={num_experts}: {backend} {case_s * 1e3:.0f} ms, {case_s / dense_s:.2f}x "
+                f"dense, {case_s / first_s:.2f}x its time at the first E"
+            )
+        if alone:
+            first_s = next(iter(alone.values()))
+            print(f"\n{EXPERTS_ONLY}, {activation} K={k}:")
+        for num_experts, case_s in alone.items():
+            print(f"  E={num_experts}: {case_s / first_s:.2f}x its time at the first E")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tokens", type=int, default=8192)
+    parser.add_argument("--seq-len", type=int, default=512, help="tokens = batch x seq_len")
     parser.add_argument("--d-model", type=int, default=512)
     parser.add_argument("--d-ff", type=int, default=2048, help="expert hidden width H")
     parser.add_argument("--experts", default="8,32,128")
@@ -83,48 +217,23 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--capacity-factor", type=float, default=1.25)
     parser.add_argument("--group-size", type=int, default=2048)
-    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5, help="timed calls per configuration")
     args = parser.parse_args()
+    if args.tokens % args.seq_len:
+        parser.error(f"--tokens {args.tokens} is not a multiple of --seq-len {args.seq_len}.")
 
-    batch, length = args.tokens // 512, 512
-    x = jax.random.normal(jax.random.PRNGKey(0), (batch, length, args.d_model))
+    batch = args.tokens // args.seq_len
+    x = jax.random.normal(jax.random.PRNGKey(0), (batch, args.seq_len, args.d_model))
     x = x.astype(jnp.dtype(args.dtype))
     print(
-        f"tokens {batch * length}, M {args.d_model}, H {args.d_ff}, {args.dtype}, "
+        f"tokens {args.tokens}, M {args.d_model}, H {args.d_ff}, {args.dtype}, "
         f"CF {args.capacity_factor} over the balanced load, group {args.group_size}, "
-        f"{jax.devices()[0].device_kind}"
+        f"median of {args.rounds} round-robin rounds, {jax.devices()[0].device_kind}, "
+        f"LD_PRELOAD={os.environ.get('LD_PRELOAD', '')!r}, "
+        f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}"
     )
-    print("| act | E | K | backend | ms | tokens/s | GFLOP/s | x dense | peak GiB |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for activation in args.activations.split(","):
-        matrices = 3 if experts.is_gated(activation) else 2
-        for k in (int(v) for v in args.k.split(",")):
-            # forward 2 FLOPs per multiply-add, backward twice the forward
-            flops = 3 * 2 * batch * length * args.d_model * k * args.d_ff * matrices
-            config = _config(args, num_experts=8, k=k, activation=activation, backend="gather")
-            dense = layers.FeedForward(config, nnx.Rngs(0), d_ff=k * args.d_ff)
-            step, params = _train_step(dense, moe=False)
-            dense_s, dense_gib = _time(step, params, x, args.steps)
-            row = f"| {activation} | - | {k} | dense (H={k}x{args.d_ff}) | {dense_s * 1e3:.0f} "
-            print(
-                row + f"| {batch * length / dense_s:.0f} | {flops / dense_s / 1e9:.0f} | 1.00 "
-                f"| {dense_gib:.2f} |",
-                flush=True,
-            )
-            for num_experts in (int(v) for v in args.experts.split(",")):
-                for backend in args.backends.split(","):
-                    config = _config(
-                        args, num_experts=num_experts, k=k, activation=activation, backend=backend
-                    )
-                    layer = layers.MoeFeedForward(config, nnx.Rngs(0))
-                    step, params = _train_step(layer, moe=True)
-                    seconds, gib = _time(step, params, x, args.steps)
-                    print(
-                        f"| {activation} | {num_experts} | {k} | {backend} | {seconds * 1e3:.0f} "
-                        f"| {batch * length / seconds:.0f} | {flops / seconds / 1e9:.0f} "
-                        f"| {seconds / dense_s:.2f} | {gib:.2f} |",
-                        flush=True,
-                    )
+    cases = _cases(args, x)
+    _report(args, cases, *_measure(cases, args.rounds))
 
 
 if __name__ == "__main__":
