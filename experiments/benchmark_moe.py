@@ -212,7 +212,11 @@ def main() -> None:
     parser.add_argument("--d-ff", type=int, default=2048, help="expert hidden width H")
     parser.add_argument("--experts", default="8,32,128")
     parser.add_argument("--k", default="2")
-    parser.add_argument("--backends", default="gather,dropless,einsum")
+    parser.add_argument(
+        "--backends",
+        default="gather,dropless,einsum",
+        help=f"dispatch backends, and {EXPERTS_ONLY!r} for the expert FFN without routing",
+    )
     parser.add_argument("--activations", default="swiglu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--capacity-factor", type=float, default=1.25)
