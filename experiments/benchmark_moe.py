@@ -162,7 +162,6 @@ def _measure(cases: list[Case], rounds: int) -> tuple[list[float], list[float]]:
 
 
 def _report(args, cases: list[Case], seconds: list[float], faults: list[float]) -> None:
-    num_tokens = args.tokens
     print("| act | E | K | backend | ms | tokens/s | GFLOP/s | x dense | peak GiB | faults/step |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     summary = []
@@ -170,38 +169,37 @@ def _report(args, cases: list[Case], seconds: list[float], faults: list[float]) 
     for case, case_s, case_faults in zip(cases, seconds, faults, strict=True):
         matrices = 3 if experts.is_gated(case.activation) else 2
         # forward 2 FLOPs per multiply-add, backward twice the forward
-        flops = 3 * 2 * num_tokens * args.d_model * case.k * args.d_ff * matrices
+        flops = 3 * 2 * args.tokens * args.d_model * case.k * args.d_ff * matrices
         if case.num_experts is None:
             dense_s, best, alone = case_s, {}, {}
             summary.append((case.activation, case.k, dense_s, best, alone))
             name, num_experts = f"dense (H={case.k}x{args.d_ff})", "-"
         else:
             name, num_experts = case.backend, case.num_experts
-            fastest = best.get(case.num_experts, ("", float("inf")))[1]
             if case.backend == EXPERTS_ONLY:
                 alone[case.num_experts] = case_s
-            elif case_s < fastest:
+            elif case_s < best.get(case.num_experts, ("", float("inf")))[1]:
                 best[case.num_experts] = (case.backend, case_s)
         print(
             f"| {case.activation} | {num_experts} | {case.k} | {name} | {case_s * 1e3:.1f} "
-            f"| {num_tokens / case_s:.0f} | {flops / case_s / 1e9:.0f} | {case_s / dense_s:.2f} "
+            f"| {args.tokens / case_s:.0f} | {flops / case_s / 1e9:.0f} | {case_s / dense_s:.2f} "
             f"| {case.peak_gib:.2f} | {case_faults:.0f} |",
             flush=True,
         )
     for activation, k, dense_s, best, alone in summary:
         if best:
-            first_s = next(iter(best.values()))[1]
             print(f"\nbest backend, {activation} K={k}:")
-        for num_experts, (backend, case_s) in best.items():
-            print(
-                f"  E={num_experts}: {backend} {case_s * 1e3:.0f} ms, {case_s / dense_s:.2f}x "
-                f"dense, {case_s / first_s:.2f}x its time at the first E"
-            )
+            first_s = next(iter(best.values()))[1]
+            for num_experts, (backend, case_s) in best.items():
+                print(
+                    f"  E={num_experts}: {backend} {case_s * 1e3:.0f} ms, {case_s / dense_s:.2f}x "
+                    f"dense, {case_s / first_s:.2f}x its time at the first E"
+                )
         if alone:
-            first_s = next(iter(alone.values()))
             print(f"\n{EXPERTS_ONLY}, {activation} K={k}:")
-        for num_experts, case_s in alone.items():
-            print(f"  E={num_experts}: {case_s / first_s:.2f}x its time at the first E")
+            first_s = next(iter(alone.values()))
+            for num_experts, case_s in alone.items():
+                print(f"  E={num_experts}: {case_s / first_s:.2f}x its time at the first E")
 
 
 def main() -> None:
