@@ -18,6 +18,7 @@ setup(
         "tensorflow-datasets>=4.9",
         "ml_collections>=1.0",
         "numpy>=1.26",
+        "safetensors>=0.4",
         "absl-py",
         "tqdm",
         "tensorboardX",
@@ -32,6 +33,10 @@ setup(
             "nbclient",
             "nbformat",
             "ipykernel",
+            # outside oracles for the Hugging Face interop tests; the CPU-only torch build
+            # (pip finds 2.13.0+cpu among the local wheels; PyPI's default wheel pulls CUDA)
+            "torch==2.13.0",
+            "transformers>=5,<6",
         ],
         "experiments": ["matplotlib", "pandas"],
         "notebooks": ["jupyter", "nbclient", "nbformat", "ipykernel", "matplotlib"],
