@@ -141,7 +141,12 @@ class TransformerLayer(nnx.Module):
         self.dtype = jnp.dtype(model.dtype)
 
         def norm() -> RMSNorm:
-            return RMSNorm(model.d_model, dtype=model.dtype, param_dtype=model.param_dtype)
+            return RMSNorm(
+                model.d_model,
+                epsilon=model.norm_epsilon,
+                dtype=model.dtype,
+                param_dtype=model.param_dtype,
+            )
 
         self.self_norm = norm()
         self.self_attention = MultiHeadAttention(config, rngs=rngs)
@@ -287,7 +292,12 @@ class TransformerStack(nnx.Module):
             else:
                 segments.append(nnx.List([make(rngs) for _ in range(repeats)]))
         self.segments = nnx.List(segments)
-        self.final_norm = RMSNorm(model.d_model, dtype=model.dtype, param_dtype=model.param_dtype)
+        self.final_norm = RMSNorm(
+            model.d_model,
+            epsilon=model.norm_epsilon,
+            dtype=model.dtype,
+            param_dtype=model.param_dtype,
+        )
         self.dropout = nnx.Dropout(model.dropout_rate, rngs=rngs)
 
     def __call__(

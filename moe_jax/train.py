@@ -94,7 +94,7 @@ def _check_groups(config, mesh, dataset: data.Dataset) -> None:
     shards = parallel.batch_shards(mesh, config.mesh.rules)
     rows = config.train.batch_size // shards
     group_size = config.moe.group_size
-    if config.moe.num_experts == 0 or shards == 1:
+    if config.moe.num_experts == 0 or shards == 1 or group_size == 0:  # 0: a group per row
         return
     for key, (shape, _) in dataset.element_spec.items():
         if key.endswith("inputs") and (rows * shape[1]) % group_size:
