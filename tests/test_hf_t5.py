@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from flax import nnx
 
 from moe_jax import hf
 
@@ -67,8 +68,13 @@ def torch_logits(model, encoder, decoder, **kwargs):
         )
 
 
+@nnx.jit
+def _forward(model, encoder, decoder):
+    return model(encoder, decoder, deterministic=True)
+
+
 def ours_logits(model, encoder, decoder):
-    logits, aux = model(jnp.asarray(encoder), jnp.asarray(decoder), deterministic=True)
+    logits, aux = _forward(model, jnp.asarray(encoder), jnp.asarray(decoder))
     return np.asarray(logits), aux
 
 

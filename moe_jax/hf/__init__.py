@@ -37,7 +37,7 @@ Register a new family with `family.register(obj)` and import its module below.
 again (set it to save a model trained from scratch).
 """
 
-from moe_jax.hf import t5  # noqa: F401  (registers the family)
+from moe_jax.hf import switch, t5  # noqa: F401  (importing a family registers it)
 from moe_jax.hf.family import family_names, get_family, register
 from moe_jax.hf.loading import load, load_config, load_into, save
 
