@@ -61,9 +61,9 @@ def batch(seed: int = 1, rows: int = 3, encoder_length: int = 11, decoder_length
 def torch_logits(model, encoder, decoder, **kwargs):
     with torch.no_grad():
         return model(
-            input_ids=torch.tensor(encoder),
+            input_ids=torch.tensor(encoder, dtype=torch.long),
             attention_mask=torch.tensor(encoder != 0, dtype=torch.long),
-            decoder_input_ids=torch.tensor(decoder),
+            decoder_input_ids=torch.tensor(decoder, dtype=torch.long),
             **kwargs,
         )
 

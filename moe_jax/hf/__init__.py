@@ -39,11 +39,12 @@ again (set it to save a model trained from scratch).
 
 from moe_jax.hf import switch, t5  # noqa: F401  (importing a family registers it)
 from moe_jax.hf.family import family_names, get_family, register
-from moe_jax.hf.loading import load, load_config, load_into, save
+from moe_jax.hf.loading import init_from, load, load_config, load_into, save
 
 __all__ = [
     "family_names",
     "get_family",
+    "init_from",
     "load",
     "load_config",
     "load_into",

@@ -3,7 +3,8 @@
 - `load_config(path, base=None)`: the moe_jax config of a checkpoint directory.
 - `load(path) -> (config, model)`: the config and an NNX model holding the checkpoint's weights.
 - `load_into(model, config, path)`: copy a checkpoint's weights into an existing model of
-  `config` (scanned or not, sharded or not); used by `train.init_from='hf:DIR'`.
+  `config` (scanned or not, sharded or not); `init_from(config, model)` does it for
+  `train.init_from='hf:DIR'`.
 - `save(config, model, path, max_shard_bytes=...)`: write a checkpoint directory.
 
 Every check (model type, config fields, tensor names and shapes, shard files) runs before any
@@ -114,47 +115,82 @@ def _fill_params(model: nnx.Module, config, plan: LoadPlan, get) -> None:
         raise ValueError(f"the load plan builds parameters the model lacks: {sorted(wanted)[:4]}")
 
 
-def load_into(model: nnx.Module, config, path: str) -> None:
-    """Copies the weights of the checkpoint in `path` into `model` (built from `config`, whose
-    model settings must be the checkpoint's: see `load_config`)."""
-    family, reader = _family_and_reader(path)
-    expected = config.copy_and_resolve_references()
-    _apply(expected, family.to_moe_config(reader.config, frozenset(reader.shapes)))
-    differences = [
-        f"{section}.{key}: {config[section][key]!r} (config) vs {expected[section][key]!r} "
-        f"(checkpoint)"
-        for section, key in _architecture_keys(family, reader)
-        if config[section][key] != expected[section][key]
-    ]
+# Settings a fine-tuning run may choose freely: they change no parameter and no maths of the
+# loaded network's evaluation forward pass except by choice (dropout, capacity, precision, layout).
+TUNABLE = frozenset(
+    {
+        "model.dropout_rate",
+        "model.dtype",
+        "model.param_dtype",
+        "model.scan_layers",
+        "model.remat",
+        "moe.expert_dropout",
+        "moe.router_jitter",
+        "moe.capacity_factor_train",
+        "moe.capacity_factor_eval",
+        "moe.min_capacity",
+        "moe.expert_capacity",
+        "moe.group_size",
+        "moe.backend",
+    }
+)
+
+
+def _check_architecture(config, family, reader) -> None:
+    """Raises ValueError listing the model/moe settings of `config` the checkpoint fixes
+    otherwise (fine-tuning settings in `TUNABLE` and loss coefficients may differ)."""
+    overrides = family.to_moe_config(reader.config, frozenset(reader.shapes))
+    differences = []
+    for key, value in overrides.items():
+        section, _, field = key.partition(".")
+        if section in ("model", "moe") and key not in TUNABLE and config[section][field] != value:
+            differences.append(f"{key}: {config[section][field]!r} (config) vs {value!r}")
     if differences:
         raise ValueError(
-            f"the model config differs from the checkpoint in {path}:\n  "
+            f"the model config differs from the checkpoint in {reader.directory}:\n  "
             + "\n  ".join(differences)
             + "\nStart from --config=configs/hf.py:DIR, which reads them from the checkpoint."
         )
-    plan = _checked_plan(family, reader, config)
+
+
+def load_into(model: nnx.Module | None, config, path: str) -> None:
+    """Copies the weights of the checkpoint in `path` into `model`, built from `config` (scanned
+    or not, sharded or not). `config`'s architecture must be the checkpoint's (see
+    `load_config`; the settings in `TUNABLE` may differ). With `model=None` only checks."""
+    family, reader = _family_and_reader(path)
     try:
-        _fill_params(model, config, plan, reader.get)
+        _check_architecture(config, family, reader)
+        plan = _checked_plan(family, reader, config)
+        if model is not None:
+            _fill_params(model, config, plan, reader.get)
     finally:
         reader.close()
 
 
-def _architecture_keys(family, reader) -> list[tuple[str, str]]:
-    """The (section, key) pairs of the model and moe settings the checkpoint fixes."""
-    overrides = family.to_moe_config(reader.config, frozenset(reader.shapes))
-    pairs = [tuple(key.split(".", 1)) for key in overrides]
-    return [(section, key) for section, key in pairs if section in ("model", "moe")]
+def init_from(config, model: nnx.Module | None = None) -> None:
+    """`config.train.init_from`: 'hf:DIR' loads (or, with `model=None`, checks) the Hugging
+    Face checkpoint in DIR into `model`; '' does nothing."""
+    source = config.train.init_from
+    if not source:
+        return
+    kind, _, path = source.partition(":")
+    if kind != "hf" or not path:
+        raise ValueError(
+            f"train.init_from={source!r}: use 'hf:DIR' with DIR a Hugging Face checkpoint."
+        )
+    load_into(model, config, path)
 
 
-def _model_state_without_params(config) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
-    """(graphdef, abstract params, real non-parameter state such as RNG keys), without drawing
-    the random parameter initialisation (jit drops the unused work)."""
+def model_without_weights(config) -> nnx.Module:
+    """The model of `config` with abstract parameters (`jax.ShapeDtypeStruct`s, to be set) and
+    real non-parameter state (RNG keys), without drawing the random parameter initialisation
+    (jit drops the unused work)."""
     abstract = nnx.eval_shape(lambda: build_model(config, rngs=nnx.Rngs(config.seed)))
     graphdef, params, _ = nnx.split(abstract, nnx.Param, ...)
     rest = jax.jit(
         lambda: nnx.split(build_model(config, rngs=nnx.Rngs(config.seed)), nnx.Param, ...)[2]
     )()
-    return graphdef, params, rest
+    return nnx.merge(graphdef, params, rest)
 
 
 def load(path: str, base: ml_collections.ConfigDict | None = None):
@@ -168,8 +204,7 @@ def load(path: str, base: ml_collections.ConfigDict | None = None):
     family, reader = _family_and_reader(path)
     try:
         plan = _checked_plan(family, reader, config)
-        graphdef, params, rest = _model_state_without_params(config)
-        model = nnx.merge(graphdef, params, rest)
+        model = model_without_weights(config)
         _fill_params(model, config, plan, reader.get)
     finally:
         reader.close()
