@@ -41,6 +41,8 @@ def default_config() -> ml_collections.ConfigDict:
             "qk_norm": False,
             "relative_attention_num_buckets": 32,
             "relative_attention_max_distance": 128,
+            # Hugging Face model_type that moe_jax.hf.save writes ('' until loaded or set)
+            "hf_model_type": "",
             "dtype": "float32",  # compute dtype: float32 | bfloat16 (routers stay float32)
             "param_dtype": "float32",
             "scan_layers": False,
@@ -63,7 +65,10 @@ def default_config() -> ml_collections.ConfigDict:
             "capacity_factor_train": 1.25,
             "capacity_factor_eval": 2.0,
             "min_capacity": 4,
-            "group_size": 1024,  # tokens per routing group
+            # > 0: exactly this many slots per expert per group, in training and evaluation,
+            # instead of the capacity factors (Hugging Face Switch's `expert_capacity`)
+            "expert_capacity": 0,
+            "group_size": 1024,  # tokens per routing group; 0: each sequence is one group
             "backend": "einsum",  # einsum | gather | dropless
             "batch_prioritized": False,
             "normalize": "none",  # none | topk
@@ -99,6 +104,8 @@ def default_config() -> ml_collections.ConfigDict:
             "eval_every": 100,
             "eval_steps": 4,
             "log_every": 10,
+            # 'hf:DIR' starts from the weights of a Hugging Face checkpoint (moe_jax.hf)
+            "init_from": "",
         }
     )
 
