@@ -18,11 +18,14 @@ import transformers
 from flax import nnx
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
-from moe_jax import hf, losses, models
+from configs import hf as hf_configs
+from moe_jax import data, hf, losses, models, train
 from moe_jax.config import default_config
 from tests.test_hf_t5 import assert_close
+from tests.test_hf_train import first_step_cross_entropy, small_run
 
 VOCAB = 96
+TRAIN_VOCAB = 384  # the byte-level synthetic corpus needs >= 259 ids
 FAMILIES = ("mixtral", "olmoe")
 
 
@@ -175,8 +178,33 @@ def test_round_trip_through_transformers(saved, tmp_path):
     assert_close(ours[real], torch_forward(loaded.eval(), tokens, mask).logits.numpy()[real])
 
 
+def test_model_initialised_here_saves_for_transformers(saved, tmp_path):
+    """A model of the checkpoint's architecture with our own random initialisation -> save ->
+    transformers loads every key and computes our logits -> loading it back gives our weights."""
+    family, _, directory = saved
+    config = hf.load_config(str(directory))
+    model = models.build_model(config, rngs=nnx.Rngs(3))
+    hf.save(config, model, str(tmp_path))
+    saved_config = json.loads((tmp_path / "config.json").read_text())
+    assert saved_config["model_type"] == family and saved_config["num_key_value_heads"] == 2
+    loaded, info = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path, output_loading_info=True, attn_implementation="eager"
+    )
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    tokens, mask = batch(seed=4)
+    real = mask.astype(bool)
+    ours, _, _ = ours_forward(model, tokens, mask)
+    assert_close(ours[real], torch_forward(loaded.eval(), tokens, mask).logits.numpy()[real])
+    _, reloaded = hf.load(str(tmp_path))
+    for (path, a), (_, b) in zip(
+        nnx.to_flat_state(nnx.state(model, nnx.Param)),
+        nnx.to_flat_state(nnx.state(reloaded, nnx.Param)),
+    ):
+        np.testing.assert_array_equal(a[...], b[...], err_msg=str(path))
+
+
 def rope_decoder_config(family: str):
-    """A moe_jax model of the family's shape, trained from scratch (our initialisation)."""
+    """A moe_jax config of the family's architecture."""
     config = default_config()
     model, moe = config.model, config.moe
     model.kind, model.hf_model_type = "rope_decoder", family
@@ -186,30 +214,6 @@ def rope_decoder_config(family: str):
     moe.num_experts, moe.k, moe.d_ff, moe.sparse_every = 4, 2, 16, 1
     moe.normalize, moe.backend = "topk", "dropless"
     return config
-
-
-@pytest.mark.parametrize("family", FAMILIES)
-def test_model_trained_here_saves_for_transformers(family, tmp_path):
-    config = rope_decoder_config(family)
-    model = models.build_model(config, rngs=nnx.Rngs(3))
-    hf.save(config, model, str(tmp_path))
-    saved_config = json.loads((tmp_path / "config.json").read_text())
-    assert saved_config["model_type"] == family and saved_config["num_key_value_heads"] == 1
-    loaded, info = transformers.AutoModelForCausalLM.from_pretrained(
-        tmp_path, output_loading_info=True, attn_implementation="eager"
-    )
-    assert not info["missing_keys"] and not info["unexpected_keys"], info
-    tokens, mask = batch(seed=4)
-    real = mask.astype(bool)
-    ours, _, _ = ours_forward(model, tokens, mask)
-    assert_close(ours[real], torch_forward(loaded.eval(), tokens, mask).logits.numpy()[real])
-    # and back: the checkpoint loads to the same parameters
-    _, reloaded = hf.load(str(tmp_path))
-    for (path, a), (_, b) in zip(
-        nnx.to_flat_state(nnx.state(model, nnx.Param)),
-        nnx.to_flat_state(nnx.state(reloaded, nnx.Param)),
-    ):
-        np.testing.assert_array_equal(a[...], b[...], err_msg=str(path))
 
 
 @pytest.mark.parametrize(
@@ -250,3 +254,29 @@ def test_settings_a_family_cannot_express_are_refused_before_writing(tmp_path):
     with pytest.raises(ValueError, match="experts in every layer"):
         hf.save(config, model, str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
+
+
+def test_init_from_mixtral_starts_from_the_transformers_loss(tmp_path):
+    """`--config=configs/hf.py:DIR` fine-tunes a decoder-only checkpoint: the first step's
+    cross-entropy is transformers' loss on the same batch (our targets are the inputs shifted by
+    one, so transformers is given them unshifted as `shift_labels`)."""
+    reference = random_model(hf_config("mixtral", vocab_size=TRAIN_VOCAB, num_hidden_layers=2))
+    with torch.no_grad():  # logits far from uniform, so that only the right weights match
+        reference.lm_head.weight.mul_(50.0)
+    reference.save_pretrained(tmp_path / "hf")
+    config = small_run(hf_configs.get_config(str(tmp_path / "hf")))
+    assert config.model.kind == "rope_decoder" and config.train.init_from
+    batch = data.dataset_from_config(config, "train").batch(0)
+    train.run(config, str(tmp_path / "run"), devices=jax.devices()[:1])
+    labels = np.where(batch["weights"] > 0, batch["targets"], -100).astype(np.int64)
+    with torch.no_grad():
+        output = reference(
+            input_ids=torch.tensor(batch["inputs"], dtype=torch.long),
+            attention_mask=torch.tensor(batch["segment_ids"] > 0, dtype=torch.long),
+            labels=torch.tensor(labels),
+            shift_labels=torch.tensor(labels),
+        )
+    assert abs(float(output.loss) - np.log(TRAIN_VOCAB)) > 0.1
+    np.testing.assert_allclose(
+        first_step_cross_entropy(tmp_path / "run"), float(output.loss), rtol=1e-4
+    )
