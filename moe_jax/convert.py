@@ -21,7 +21,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import ml_collections
-from absl import app, flags
+from absl import app, flags, logging
 from flax import nnx
 from ml_collections import config_flags
 
@@ -117,6 +117,8 @@ def main(argv, config_flag) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     options = flags.FLAGS
+    if not options["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint step at INFO
     if bool(options.hf) == bool(options.to_hf):
         raise app.UsageError(
             "pass exactly one of --hf=DIR (HF -> run) and --to_hf=DIR (run -> HF)."

@@ -15,7 +15,8 @@ import transformers
 from flax import nnx
 
 from moe_jax import hf, layers, losses
-from tests.test_hf_t5 import VOCAB, assert_close, batch, torch_logits
+from moe_jax.models import build_model
+from tests.test_hf_t5 import VOCAB, assert_close, batch, ours_logits, torch_logits
 
 
 def switch_config(**overrides) -> transformers.SwitchTransformersConfig:
@@ -179,3 +180,19 @@ def test_unsupported_switch_settings_are_refused(tmp_path):
     with pytest.raises(ValueError, match="moe.k=2"):
         hf.save(config, model, str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
+
+
+def test_scanned_model_loads_and_saves(tmp_path):
+    """`load_into` and `save` map the checkpoint onto scanned layer stacks (nnx.scan)."""
+    reference = random_switch(switch_config(num_layers=4, num_sparse_encoder_layers=2))
+    reference.save_pretrained(tmp_path / "hf")
+    config = hf.load_config(str(tmp_path / "hf"))
+    config.model.scan_layers = True
+    model = build_model(config, rngs=nnx.Rngs(0))
+    hf.load_into(model, config, str(tmp_path / "hf"))
+    encoder, decoder = batch(seed=7)
+    ours, _ = ours_logits(model, encoder, decoder)
+    assert_close(ours, torch_logits(reference, encoder, decoder).logits)
+    hf.save(config, model, str(tmp_path / "out"))
+    _, unscanned = hf.load(str(tmp_path / "out"))
+    assert_close(ours_logits(unscanned, encoder, decoder)[0], ours, rtol=1e-6)

@@ -92,7 +92,7 @@ def get_family(model_type: str) -> Family:
     """The registered family of `model_type`; ValueError naming the known ones otherwise."""
     if model_type not in _FAMILIES:
         raise ValueError(
-            f"config.json: model_type {model_type!r} is not supported; moe_jax reads and writes "
+            f"Hugging Face model_type {model_type!r} is not supported; moe_jax reads and writes "
             f"{family_names()}."
         )
     return _FAMILIES[model_type]

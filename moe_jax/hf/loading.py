@@ -49,6 +49,7 @@ def load_config(
     """The moe_jax config of the checkpoint in `path`: `base` (default `default_config()`) with
     the settings the checkpoint's family derives from its `config.json` and tensor names."""
     family, reader = _family_and_reader(path)
+    reader.close()
     config = (base or default_config()).copy_and_resolve_references()
     _apply(config, family.to_moe_config(reader.config, frozenset(reader.shapes)))
     config.model.hf_model_type = family.model_type
