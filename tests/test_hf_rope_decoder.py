@@ -134,6 +134,10 @@ def test_loaded_model_equals_transformers(saved):
     for layer, their in enumerate(theirs.router_logits):
         expected = load_balancing_loss_func((their,), num_experts, k, torch_mask)
         np.testing.assert_allclose(aux.load_balancing_loss[layer], float(expected), rtol=1e-5)
+        # neither family reports a z-loss; ours is the mean squared log-partition of their
+        # logits over the real tokens
+        log_z = torch.logsumexp(their, dim=-1).numpy()[flat_real]
+        np.testing.assert_allclose(aux.router_z_loss[layer], np.mean(log_z**2), rtol=1e-4)
     # the loss transformers reports pools all layers' tokens: our loss on our router logits of
     # every layer taken as one group
     pooled = jnp.concatenate([jnp.asarray(x) for x in router])[None]  # [1, S*B*L, E]
@@ -232,12 +236,15 @@ def test_unsupported_fields_are_named(family, field, value, tmp_path):
         hf.load(str(tmp_path))
 
 
-def test_rope_settings_are_read_in_both_spellings_and_scaling_is_refused():
+def test_config_fields_rope_spellings_and_norm_topk_prob():
     family = hf.get_family("mixtral")
     legacy = family.to_moe_config({"rope_theta": 1234.0}, frozenset())
     assert legacy["model.rope_theta"] == 1234.0
     current = {"rope_parameters": {"rope_theta": 99.0, "rope_type": "default"}}
     assert family.to_moe_config(current, frozenset())["model.rope_theta"] == 99.0
+    olmoe = hf.get_family("olmoe")
+    assert olmoe.to_moe_config({}, frozenset())["moe.normalize"] == "none"
+    assert olmoe.to_moe_config({"norm_topk_prob": True}, frozenset())["moe.normalize"] == "topk"
     scaled = {"rope_parameters": {"rope_theta": 99.0, "rope_type": "yarn", "factor": 4.0}}
     with pytest.raises(ValueError, match="rope_type='yarn'"):
         family.to_moe_config(scaled, frozenset())
@@ -280,3 +287,16 @@ def test_init_from_mixtral_starts_from_the_transformers_loss(tmp_path):
     np.testing.assert_allclose(
         first_step_cross_entropy(tmp_path / "run"), float(output.loss), rtol=1e-4
     )
+
+
+def test_bfloat16_checkpoints_load(tmp_path):
+    """Published Mixtral and OLMoE checkpoints hold bfloat16 tensors, which numpy cannot name."""
+    reference = random_model(hf_config("olmoe")).to(torch.bfloat16)
+    reference.save_pretrained(tmp_path)
+    config, model = hf.load(str(tmp_path))
+    table = reference.model.embed_tokens.weight.detach().float().numpy()
+    np.testing.assert_array_equal(model.embed.embedding[...], table)
+    gate = reference.model.layers[1].mlp.gate.weight.detach().float().numpy()
+    router = model.decoder.segments[0][1].layers[0].ffn.router.kernel[...]
+    np.testing.assert_array_equal(router, gate.T)
+    assert model.embed.embedding[...].dtype == jnp.float32
