@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moe_jax.attention import MASKED_LOGIT, RMSNorm
+from moe_jax.attention import MASKED_LOGIT, RMSNorm, _param
 
 
 def rotary_embedding(x: jax.Array, positions: jax.Array, *, theta: float) -> jax.Array:
@@ -39,10 +39,6 @@ def rotary_embedding(x: jax.Array, positions: jax.Array, *, theta: float) -> jax
     sin = jnp.sin(angles)[:, :, None, :].astype(x.dtype)
     x1, x2 = x[..., :half], x[..., half:]
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)  # [B, L, N, D]
-
-
-def _param(value: jax.Array, names: tuple[str | None, ...]) -> nnx.Param:
-    return nnx.Param(value, out_sharding=names, eager_sharding=False)
 
 
 class GroupedQueryAttention(nnx.Module):
