@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from moe_jax.experts import dense_matmul
+
 # Masked logits get this value rather than -inf, so a query row with no visible key (a padding
 # query) gives a uniform softmax instead of NaN.
 MASKED_LOGIT = -1e9
@@ -192,9 +194,7 @@ class MultiHeadAttention(nnx.Module):
 
     def _project(self, x: jax.Array, w: nnx.Param) -> jax.Array:
         w = w[...].astype(self.dtype)
-        return jnp.einsum(
-            "blm,mnd->blnd", x.astype(self.dtype), w, preferred_element_type=jnp.float32
-        ).astype(self.dtype)  # [B, L, N, D]
+        return dense_matmul(x.astype(self.dtype), w).astype(self.dtype)  # [B, L, N, D]
 
     def __call__(
         self,
@@ -221,10 +221,6 @@ class MultiHeadAttention(nnx.Module):
         probs = jax.nn.softmax(logits, axis=-1)  # [B, N, Lq, Lk]
         probs = self.dropout(probs, deterministic=deterministic).astype(self.dtype)
         context = jnp.einsum("bnqk,bknd->bqnd", probs, v, preferred_element_type=jnp.float32)
-        out = jnp.einsum(
-            "bqnd,ndm->bqm",
-            context.astype(self.dtype),
-            self.wo[...].astype(self.dtype),
-            preferred_element_type=jnp.float32,
-        )  # [B, Lq, M]
+        wo = self.wo[...].astype(self.dtype)
+        out = dense_matmul(context.astype(self.dtype), wo, contracted=2)  # [B, Lq, M]
         return out.astype(self.dtype)

@@ -102,9 +102,26 @@ def stacked_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
     return jnp.einsum("ena,eab->enb", x, w, preferred_element_type=jnp.float32)
 
 
-def dense_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
-    """`x: [..., A] @ w: [A, B] -> f32[..., B]`, accumulating in float32."""
-    return jnp.einsum("...a,ab->...b", x, w, preferred_element_type=jnp.float32)
+def dense_matmul(x: jax.Array, w: jax.Array, *, contracted: int = 1) -> jax.Array:
+    """`x: [..., A] @ w: [A, B] -> f32[..., B]` as one 2-D matmul on rows, accumulating in f32.
+
+    x's leading dims are flattened into rows and w's trailing dims into columns, so XLA runs a
+    single `[R, A] @ [A, B]` product: XLA:CPU runs the same contraction written `...a,ab->...b`
+    on a 3-D input about 1.6x slower (issue 14); the reshapes are free on every backend.
+    `contracted` trailing dims of x meet as many leading dims of w, and w's remaining dims end
+    the output: `x: [B, L, M] @ w: [M, N, D] -> f32[B, L, N, D]` (contracted=1) and
+    `x: [B, L, N, D] @ w: [N, D, M] -> f32[B, L, M]` (contracted=2).
+    """
+    lead, inner = x.shape[: x.ndim - contracted], x.shape[x.ndim - contracted :]
+    if tuple(w.shape[:contracted]) != tuple(inner):
+        raise ValueError(
+            f"dense_matmul contracts x's last {contracted} dims {inner} with w's first "
+            f"{contracted}, but w is {w.shape}; pass weights shaped [*{inner}, ...]."
+        )
+    rows = x.reshape(math.prod(lead), math.prod(inner))  # [R, A]
+    columns = w.reshape(math.prod(inner), math.prod(w.shape[contracted:]))  # [A, B]
+    out = jnp.dot(rows, columns, preferred_element_type=jnp.float32)  # [R, B]
+    return out.reshape(*lead, *w.shape[contracted:])  # [..., B]
 
 
 def ffn(

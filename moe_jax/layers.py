@@ -206,7 +206,7 @@ class Router(nnx.Module):
             noise_rng = None if deterministic else self.rngs()
             logits = routing.noisy_logits(x, kernel, self.noise_kernel[...], noise_rng)
         else:
-            logits = jnp.einsum("gtm,me->gte", x, kernel)  # [G, T, E]
+            logits = experts.dense_matmul(x, kernel)  # [G, T, E]
         # evaluation is deterministic: GShard keeps every second choice that fits
         second_policy = "all" if deterministic else self.second_policy
         rng = self.rngs() if self.kind == "gshard_top2" and second_policy != "all" else None

@@ -63,6 +63,7 @@ from moe_jax.attention import (
     attention_mask,
 )
 from moe_jax.config import DECODER_KINDS, KINDS
+from moe_jax.experts import dense_matmul
 from moe_jax.layers import FeedForward, MoeAux, MoeFeedForward
 from moe_jax.rope_attention import GroupedQueryAttention
 
@@ -433,7 +434,7 @@ class Embedding(nnx.Module):
     def attend(self, x: jax.Array) -> jax.Array:
         """`x: [B, L, M]` -> f32[B, L, V]: dot products with every token's embedding."""
         table = self.embedding[...].astype(self.dtype)
-        return jnp.einsum("blm,vm->blv", x, table, preferred_element_type=jnp.float32)
+        return dense_matmul(x, table.T)  # [B, L, V]
 
 
 class OutputLogits(nnx.Module):
@@ -449,7 +450,7 @@ class OutputLogits(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         """`x: [B, L, M]` -> f32[B, L, V]."""
         kernel = self.kernel[...].astype(self.dtype)
-        return jnp.einsum("blm,mv->blv", x, kernel, preferred_element_type=jnp.float32)
+        return dense_matmul(x, kernel)  # [B, L, V]
 
 
 class _LanguageModelHead(nnx.Module):

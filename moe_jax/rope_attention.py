@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from moe_jax.attention import MASKED_LOGIT, RMSNorm, _param
+from moe_jax.experts import dense_matmul
 
 
 def rotary_embedding(x: jax.Array, positions: jax.Array, *, theta: float) -> jax.Array:
@@ -97,9 +98,7 @@ class GroupedQueryAttention(nnx.Module):
             self.k_norm = norm(self.num_kv_heads * self.head_dim)
 
     def _project(self, x: jax.Array, w: nnx.Param) -> jax.Array:
-        out = jnp.einsum(
-            "blm,mnd->blnd", x, w[...].astype(self.dtype), preferred_element_type=jnp.float32
-        )
+        out = dense_matmul(x, w[...].astype(self.dtype))
         return out.astype(self.dtype)  # [B, L, heads, D]
 
     def _normed(self, x: jax.Array, norm: RMSNorm) -> jax.Array:
@@ -131,10 +130,6 @@ class GroupedQueryAttention(nnx.Module):
         probs = self.dropout(probs, deterministic=deterministic).astype(self.dtype)
         context = jnp.einsum("bgrqs,bsgd->bqgrd", probs, v, preferred_element_type=jnp.float32)
         context = context.reshape(batch, length, self.num_heads, self.head_dim)  # [B, L, N, D]
-        out = jnp.einsum(
-            "bqnd,ndm->bqm",
-            context.astype(self.dtype),
-            self.wo[...].astype(self.dtype),
-            preferred_element_type=jnp.float32,
-        )  # [B, L, M]
+        wo = self.wo[...].astype(self.dtype)
+        out = dense_matmul(context.astype(self.dtype), wo, contracted=2)  # [B, L, M]
         return out.astype(self.dtype)
