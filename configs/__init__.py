@@ -119,6 +119,20 @@ def set_tiny(config: ml_collections.ConfigDict, *, kind: str) -> None:
     config.data.inputs_length = 0
 
 
+def set_small(config: ml_collections.ConfigDict, *, kind: str) -> None:
+    """`set_tiny` scaled up until matmuls dominate a CPU step (issue 14's throughput model).
+
+    d_model 512, 8 heads of 64, d_ff 2048, 8 layers, sequences of 512 in batches of 8 (4096
+    tokens a step), one sequence per routing group; the tiny recipe's corpus and optimizer.
+    """
+    set_tiny(config, kind=kind)
+    model = config.model
+    model.d_model, model.num_heads, model.head_dim, model.d_ff = 512, 8, 64, 2048
+    model.num_layers = 8
+    config.moe.group_size = 512
+    config.train.batch_size, config.train.seq_len = 8, 512
+
+
 def set_rope_decoder(
     config: ml_collections.ConfigDict,
     *,

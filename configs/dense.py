@@ -23,11 +23,14 @@ Training: T5's Adafactor/rsqrt recipe (`configs.set_t5_pretraining`).
 
 `tiny` is the dense counterpart of `configs/switch.py:tiny`: the same decoder-only LM (4 layers,
 d_model 128, d_ff 512) with every FFN dense, so the two compare directly.
+
+`small` (d_model 512, 8 heads, d_ff 2048, 8 layers, seq 512, batch 8) is the throughput model
+of `experiments/benchmark_train.py`: large enough that matmuls dominate a CPU step.
 """
 
 import ml_collections
 
-from configs import set_t5_pretraining, set_t5_size, set_tiny
+from configs import set_small, set_t5_pretraining, set_t5_size, set_tiny
 from moe_jax.config import default_config
 
 # name: (d_model, d_ff, num_heads, layers per stack, FFN activation), Switch Transformer Table 9
@@ -36,7 +39,7 @@ SIZES = {
     "t5_large": (1024, 4096, 16, 24, "relu"),
     "t5_xxl": (4096, 10240, 64, 24, "gated-gelu"),
 }
-VARIANTS = (*SIZES, "tiny")
+VARIANTS = (*SIZES, "tiny", "small")
 
 
 def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
@@ -47,8 +50,8 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     config.moe.num_experts = 0
     config.loss.aux_coef = 0.0
     config.loss.z_coef = 0.0
-    if variant == "tiny":
-        set_tiny(config, kind="decoder")
+    if variant in ("tiny", "small"):
+        (set_tiny if variant == "tiny" else set_small)(config, kind="decoder")
         config.model.ffn_activation = "gated-gelu"
         return config
     d_model, d_ff, num_heads, num_layers, activation = SIZES[variant]

@@ -34,11 +34,14 @@ Switch-Base with 16/32/64/128/256 experts: 1.1B / 2.0B / 3.8B / 7.4B / 14.7B.
 `tiny` (the job `make run` trains): a decoder-only LM, 4 layers of d_model 128 with 8 top-1
 experts at every other FFN, byte-level synthetic corpus, AdamW; a few minutes on 2 CPU cores.
 `--config.model.kind=encoder_decoder` turns it into a 2 + 2 layer encoder-decoder.
+
+`small` (d_model 512, 8 heads, d_ff 2048, 8 layers, seq 512, batch 8) is the throughput model
+of `experiments/benchmark_train.py`: large enough that matmuls dominate a CPU step.
 """
 
 import ml_collections
 
-from configs import set_t5_pretraining, set_t5_size, set_tiny, split_variant
+from configs import set_small, set_t5_pretraining, set_t5_size, set_tiny, split_variant
 from moe_jax.config import default_config
 
 # name: (d_model, d_ff, num_heads, layers per stack, experts, sparse_every, activation, group)
@@ -48,7 +51,7 @@ SIZES = {
     "xxl": (4096, 10240, 64, 24, 128, 2, "gated-gelu", 4096),
     "c": (2080, 6144, 32, 15, 2048, 1, "relu", 2048),
 }
-VARIANTS = (*SIZES, "tiny")
+VARIANTS = (*SIZES, "tiny", "small")
 
 
 def set_switch_routing(config: ml_collections.ConfigDict) -> None:
@@ -73,8 +76,8 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     name, num_experts = split_variant(variant, VARIANTS)
     config = default_config()
     set_switch_routing(config)
-    if name == "tiny":
-        set_tiny(config, kind="decoder")
+    if name in ("tiny", "small"):
+        (set_tiny if name == "tiny" else set_small)(config, kind="decoder")
         config.model.ffn_activation = "gated-gelu"
         config.moe.num_experts = 8
         config.moe.sparse_every = 2

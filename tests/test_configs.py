@@ -16,8 +16,8 @@ from moe_jax import models
 from moe_jax.config import DECODER_KINDS
 
 FAMILIES = {
-    "dense": ("t5_base", "t5_large", "t5_xxl", "tiny"),
-    "switch": ("base", "large", "xxl", "c", "tiny"),
+    "dense": ("t5_base", "t5_large", "t5_xxl", "tiny", "small"),
+    "switch": ("base", "large", "xxl", "c", "tiny", "small"),
     "st_moe": ("base", "l", "32b", "tiny"),
     "glam": ("0.1b_64e", "1.7b_64e", "8b_64e", "64b_64e", "tiny"),
     "mixtral": ("8x7b", "tiny"),
