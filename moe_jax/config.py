@@ -7,6 +7,11 @@ One `ml_collections.ConfigDict` holds the model, MoE, loss, training, mesh and d
 
 import ml_collections
 
+# Decoder-only model kinds: 'decoder' (T5-style: relative position bias; GLaM) and
+# 'rope_decoder' (Llama-style: rotary positions, grouped-query attention; Mixtral, OLMoE).
+DECODER_KINDS = ("decoder", "rope_decoder")
+KINDS = (*DECODER_KINDS, "encoder_decoder")
+
 
 def default_config() -> ml_collections.ConfigDict:
     """A small decoder-only Switch model; `configs/` change what they need."""
@@ -15,7 +20,9 @@ def default_config() -> ml_collections.ConfigDict:
 
     config.model = ml_collections.ConfigDict(
         {
-            "kind": "decoder",  # 'decoder' (GLaM-style LM) | 'encoder_decoder' (T5 v1.1)
+            # 'decoder' (GLaM-style LM) | 'rope_decoder' (Mixtral/OLMoE-style LM) |
+            # 'encoder_decoder' (T5 v1.1)
+            "kind": "decoder",
             "vocab_size": 384,  # 256 bytes + 3 specials (data.py) + span-corruption sentinels
             "d_model": 128,
             "num_heads": 4,
@@ -27,9 +34,13 @@ def default_config() -> ml_collections.ConfigDict:
             "ffn_activation": "gated-gelu",  # relu | gelu | gated-gelu | swiglu
             "dropout_rate": 0.0,
             "tie_embeddings": False,
+            "norm_epsilon": 1e-6,  # RMSNorm's epsilon (T5 1e-6; Mixtral, OLMoE 1e-5)
+            # rope_decoder only: rotary base, key/value heads (0: num_heads), OLMoE's q/k RMSNorm
+            "rope_theta": 10_000.0,
+            "num_kv_heads": 0,
+            "qk_norm": False,
             "relative_attention_num_buckets": 32,
             "relative_attention_max_distance": 128,
-            "norm_epsilon": 1e-6,  # RMSNorm epsilon (T5's layer_norm_epsilon)
             # Hugging Face model_type that moe_jax.hf.save writes ('' until loaded or set)
             "hf_model_type": "",
             "dtype": "float32",  # compute dtype: float32 | bfloat16 (routers stay float32)

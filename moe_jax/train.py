@@ -47,10 +47,9 @@ from flax import nnx
 from ml_collections import config_flags
 
 from moe_jax import checkpoint, data, hf, metrics, multihost, optim, parallel
+from moe_jax.config import KINDS
 from moe_jax.models import build_model
 from moe_jax.steps import TrainState, make_eval_step, make_train_step
-
-KINDS = ("decoder", "encoder_decoder")
 
 
 class TrainingDiverged(RuntimeError):

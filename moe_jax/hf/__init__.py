@@ -9,7 +9,8 @@ model. `load` builds the model with `model.scan_layers=False`; `load_into` (what
 `--config.train.init_from=hf:DIR` calls) and `save` also accept scanned models.
 
 Families, keyed by the `model_type` of `config.json` (`moe_jax.hf.family`): `t5` (T5 v1.0/v1.1,
-`moe_jax.hf.t5`) and `switch_transformers` (`moe_jax.hf.switch`). A family is an object with
+`moe_jax.hf.t5`), `switch_transformers` (`moe_jax.hf.switch`), and `mixtral` and `olmoe`
+(`moe_jax.hf.rope_decoder`, our `model.kind='rope_decoder'`). A family is an object with
 
 - `model_type: str`;
 - `to_moe_config(hf_config: dict, tensor_names: frozenset[str]) -> dict`: moe_jax settings as
@@ -37,7 +38,7 @@ Register a new family with `family.register(obj)` and import its module below.
 again (set it to save a model trained from scratch).
 """
 
-from moe_jax.hf import switch, t5  # noqa: F401  (importing a family registers it)
+from moe_jax.hf import rope_decoder, switch, t5  # noqa: F401  (importing a family registers it)
 from moe_jax.hf.family import family_names, get_family, register
 from moe_jax.hf.loading import init_from, load, load_config, load_into, save
 

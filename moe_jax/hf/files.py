@@ -89,10 +89,17 @@ class CheckpointReader:
         return self._handles[filename]
 
     def get(self, name: str) -> np.ndarray:
-        """The tensor `name` as a numpy array (read from disk now)."""
+        """The tensor `name` as a numpy array (read from disk now). bfloat16 tensors (the
+        published Mixtral and OLMoE checkpoints), which numpy cannot name, come back as
+        `ml_dtypes.bfloat16` arrays, read through safetensors' JAX reader."""
         if name not in self._file_of:
             raise ValueError(f"{self.directory} has no tensor {name!r}.")
-        return self._open(self._file_of[name]).get_tensor(name)
+        filename = self._file_of[name]
+        handle = self._open(filename)
+        if handle.get_slice(name).get_dtype() != "BF16":
+            return handle.get_tensor(name)
+        with safe_open(os.path.join(self.directory, filename), framework="flax") as flax_handle:
+            return np.asarray(flax_handle.get_tensor(name))
 
     def close(self) -> None:
         self._handles.clear()
