@@ -14,9 +14,11 @@ already moves the parameters.
 
 Optimizers (`train.optimizer`): `'adafactor'` (the T5/Switch/ST-MoE choice: factored second
 moments, update clipping at 1.0, updates scaled by the parameter RMS, no momentum) and
-`'adamw'`. Weight decay (`train.weight_decay`, decoupled) applies to matrices and stacked expert
-weights only, not to norm scales or biases. `train.grad_clip_norm > 0` clips the global gradient
-norm before the optimizer sees it.
+`'adamw'`. Weight decay (`train.weight_decay`, decoupled) is masked by what a parameter is, read
+from its path: kernels, embeddings and expert weights decay; norm scales (`scale`), biases
+(`bias`) and relative position bias tables (under `position_bias`) do not, whatever their rank
+(`model.scan_layers` stacks a leading layer axis onto every parameter).
+`train.grad_clip_norm > 0` clips the global gradient norm before the optimizer sees it.
 """
 
 import jax
@@ -26,12 +28,19 @@ import optax
 
 COSINE_FINAL_FRACTION = 0.1
 SCHEDULES = ("constant", "rsqrt", "cosine")
+# path entries that mark a parameter weight decay leaves alone (see the module docstring)
+NO_DECAY_NAMES = frozenset({"scale", "bias", "position_bias"})
 OPTIMIZERS = ("adamw", "adafactor")
 
 
 def make_schedule(train_config: ml_collections.ConfigDict) -> optax.Schedule:
     """The learning rate as a function of the number of updates already applied (0, 1, ...)."""
     peak = float(train_config.learning_rate)
+    if not peak > 0:
+        raise ValueError(
+            f"train.learning_rate={train_config.learning_rate} must be > 0 (e.g. 3e-3 for the "
+            "tiny configs, 1e-2 for Adafactor with the rsqrt schedule)."
+        )
     warmup_steps = int(train_config.warmup_steps)
     name = train_config.schedule
     if name not in SCHEDULES:
@@ -64,9 +73,17 @@ def make_schedule(train_config: ml_collections.ConfigDict) -> optax.Schedule:
     return schedule
 
 
+def _path_names(path) -> set[str]:
+    """The names along a pytree path (dict keys, attribute names, sequence indices)."""
+    names = (getattr(key, "key", getattr(key, "name", getattr(key, "idx", key))) for key in path)
+    return {str(name) for name in names}
+
+
 def _decay_mask(params):
-    """True for the weights that weight decay applies to: arrays with two or more dims."""
-    return jax.tree.map(lambda p: jnp.ndim(p) >= 2, params)
+    """True for the weights that weight decay applies to (see the module docstring)."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: not NO_DECAY_NAMES & _path_names(path), params
+    )
 
 
 def make_optimizer(
