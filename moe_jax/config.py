@@ -54,7 +54,9 @@ def default_config() -> ml_collections.ConfigDict:
             "group_size": 1024,  # tokens per routing group
             "backend": "einsum",  # einsum | gather | dropless
             "batch_prioritized": False,
-            "normalize": "none",  # none | topk
+            # none | topk, for tokens_choose and noisy_top_k; aux_free always renormalises its
+            # k affinities (DeepSeek-V3)
+            "normalize": "none",
             "second_policy": "random",  # gshard_top2: random | all | sampling
             "second_threshold": 0.5,
             "router_jitter": 0.01,  # multiplicative input jitter eps in training (Switch)
