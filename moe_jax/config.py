@@ -81,6 +81,9 @@ def default_config() -> ml_collections.ConfigDict:
             "optimizer": "adamw",  # adamw | adafactor
             "learning_rate": 3e-3,
             "schedule": "cosine",  # cosine | rsqrt | constant
+            # steps the schedule is laid over (the cosine's end); 0: train.num_steps of the run's
+            # first start, kept when a resume raises num_steps (moe_jax.run_identity)
+            "schedule_steps": 0,
             "warmup_steps": 20,
             "weight_decay": 0.0,
             "grad_clip_norm": 1.0,

@@ -6,8 +6,9 @@ Schedules (`train.schedule`), each with a linear warmup from 0 to `train.learnin
 - `'constant'`: then constant.
 - `'rsqrt'`: then `learning_rate * sqrt(warmup_steps / step)`, the inverse-square-root decay of
   T5 and Switch (Raffel et al. 2020, Sec. 3.1.2), continuous at the end of the warmup.
-- `'cosine'`: then a cosine decay to `COSINE_FINAL_FRACTION * learning_rate` at `train.num_steps`
-  (MaxText's default final fraction).
+- `'cosine'`: then a cosine decay to `COSINE_FINAL_FRACTION * learning_rate` at the horizon
+  `train.schedule_steps` (0: `train.num_steps`), held after it (MaxText's default final
+  fraction).
 
 Update s (1-based) of the warmup uses `learning_rate * s / warmup_steps`, so the first update
 already moves the parameters.
@@ -49,11 +50,12 @@ def make_schedule(train_config: ml_collections.ConfigDict) -> optax.Schedule:
         )
     if warmup_steps < 0:
         raise ValueError(f"train.warmup_steps={warmup_steps} must be >= 0.")
-    num_steps = int(train_config.num_steps)
+    num_steps = int(train_config.get("schedule_steps", 0) or train_config.num_steps)
     if name == "cosine" and warmup_steps >= num_steps:
         raise ValueError(
-            f"train.warmup_steps={warmup_steps} must be smaller than train.num_steps={num_steps} "
-            "for the cosine schedule; lower the warmup or raise num_steps."
+            f"train.warmup_steps={warmup_steps} must be smaller than the schedule's horizon "
+            f"{num_steps} (train.schedule_steps, or train.num_steps when it is 0) for the cosine "
+            "schedule; lower the warmup or raise num_steps."
         )
     warmup_length = max(warmup_steps, 1)
 
