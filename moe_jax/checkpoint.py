@@ -29,6 +29,7 @@ import orbax.checkpoint as ocp
 
 CHECKPOINT_DIR = "checkpoints"
 ITEMS = ("state", "data", "signature")
+ABSENT = "<absent>"  # the value `config_changes` reports for a key one side lacks
 _ERROR_CHARS = 300  # storage errors quote whole tensorstore specs; the start says what failed
 
 
@@ -79,11 +80,10 @@ def config_changes(stored: dict, current: dict) -> dict[str, tuple]:
     old, new = flatten(stored["config"]), flatten(current["config"])
     sections = {key.split(".")[0] for key in old}
     keys = sorted(key for key in set(old) | set(new) if key.split(".")[0] in sections)
-    missing = "<absent>"
     return {
-        key: (old.get(key, missing), new.get(key, missing))
+        key: (old.get(key, ABSENT), new.get(key, ABSENT))
         for key in keys
-        if old.get(key, missing) != new.get(key, missing)
+        if old.get(key, ABSENT) != new.get(key, ABSENT)
     }
 
 

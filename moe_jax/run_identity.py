@@ -4,7 +4,9 @@ Every checkpoint stores the run's resolved config (`moe_jax.checkpoint`). Resumi
 with the config of the command that resumes: the keys of `RESUMABLE_KEYS` and those under
 `RESUMABLE_PREFIXES` may differ (how often to log, evaluate and save, how many steps to train,
 where the data lives, how the devices are laid out), and any other difference refuses the resume,
-naming every differing key with both values.
+naming every differing key with both values. A key that only one side has (the code added or
+removed a config key since the checkpoint was written) does not refuse; it is reported with the
+other changes.
 
 Schedule horizon. `train.schedule_steps` is the step count the learning-rate schedule is laid
 over (the end of the cosine decay); 0 means `train.num_steps` of the run's first start, and the
@@ -68,7 +70,11 @@ def resumable(key: str) -> bool:
 def check_resume(stored: dict, current: dict, step: int, directory: str) -> dict:
     """The allowed changes `{key: (stored, now)}`; raises ValueError naming every other one."""
     changes = checkpoint.config_changes(stored, current)
-    refused = {key: values for key, values in changes.items() if not resumable(key)}
+    refused = {
+        key: values
+        for key, values in changes.items()
+        if not resumable(key) and checkpoint.ABSENT not in values
+    }
     if not refused and stored["shapes"] != current["shapes"]:
         old, new = stored["shapes"], current["shapes"]
         refused = {
