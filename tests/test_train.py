@@ -329,6 +329,7 @@ def test_encoder_decoder_carries_router_bias_through_steps_and_checkpoints(tmp_p
     evaluation = [record for record in records if record["split"] == "eval"]
     assert [record["step"] for record in evaluation] == [3]
     assert np.isfinite(evaluation[0]["loss"]) and 0 <= evaluation[0]["accuracy"] <= 1
+    assert evaluation[0]["eval_batches"] == 1  # which evaluation it was: train.eval_steps batches
     resumed = train.run(config, str(tmp_path), devices=jax.devices()[:1])  # nothing left to do
     assert resumed.step == 3
     for restored, trained in zip(jax.tree.leaves(resumed.state), jax.tree.leaves(result.state)):
