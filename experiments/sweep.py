@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from moe_jax.train import check_config_overrides
+from moe_jax.config import check_config_overrides
 
 DONE_FILE = "DONE.json"
 FAILED_FILE = "FAILED.json"

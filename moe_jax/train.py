@@ -27,9 +27,7 @@ Cloud TPU slice: `TPU_WORKER_HOSTNAMES` or `MEGASCALE_COORDINATOR_ADDRESS`; SLUR
 arguments itself. Every process runs the same command; each loads its share of the batch.
 """
 
-import difflib
 import functools
-import importlib.util
 import os
 import signal
 import sys
@@ -48,6 +46,7 @@ from flax import nnx
 from ml_collections import config_flags
 
 from moe_jax import checkpoint, data, metrics, multihost, optim, parallel, run_identity
+from moe_jax.config import check_config_overrides
 from moe_jax.models import build_model
 from moe_jax.steps import TrainState, make_eval_step, make_train_step
 
@@ -576,52 +575,6 @@ def run(config, workdir: str, *, devices=None) -> RunResult:
 
 
 # -------------------------------------------------------------------------------- the CLI
-
-
-def _config_keys(config: ml_collections.ConfigDict, prefix: str = ""):
-    """Every dotted key of `config`, sections included."""
-    for key, value in config.items():
-        yield prefix + key
-        if isinstance(value, ml_collections.ConfigDict):
-            yield from _config_keys(value, f"{prefix}{key}.")
-
-
-def _load_config_file(spec: str) -> ml_collections.ConfigDict:
-    """`get_config(VARIANT)` of `--config=PATH[:VARIANT]`."""
-    path, _, variant = spec.partition(":")
-    if not os.path.isfile(path):
-        raise ValueError(
-            f"--config={spec}: no config file {path!r}; pass one of configs/*.py with a variant, "
-            "e.g. --config=configs/switch.py:tiny."
-        )
-    module_spec = importlib.util.spec_from_file_location("_moe_jax_config_check", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module.get_config(variant) if variant else module.get_config()
-
-
-def check_config_overrides(argv: list[str]) -> None:
-    """Raises ValueError for a `--config.KEY=...` naming no key, suggesting close matches."""
-    overrides = [
-        arg.removeprefix("--config.").split("=", 1)[0]
-        for arg in argv[1:]
-        if arg.startswith("--config.")
-    ]
-    if not overrides:
-        return
-    specs = [arg.split("=", 1)[1] for arg in argv[1:] if arg.startswith("--config=")]
-    if not specs:
-        raise ValueError("--config.KEY overrides need --config=PATH:VARIANT first.")
-    known = list(_config_keys(_load_config_file(specs[-1])))
-    for key in overrides:
-        if key not in known:
-            matches = difflib.get_close_matches(key, known, n=3, cutoff=0.5)
-            hint = (
-                "did you mean " + " or ".join(f"--config.{match}" for match in matches) + "?"
-                if matches
-                else f"the keys are listed in {specs[-1].partition(':')[0]} and moe_jax/config.py."
-            )
-            raise ValueError(f"--config.{key}: the config has no key {key!r}; {hint}")
 
 
 def _parse_flags(argv: list[str]) -> list[str]:

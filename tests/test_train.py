@@ -23,6 +23,7 @@ from jax.experimental.compilation_cache import compilation_cache
 from tiny_training import TINY_TRAINING
 
 from moe_jax import checkpoint, metrics, optim, run_identity, train
+from moe_jax.config import load_config_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "switch.py") + ":tiny"
@@ -38,7 +39,7 @@ SUBPROCESS_TIMEOUT = 120
 
 def small_config(**overrides):
     """The tiny Switch config shrunk further; `overrides` use '__' for '.' in keys."""
-    config = train._load_config_file(CONFIG)
+    config = load_config_file(CONFIG)
     settings = dict(SMALL, **{key.replace("__", "."): value for key, value in overrides.items()})
     for key, value in settings.items():
         section, name = key.split(".")
