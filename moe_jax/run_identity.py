@@ -98,11 +98,11 @@ def check_resume(stored: dict, current: dict, step: int, directory: str) -> dict
     return changes
 
 
-def append_history(workdir: str, step: int, changes: dict) -> None:
-    """Appends one line to `WORKDIR/run_history.jsonl` (a start at step 0, else a resume)."""
+def append_history(workdir: str, step: int, changes: dict, *, resumed: bool) -> None:
+    """Appends one line to `WORKDIR/run_history.jsonl`: a start, or a resume from `step`."""
     record = {
         "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "event": "resume" if step else "start",
+        "event": "resume" if resumed else "start",
         "step": step,
         "changed": {key: list(values) for key, values in changes.items()},
     }

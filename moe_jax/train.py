@@ -7,8 +7,11 @@ The workdir receives `config.json` (the resolved config), `run_history.jsonl`, `
 and TensorBoard files (`moe_jax.metrics`), and `checkpoints/` (`moe_jax.checkpoint`). Running
 the same command again resumes from the latest checkpoint; raise `train.num_steps` to train
 further (the schedule keeps its horizon; what a resume may change is in `moe_jax.run_identity`).
-Every check of the config, mesh, parameter shardings, workdir, data and existing checkpoints
-(their run identity, and that the latest one is readable) runs before anything is written.
+A new run starts from random weights, or from a Hugging Face checkpoint with
+`--config.train.init_from=hf:DIR` (`moe_jax.hf`; `--config=configs/hf.py:DIR` sets it with the
+checkpoint's architecture). Every check of the config, mesh, parameter shardings, workdir, data
+and existing checkpoints (their run identity, and that the latest one is readable) runs before
+anything is written.
 
 Exact resume: a batch is a pure function of (seed, split, step) (`moe_jax.data`) and the dropout
 and router-jitter keys of step s are `fold_in(key(seed), s)` (`moe_jax.steps`), so a run resumed
@@ -45,12 +48,10 @@ from absl import app, flags, logging
 from flax import nnx
 from ml_collections import config_flags
 
-from moe_jax import checkpoint, data, metrics, multihost, optim, parallel, run_identity
-from moe_jax.config import check_config_overrides
+from moe_jax import checkpoint, data, hf, metrics, multihost, optim, parallel, run_identity
+from moe_jax.config import KINDS, check_config_overrides
 from moe_jax.models import build_model
 from moe_jax.steps import TrainState, make_eval_step, make_train_step
-
-KINDS = ("decoder", "encoder_decoder")
 
 
 class TrainingDiverged(RuntimeError):
@@ -108,7 +109,7 @@ def _check_groups(config, mesh, dataset: data.Dataset) -> None:
     shards = parallel.batch_shards(mesh, config.mesh.rules)
     rows = config.train.batch_size // shards
     group_size = config.moe.group_size
-    if config.moe.num_experts == 0 or shards == 1:
+    if config.moe.num_experts == 0 or shards == 1 or group_size == 0:  # 0: a group per row
         return
     for key, (shape, _) in dataset.element_spec.items():
         if key.endswith("inputs") and (rows * shape[1]) % group_size:
@@ -242,6 +243,7 @@ def _prepare(config, workdir: str, devices) -> _Prepared:
     config = run_identity.resolve(config)
     check_config(config)
     _check_workdir(workdir)
+    hf.init_from(config)  # checks a train.init_from checkpoint against the config
     mesh = _make_mesh(config, devices)
     try:
         parallel.check_batch(config.train.batch_size, mesh, config.mesh.rules)
@@ -298,6 +300,7 @@ def _create_state(config, mesh, optimizer) -> TrainState:
     model = parallel.create_sharded(
         lambda: build_model(config, rngs=nnx.Rngs(config.seed)), mesh, config.mesh.rules
     )
+    hf.init_from(config, model)  # the weights of train.init_from, if set
     _, params, _, model_state = nnx.split(model, nnx.Param, nnx.RngState, ...)
     opt_shardings = _optimizer_shardings(jax.eval_shape(optimizer.init, params), params, mesh)
     opt_state = jax.jit(optimizer.init, out_shardings=opt_shardings)(params)
@@ -493,12 +496,12 @@ def _train_loop(config, workdir, prepared, state, train_step, eval_step, checkpo
     return RunResult(step=step, preempted=preempted, state=state, stopped_by=stopped_by)
 
 
-def _write_identity(workdir: str, prepared: _Prepared, start: int) -> None:
+def _write_identity(workdir: str, prepared: _Prepared, start: int, *, resumed: bool) -> None:
     """`config.json` (the resolved config) and a line of the run history; process 0 only."""
     if not multihost.is_main_process():
         return
     os.makedirs(workdir, exist_ok=True)
-    if start and prepared.changes:
+    if resumed and prepared.changes:
         changes = prepared.changes.items()
         shown = ", ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in changes)
         sys.stderr.write(f"moe_jax.train: resuming at step {start} with {shown}\n")
@@ -506,7 +509,7 @@ def _write_identity(workdir: str, prepared: _Prepared, start: int) -> None:
     with open(path + ".tmp", "w", encoding="utf-8") as file:
         file.write(prepared.config.to_json_best_effort(indent=2) + "\n")
     os.replace(path + ".tmp", path)
-    run_identity.append_history(workdir, start, prepared.changes)
+    run_identity.append_history(workdir, start, prepared.changes, resumed=resumed)
 
 
 def run(config, workdir: str, *, devices=None) -> RunResult:
@@ -533,8 +536,9 @@ def run(config, workdir: str, *, devices=None) -> RunResult:
             prepared.abstract_model, config, mesh, prepared.optimizer
         )
         shardings = jax.tree.map(lambda leaf: leaf.sharding, target)
-        start = multihost.agree_on_step(prepared.resume_step) or 0
-        if start:
+        latest = multihost.agree_on_step(prepared.resume_step)
+        start = latest or 0
+        if latest is not None:  # step 0 too: a converted checkpoint (moe_jax.convert)
             existing = checkpoint.Checkpoints(directory, keep=1, read_only=True)
             try:
                 state, data_state = existing.restore(start, target)
@@ -544,10 +548,10 @@ def run(config, workdir: str, *, devices=None) -> RunResult:
                 existing.close()
             if data_state["step"] != start:
                 raise SetupError(f"checkpoint {start} holds data position {data_state}.")
-        _write_identity(workdir, prepared, start)
+        _write_identity(workdir, prepared, start, resumed=latest is not None)
         multihost.sync("moe_jax.train: workdir ready")
         checkpoints = checkpoint.Checkpoints(directory, keep=config.train.keep_checkpoints)
-        if not start:
+        if latest is None:
             state = _create_state(config, mesh, prepared.optimizer)
         if multihost.is_main_process():
             metrics.truncate_metrics(workdir, start)
@@ -572,6 +576,25 @@ def run(config, workdir: str, *, devices=None) -> RunResult:
         return _train_loop(
             config, workdir, prepared, state, train_step, eval_step, checkpoints, start
         )
+
+
+def save_initial_checkpoint(config, workdir: str, *, devices=None) -> str:
+    """Writes `config.json` and a step-0 checkpoint of the state a new run of `config` starts
+    from (random weights, or `train.init_from`'s) into `workdir`, which must hold no checkpoint;
+    `run` resumes from it. Returns the checkpoint directory."""
+    workdir = os.path.abspath(workdir)
+    directory = os.path.join(workdir, checkpoint.CHECKPOINT_DIR)
+    if os.path.isdir(directory) and os.listdir(directory):
+        raise ValueError(f"{directory} already holds checkpoints; use a new --workdir.")
+    prepared = _prepare(config, workdir, devices)
+    config = prepared.config
+    _write_identity(workdir, prepared, 0, resumed=False)
+    with jax.set_mesh(prepared.mesh):
+        state = _create_state(config, prepared.mesh, prepared.optimizer)
+        checkpoints = checkpoint.Checkpoints(directory, keep=config.train.keep_checkpoints)
+        checkpoints.save(0, state, {"step": 0}, prepared.signature)
+        checkpoints.close()
+    return directory
 
 
 # -------------------------------------------------------------------------------- the CLI
