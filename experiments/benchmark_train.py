@@ -31,9 +31,8 @@ from flax import nnx
 
 from experiments.benchmark_moe import _measure
 from moe_jax import experts, optim, steps
-from moe_jax.config import DECODER_KINDS
+from moe_jax.config import DECODER_KINDS, load_config_file
 from moe_jax.models import build_model, sparse_layer_flags
-from moe_jax.train import _load_config_file
 
 PARTS = ("f32 matmul", "bf16 matmul", "forward", "fwd+bwd", "step")
 
@@ -123,7 +122,7 @@ def main() -> None:
         "--set", action="append", default=[], metavar="KEY=VALUE", help="config override"
     )
     args = parser.parse_args()
-    config = _load_config_file(args.config)
+    config = load_config_file(args.config)
     if config.model.kind not in DECODER_KINDS:
         parser.error(f"--config {args.config}: model.kind {config.model.kind!r} is not one of "
                      f"{DECODER_KINDS}; the FLOP count covers decoder-only models.")  # fmt: skip
