@@ -49,7 +49,7 @@ from flax import nnx
 from ml_collections import config_flags
 
 from moe_jax import checkpoint, data, hf, metrics, multihost, optim, parallel, run_identity
-from moe_jax.config import KINDS, check_config_overrides
+from moe_jax.config import EVAL_FULL_PASS, KINDS, check_config_overrides
 from moe_jax.models import build_model
 from moe_jax.steps import TrainState, make_eval_step, make_train_step
 
@@ -78,10 +78,12 @@ def check_config(config) -> None:
     for key in ("num_steps", "batch_size", "seq_len", "log_every", "checkpoint_every"):
         if train[key] < 1:
             raise ValueError(f"train.{key}={train[key]} must be >= 1.")
-    if train.keep_checkpoints < 1 or train.eval_steps < 1:
+    if train.keep_checkpoints < 1:
+        raise ValueError(f"train.keep_checkpoints={train.keep_checkpoints} must be >= 1.")
+    if train.eval_steps < 1 and train.eval_steps != EVAL_FULL_PASS:
         raise ValueError(
-            f"train.keep_checkpoints={train.keep_checkpoints} and train.eval_steps="
-            f"{train.eval_steps} must be >= 1."
+            f"train.eval_steps={train.eval_steps} must be >= 1 (batches per evaluation) or "
+            f"{EVAL_FULL_PASS} (the whole validation split once)."
         )
     if train.schedule_steps < 0:
         raise ValueError(
@@ -254,6 +256,8 @@ def _prepare(config, workdir: str, devices) -> _Prepared:
     eval_data = None
     if config.train.eval_every:
         eval_data = data.dataset_from_config(config, "validation", **shares)
+        if config.train.eval_steps == EVAL_FULL_PASS:
+            eval_data.full_pass()  # raises for a split with no end (the synthetic corpus)
     _check_groups(config, mesh, train_data)
     abstract_model = nnx.eval_shape(lambda: build_model(config, rngs=nnx.Rngs(config.seed)))
     _check_divisible(abstract_model, mesh, config.mesh.rules)
@@ -415,12 +419,17 @@ def _check_finite(pending: list, last_saved: int | None, directory: str, config)
 
 
 def _evaluate(eval_step, state, dataset: data.Dataset, mesh, config) -> dict:
-    """Token-weighted means over `train.eval_steps` validation batches (always the same ones),
-    and `eval_batches`, how many were used."""
+    """Token-weighted means over the validation batches, with what was used: `eval_batches`
+    and `eval_full_pass` (1: the whole split once, `data.Dataset.full_pass`; 0: the first
+    `train.eval_steps` batches, the same ones at every evaluation)."""
+    full_pass = config.train.eval_steps == EVAL_FULL_PASS
+    if full_pass:
+        batches = dataset.full_pass()
+    else:
+        batches = (dataset.batch(index) for index in range(config.train.eval_steps))
     results = []
-    for index in range(config.train.eval_steps):
-        batch = multihost.global_batch(dataset.batch(index), mesh, config.mesh.rules)
-        results.append(eval_step(state, batch))
+    for batch in batches:
+        results.append(eval_step(state, multihost.global_batch(batch, mesh, config.mesh.rules)))
     results = jax.device_get(results)
     weights = [float(result.pop("weight_sum")) for result in results]
     total = max(sum(weights), 1.0)
@@ -429,7 +438,7 @@ def _evaluate(eval_step, state, dataset: data.Dataset, mesh, config) -> dict:
         / total
         for key in results[0]
     }
-    return {**means, "eval_batches": len(results)}
+    return {**means, "eval_batches": len(results), "eval_full_pass": int(full_pass)}
 
 
 def _train_loop(config, workdir, prepared, state, train_step, eval_step, checkpoints, start):
