@@ -64,6 +64,8 @@ class MoeAux(NamedTuple):
       expert_load: f32[E] share of the filled slots per expert.
       router_logit_max: f32[] largest absolute router logit over the real tokens (0 for hash
         routing): the logit growth that the z-loss holds back (ST-MoE, Sec. 3.3).
+      token_weights: f32[B, L, E] the combine weight each token got from each expert (0: not
+        routed there, or dropped), when the layer's `trace_routing` is on; else None.
     """
 
     load_balancing_loss: jax.Array
@@ -74,6 +76,7 @@ class MoeAux(NamedTuple):
     expert_usage: jax.Array
     expert_load: jax.Array
     router_logit_max: jax.Array
+    token_weights: jax.Array | None = None
 
 
 def _param(value: jax.Array, names: tuple[str | None, ...]) -> nnx.Param:
@@ -263,6 +266,11 @@ class MoeFeedForward(nnx.Module):
     expert_dropout, num_shared_experts, bias_update_rate, ...}` (router keys: see `Router`).
     Expert weights: `wi: [E, M, H]`, `wi_gate: [E, M, H]` (gated activations), `wo: [E, H, M]`,
     drawn with unit-scale truncated-normal fan-in init.
+
+    Two static switches for inference (`moe_jax.decode` sets them on a copy of a model):
+    `dropless = True` routes a tokens-choose router with `capacity=None` (no token is dropped,
+    whatever the capacity factor; Expert Choice keeps its capacity), and `trace_routing = True`
+    fills `MoeAux.token_weights`.
     """
 
     def __init__(self, config, rngs: nnx.Rngs):
@@ -325,6 +333,8 @@ class MoeFeedForward(nnx.Module):
         )
         self.rngs = rngs["dropout"].fork()
         self.experts_impl: Callable[..., jax.Array] = parallel.ExpertParallel.from_config(config)
+        self.dropless = False
+        self.trace_routing = False
 
     def expert_param_names(self) -> tuple[str, ...]:
         """Attribute names of the stacked expert weights, as `experts.ffn` keys them."""
@@ -335,8 +345,8 @@ class MoeFeedForward(nnx.Module):
         return {name: getattr(self, name)[...] for name in self.expert_param_names()}
 
     def capacity(self, tokens_per_group: int, deterministic: bool) -> int | None:
-        """Slots per expert per group; None (never drop) for the dropless backend."""
-        if self.backend == "dropless":
+        """Slots per expert per group; None (never drop) for the dropless backend or switch."""
+        if self.backend == "dropless" or (self.dropless and self.router_kind != "experts_choose"):
             return None
         factor = self.capacity_factor_eval if deterministic else self.capacity_factor_train
         capacity = routing.expert_capacity(
@@ -394,9 +404,19 @@ class MoeFeedForward(nnx.Module):
             bias[...] = routing.update_expert_bias(
                 bias[...], route, rate=self.bias_update_rate, padding_mask=real
             )
-        return y.astype(x.dtype), self._aux(route, logits, real)
+        token_weights = None
+        if self.trace_routing:
+            _, combine = routing.to_masks(route, grouping.group_size)  # [G, T, E, C]
+            token_weights = grouping(combine.sum(-1))  # [B, L, E]
+        return y.astype(x.dtype), self._aux(route, logits, real, token_weights)
 
-    def _aux(self, route: routing.Routing, logits: Any, real: jax.Array) -> MoeAux:
+    def _aux(
+        self,
+        route: routing.Routing,
+        logits: Any,
+        real: jax.Array,
+        token_weights: jax.Array | None,
+    ) -> MoeAux:
         zero = jnp.zeros((), jnp.float32)
         balance = {
             "tokens_choose": losses.load_balancing_loss,
@@ -416,4 +436,5 @@ class MoeFeedForward(nnx.Module):
             expert_usage=metrics["expert_usage"],
             expert_load=metrics["expert_load"],
             router_logit_max=logit_max,
+            token_weights=token_weights,
         )
