@@ -117,3 +117,58 @@ def set_tiny(config: ml_collections.ConfigDict, *, kind: str) -> None:
     train.log_every = 20
     config.data.name = "synthetic"
     config.data.inputs_length = 0
+
+
+def set_rope_decoder(
+    config: ml_collections.ConfigDict,
+    *,
+    vocab_size: int,
+    d_model: int,
+    num_layers: int,
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    expert_d_ff: int,
+    rope_theta: float,
+    norm_epsilon: float,
+    qk_norm: bool,
+) -> None:
+    """A Llama-style MoE decoder as Mixtral and OLMoE use it: `model.kind = 'rope_decoder'`,
+    SwiGLU experts in every layer (no dense FFN), untied logits, softmax tokens-choose routing
+    with no capacity (dropless) and no router jitter. The caller sets `moe.{num_experts, k,
+    normalize}` and the loss coefficients.
+    """
+    model, moe = config.model, config.moe
+    model.kind = "rope_decoder"
+    model.vocab_size = vocab_size
+    model.d_model = d_model
+    model.num_layers = num_layers
+    model.num_heads = num_heads
+    model.num_kv_heads = num_kv_heads
+    model.head_dim = head_dim
+    model.d_ff = expert_d_ff
+    model.ffn_activation = "swiglu"
+    model.rope_theta = rope_theta
+    model.norm_epsilon = norm_epsilon
+    model.qk_norm = qk_norm
+    model.tie_embeddings = False
+    model.dropout_rate = 0.0
+    moe.router = "tokens_choose"
+    moe.activation = "swiglu"
+    moe.d_ff = expert_d_ff
+    moe.backend = "dropless"
+    moe.router_jitter = 0.0
+    moe.sparse_placement = "every"
+    moe.sparse_every = 1
+    moe.extra_dense_ffn = False
+    moe.num_shared_experts = 0
+
+
+def set_rope_decoder_scale(config: ml_collections.ConfigDict, *, seq_len: int) -> None:
+    """Paper-size rope_decoder settings: bfloat16 compute, scanned layers, routing groups of 4096
+    tokens, `seq_len`-token sequences of C4. Optimizer settings stay the codebase defaults."""
+    config.model.dtype = "bfloat16"
+    config.model.scan_layers = True
+    config.moe.group_size = 4096
+    config.train.seq_len = seq_len
+    config.data.name = "tfds:c4"

@@ -7,6 +7,11 @@ One `ml_collections.ConfigDict` holds the model, MoE, loss, training, mesh and d
 
 import ml_collections
 
+# Decoder-only model kinds: 'decoder' (T5-style: relative position bias; GLaM) and
+# 'rope_decoder' (Llama-style: rotary positions, grouped-query attention; Mixtral, OLMoE).
+DECODER_KINDS = ("decoder", "rope_decoder")
+KINDS = (*DECODER_KINDS, "encoder_decoder")
+
 
 def default_config() -> ml_collections.ConfigDict:
     """A small decoder-only Switch model; `configs/` change what they need."""
@@ -15,7 +20,9 @@ def default_config() -> ml_collections.ConfigDict:
 
     config.model = ml_collections.ConfigDict(
         {
-            "kind": "decoder",  # 'decoder' (GLaM-style LM) | 'encoder_decoder' (T5 v1.1)
+            # 'decoder' (GLaM-style LM) | 'rope_decoder' (Mixtral/OLMoE-style LM) |
+            # 'encoder_decoder' (T5 v1.1)
+            "kind": "decoder",
             "vocab_size": 384,  # 256 bytes + 3 specials (data.py) + span-corruption sentinels
             "d_model": 128,
             "num_heads": 4,
@@ -27,8 +34,15 @@ def default_config() -> ml_collections.ConfigDict:
             "ffn_activation": "gated-gelu",  # relu | gelu | gated-gelu | swiglu
             "dropout_rate": 0.0,
             "tie_embeddings": False,
+            "norm_epsilon": 1e-6,  # RMSNorm's epsilon (T5 1e-6; Mixtral, OLMoE 1e-5)
+            # rope_decoder only: rotary base, key/value heads (0: num_heads), OLMoE's q/k RMSNorm
+            "rope_theta": 10_000.0,
+            "num_kv_heads": 0,
+            "qk_norm": False,
             "relative_attention_num_buckets": 32,
             "relative_attention_max_distance": 128,
+            # Hugging Face model_type that moe_jax.hf.save writes ('' until loaded or set)
+            "hf_model_type": "",
             "dtype": "float32",  # compute dtype: float32 | bfloat16 (routers stay float32)
             "param_dtype": "float32",
             "scan_layers": False,
@@ -51,7 +65,10 @@ def default_config() -> ml_collections.ConfigDict:
             "capacity_factor_train": 1.25,
             "capacity_factor_eval": 2.0,
             "min_capacity": 4,
-            "group_size": 1024,  # tokens per routing group
+            # > 0: exactly this many slots per expert per group, in training and evaluation,
+            # instead of the capacity factors (Hugging Face Switch's `expert_capacity`)
+            "expert_capacity": 0,
+            "group_size": 1024,  # tokens per routing group; 0: each sequence is one group
             "backend": "einsum",  # einsum | gather | dropless
             "batch_prioritized": False,
             "normalize": "none",  # none | topk
@@ -87,6 +104,8 @@ def default_config() -> ml_collections.ConfigDict:
             "eval_every": 100,
             "eval_steps": 4,
             "log_every": 10,
+            # 'hf:DIR' starts from the weights of a Hugging Face checkpoint (moe_jax.hf)
+            "init_from": "",
         }
     )
 

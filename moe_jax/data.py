@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from moe_jax import spans
+from moe_jax.config import DECODER_KINDS, KINDS
 
 PAD_ID = 0
 EOS_ID = 1
@@ -438,8 +439,8 @@ def make_dataset(
 def dataset_from_config(config, split: str, *, process_index: int = 0, process_count: int = 1):
     """`make_dataset` with the sizes of a full config; the task follows config.model.kind."""
     kind = config.model.kind
-    if kind not in ("decoder", "encoder_decoder"):
-        raise ValueError(f"config.model.kind must be 'decoder' or 'encoder_decoder', got {kind!r}.")
+    if kind not in KINDS:
+        raise ValueError(f"config.model.kind must be one of {KINDS}, got {kind!r}.")
     return make_dataset(
         config.data,
         split=split,
@@ -447,7 +448,7 @@ def dataset_from_config(config, split: str, *, process_index: int = 0, process_c
         seq_len=config.train.seq_len,
         vocab_size=config.model.vocab_size,
         seed=config.seed,
-        task="lm" if kind == "decoder" else "span_corruption",
+        task="lm" if kind in DECODER_KINDS else "span_corruption",
         process_index=process_index,
         process_count=process_count,
     )

@@ -285,8 +285,11 @@ class MoeFeedForward(nnx.Module):
                 f"moe.k must be in [1, num_experts={moe.num_experts}], got k={moe.k}; "
                 "lower k or add experts."
             )
-        if not isinstance(moe.group_size, int) or moe.group_size < 1:
-            raise ValueError(f"moe.group_size must be an int >= 1, got {moe.group_size!r}.")
+        if not isinstance(moe.group_size, int) or moe.group_size < 0:
+            raise ValueError(
+                f"moe.group_size must be an int >= 1 (0: one group per sequence), got "
+                f"{moe.group_size!r}."
+            )
         dispatch.check_backend(moe.backend)
         for name in ("capacity_factor_train", "capacity_factor_eval"):
             if not moe[name] > 0:
@@ -305,6 +308,7 @@ class MoeFeedForward(nnx.Module):
         self.capacity_factor_train = float(moe.capacity_factor_train)
         self.capacity_factor_eval = float(moe.capacity_factor_eval)
         self.min_capacity = int(moe.min_capacity)
+        self.expert_capacity = int(moe.expert_capacity)
         self.expert_dropout = float(moe.expert_dropout)
         self.bias_update_rate = float(moe.bias_update_rate)
         self.dtype = jnp.dtype(model.dtype)
@@ -345,13 +349,17 @@ class MoeFeedForward(nnx.Module):
         return {name: getattr(self, name)[...] for name in self.expert_param_names()}
 
     def capacity(self, tokens_per_group: int, deterministic: bool) -> int | None:
-        """Slots per expert per group; None (never drop) for the dropless backend or switch."""
+        """Slots per expert per group: `moe.expert_capacity` when set, else from the capacity
+        factors; None (never drop) for the dropless backend or the `dropless` switch."""
         if self.backend == "dropless" or (self.dropless and self.router_kind != "experts_choose"):
             return None
-        factor = self.capacity_factor_eval if deterministic else self.capacity_factor_train
-        capacity = routing.expert_capacity(
-            tokens_per_group, self.num_experts, factor, min_capacity=self.min_capacity
-        )
+        if self.expert_capacity > 0:
+            capacity = self.expert_capacity
+        else:
+            factor = self.capacity_factor_eval if deterministic else self.capacity_factor_train
+            capacity = routing.expert_capacity(
+                tokens_per_group, self.num_experts, factor, min_capacity=self.min_capacity
+            )
         if self.router_kind == "experts_choose":
             # an expert picks among the group's T tokens, so it has at most T slots
             capacity = min(capacity, tokens_per_group)
@@ -373,7 +381,8 @@ class MoeFeedForward(nnx.Module):
         """
         if x.ndim != 3:
             raise ValueError(f"x must be [B, L, M], got shape {x.shape}.")
-        grouped, grouping = dispatch.group_tokens(x, group_size=self.group_size)  # [G, T, M]
+        group_size = self.group_size or x.shape[1]  # 0: each sequence is a group
+        grouped, grouping = dispatch.group_tokens(x, group_size=group_size)  # [G, T, M]
         real = grouping.valid  # [G, T]
         if padding_mask is not None:
             real = real & grouping.group(padding_mask.astype(jnp.bool_))

@@ -1,11 +1,11 @@
-"""Transformer models: a T5 v1.1-style encoder-decoder and a decoder-only LM, sparse or dense.
+"""Transformer models: a T5 v1.1-style encoder-decoder and decoder-only LMs, sparse or dense.
 
 `build_model(config, *, rngs)` returns
 - `EncoderDecoder` (`config.model.kind == 'encoder_decoder'`; T5 v1.1, Switch, ST-MoE):
   `logits, aux = model(encoder_inputs, decoder_inputs, *, deterministic, encoder_segment_ids=None,
   decoder_segment_ids=None)`;
-- `DecoderLM` (`'decoder'`; GLaM): `logits, aux = model(tokens, *, deterministic,
-  segment_ids=None, positions=None)`.
+- `DecoderLM` (`'decoder'`: T5-style layers, GLaM; `'rope_decoder'`: Llama-style layers, Mixtral,
+  OLMoE): `logits, aux = model(tokens, *, deterministic, segment_ids=None, positions=None)`.
 `logits` are f32[B, L, V]; `aux` is one `layers.MoeAux` whose leaves carry a leading
 `[num_sparse_layers]` axis (encoder's sparse layers first, then the decoder's), or None for a
 dense model (`config.moe.num_experts == 0`).
@@ -16,6 +16,17 @@ dropout per stack, token embeddings shared by encoder and decoder. Tied logits u
 table with T5's `d_model ** -0.5` rescaling; untied logits have their own `[M, V]` kernel.
 GLaM's relative position bias is per layer; here it is T5's one table per stack (a few thousand
 parameters' difference).
+
+Architecture ('rope_decoder'; Mixtral, OLMoE, as their `transformers` implementations compute
+them): the same pre-norm residual layers and final RMSNorm (epsilon `model.norm_epsilon`), no
+biases, but no relative position bias: each layer's self-attention is
+`rope_attention.GroupedQueryAttention`, rotary positions with base `model.rope_theta` on queries
+and keys, `model.num_kv_heads` key/value heads, optional q/k RMSNorm (`model.qk_norm`, OLMoE).
+FFNs and experts are SwiGLU (`ffn_activation = moe.activation = 'swiglu'`). Tied logits are
+the plain dot product with the embedding (no T5 rescaling); Mixtral and OLMoE untie them. Their
+MoE layers are the usual `MoeFeedForward` with a softmax `tokens_choose` router (top-k weights
+renormalised for Mixtral, `moe.normalize='topk'`, raw for OLMoE), no jitter, and the dropless
+backend (no capacity); `configs/mixtral.py` and `configs/olmoe.py` set them.
 
 Sparse layers. Layer i (0-based) of a stack has a sparse FFN (`layers.MoeFeedForward`) when
 - `moe.sparse_placement == 'every'`: `i % sparse_every == sparse_every - 1` (the last layer of
@@ -51,9 +62,10 @@ from moe_jax.attention import (
     RMSNorm,
     attention_mask,
 )
+from moe_jax.config import DECODER_KINDS, KINDS
 from moe_jax.layers import FeedForward, MoeAux, MoeFeedForward
+from moe_jax.rope_attention import GroupedQueryAttention
 
-KINDS = ("decoder", "encoder_decoder")
 PLACEMENTS = ("every", "bottom", "top")
 # The stacked (scan) axis of block parameters is replicated: no logical name.
 _SCAN_METADATA = {nnx.PARTITION_NAME: None}
@@ -114,41 +126,48 @@ class LayerInputs(NamedTuple):
     """What every layer of a stack reads besides the residual stream (a pytree of arrays).
 
     Attributes:
-      self_mask: bool[B, 1, L, Lk]; self_bias: f32[B, N, L, Lk] relative position bias (Lk = L,
-        or the cache length when decoding with a cache).
+      self_mask: bool[B, 1, L, Lk]; self_bias: f32[B, N, L, Lk] relative position bias, or None
+        (rotary positions); Lk = L, or the cache length when decoding with a cache.
       token_ids: i32[B, L] the stack's input tokens (hash routing).
       padding_mask: bool[B, L] True for real tokens.
       encoded: [B, Le, M] encoder output (decoder of an encoder-decoder) or None.
       cross_mask: bool[B, 1, L, Le] or None.
+      positions: i32[B, L] rotary positions (rope_decoder) or None.
       cache_index: i32[] cache row of the first of the L tokens when decoding with a cache, else
         None.
     """
 
     self_mask: jax.Array
-    self_bias: jax.Array
+    self_bias: jax.Array | None
     token_ids: jax.Array
     padding_mask: jax.Array
     encoded: jax.Array | None = None
     cross_mask: jax.Array | None = None
+    positions: jax.Array | None = None
     cache_index: jax.Array | None = None
 
 
 class TransformerLayer(nnx.Module):
     """Self-attention, optional cross-attention, an FFN (dense or sparse), optional extra dense FFN.
 
-    Each sublayer is `x + dropout(sublayer(rms_norm(x)))`.
+    Each sublayer is `x + dropout(sublayer(rms_norm(x)))`. Self-attention is T5's (relative
+    position bias) or, with `rotary`, `GroupedQueryAttention` (rotary positions, GQA).
     """
 
-    def __init__(self, config, *, sparse: bool, cross: bool, rngs: nnx.Rngs):
+    def __init__(self, config, *, sparse: bool, cross: bool, rngs: nnx.Rngs, rotary: bool = False):
         model = config.model
-        self.sparse, self.cross = sparse, cross
+        self.sparse, self.cross, self.rotary = sparse, cross, rotary
         self.dtype = jnp.dtype(model.dtype)
 
         def norm() -> RMSNorm:
-            return RMSNorm(model.d_model, dtype=model.dtype, param_dtype=model.param_dtype)
+            return _rms_norm(config)
 
         self.self_norm = norm()
-        self.self_attention = MultiHeadAttention(config, rngs=rngs)
+        self.self_attention = (
+            GroupedQueryAttention(config, rngs=rngs)
+            if rotary
+            else MultiHeadAttention(config, rngs=rngs)
+        )
         if cross:
             self.cross_norm = norm()
             self.cross_attention = MultiHeadAttention(config, rngs=rngs)
@@ -169,14 +188,23 @@ class TransformerLayer(nnx.Module):
             return x + self.dropout(y, deterministic=deterministic).astype(x.dtype)
 
         h = self.self_norm(x)
-        h = self.self_attention(
-            h,
-            h,
-            mask=inputs.self_mask,
-            bias=inputs.self_bias,
-            deterministic=deterministic,
-            cache_index=inputs.cache_index,
-        )
+        if self.rotary:
+            h = self.self_attention(
+                h,
+                mask=inputs.self_mask,
+                positions=inputs.positions,
+                deterministic=deterministic,
+                cache_index=inputs.cache_index,
+            )
+        else:
+            h = self.self_attention(
+                h,
+                h,
+                mask=inputs.self_mask,
+                bias=inputs.self_bias,
+                deterministic=deterministic,
+                cache_index=inputs.cache_index,
+            )
         x = residual(x, h)
         if self.cross:
             h = self.cross_attention(
@@ -203,6 +231,14 @@ class TransformerLayer(nnx.Module):
         return x, aux
 
 
+def _rms_norm(config) -> RMSNorm:
+    """An RMSNorm over d_model with the config's epsilon, dtype and parameter dtype."""
+    model = config.model
+    return RMSNorm(
+        model.d_model, epsilon=model.norm_epsilon, dtype=model.dtype, param_dtype=model.param_dtype
+    )
+
+
 def _stack_aux(auxes: list[MoeAux]) -> MoeAux | None:
     """Stack per-layer aux along a new leading axis; None when there is none."""
     if not auxes:
@@ -221,9 +257,20 @@ def _concat_aux(auxes: list[MoeAux | None]) -> MoeAux | None:
 class LayerBlock(nnx.Module):
     """Consecutive layers following `pattern` (True: sparse), the unit that scan repeats."""
 
-    def __init__(self, config, pattern: tuple[bool, ...], *, cross: bool, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        config,
+        pattern: tuple[bool, ...],
+        *,
+        cross: bool,
+        rngs: nnx.Rngs,
+        rotary: bool = False,
+    ):
         self.layers = nnx.List(
-            [TransformerLayer(config, sparse=sparse, cross=cross, rngs=rngs) for sparse in pattern]
+            [
+                TransformerLayer(config, sparse=sparse, cross=cross, rngs=rngs, rotary=rotary)
+                for sparse in pattern
+            ]
         )
 
     def __call__(
@@ -252,14 +299,24 @@ def _create_stacked(make: Callable[[nnx.Rngs], nnx.Module], repeats: int, rngs: 
 class TransformerStack(nnx.Module):
     """An encoder (bidirectional) or decoder (causal, optionally cross-attending) stack.
 
-    Holds the relative position bias, the layers (in segments, see `layer_plan`), and the final
-    RMSNorm; the token embedding belongs to the model. `init_cache` prepares it for incremental
-    decoding (`moe_jax.decode`).
+    Holds the relative position bias (none with `rotary`: rotary positions in each layer's
+    attention), the layers (in segments, see `layer_plan`), and the final RMSNorm; the token
+    embedding belongs to the model. `init_cache` prepares it for incremental decoding
+    (`moe_jax.decode`).
     """
 
-    def __init__(self, config, num_layers: int, *, causal: bool, cross: bool, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        config,
+        num_layers: int,
+        *,
+        causal: bool,
+        cross: bool,
+        rngs: nnx.Rngs,
+        rotary: bool = False,
+    ):
         model = config.model
-        self.causal = causal
+        self.causal, self.rotary = causal, rotary
         self.scan = bool(model.scan_layers)
         self.remat = bool(model.remat)
         self.plan = layer_plan(num_layers, config.moe)
@@ -278,26 +335,30 @@ class TransformerStack(nnx.Module):
                 "(--config.moe.decoder_router=tokens_choose), or choose a tokens-choose router "
                 "for every stack (moe.router='tokens_choose')."
             )
-        self.position_bias = RelativePositionBias(
-            num_buckets=model.relative_attention_num_buckets,
-            max_distance=model.relative_attention_max_distance,
-            num_heads=model.num_heads,
-            bidirectional=not causal,
-            rngs=rngs,
-            param_dtype=jnp.dtype(model.param_dtype),
+        self.position_bias = (
+            None
+            if rotary
+            else RelativePositionBias(
+                num_buckets=model.relative_attention_num_buckets,
+                max_distance=model.relative_attention_max_distance,
+                num_heads=model.num_heads,
+                bidirectional=not causal,
+                rngs=rngs,
+                param_dtype=jnp.dtype(model.param_dtype),
+            )
         )
         segments = []
         for pattern, repeats in self.plan:
 
             def make(rngs: nnx.Rngs, pattern=pattern) -> LayerBlock:
-                return LayerBlock(config, pattern, cross=cross, rngs=rngs)
+                return LayerBlock(config, pattern, cross=cross, rngs=rngs, rotary=rotary)
 
             if self.scan:
                 segments.append(_create_stacked(make, repeats, rngs))
             else:
                 segments.append(nnx.List([make(rngs) for _ in range(repeats)]))
         self.segments = nnx.List(segments)
-        self.final_norm = RMSNorm(model.d_model, dtype=model.dtype, param_dtype=model.param_dtype)
+        self.final_norm = _rms_norm(config)
         self.dropout = nnx.Dropout(model.dropout_rate, rngs=rngs)
         self.cache_length: int | None = None
 
@@ -305,7 +366,7 @@ class TransformerStack(nnx.Module):
         """Empty self-attention caches of `length` rows (and cross-attention caches of
         `encoder_length` rows) in every layer, for `batch` sequences."""
         for path, module in nnx.iter_modules(self):
-            if isinstance(module, MultiHeadAttention):
+            if isinstance(module, MultiHeadAttention | GroupedQueryAttention):
                 cross = path[-1] == "cross_attention"
                 module.init_cache(batch, encoder_length if cross else length)
         self.cache_length = length
@@ -347,11 +408,12 @@ class TransformerStack(nnx.Module):
             # [B, 1, L, Lc]
         inputs = LayerInputs(
             self_mask=self_mask,
-            self_bias=self.position_bias(positions, key_positions),
+            self_bias=None if self.rotary else self.position_bias(positions, key_positions),
             token_ids=token_ids,
             padding_mask=padding_mask,
             encoded=encoded,
             cross_mask=cross_mask,
+            positions=positions if self.rotary else None,
             cache_index=cache_index,
         )
 
@@ -435,7 +497,8 @@ class _LanguageModelHead(nnx.Module):
         if model.vocab_size < 2:
             raise ValueError(f"model.vocab_size must be >= 2, got {model.vocab_size}.")
         self.tie_embeddings = bool(model.tie_embeddings)
-        self.d_model = model.d_model
+        # T5 rescales the hidden state before tied logits; Llama-style models do not
+        self.tied_scale = 1.0 if model.kind == "rope_decoder" else model.d_model**-0.5
         self.embed = Embedding(config, rngs=rngs)
         if not self.tie_embeddings:
             self.output = OutputLogits(config, rngs=rngs)
@@ -443,7 +506,7 @@ class _LanguageModelHead(nnx.Module):
     def logits(self, x: jax.Array) -> jax.Array:
         """f32[B, L, V] from the final hidden states `[B, L, M]`."""
         if self.tie_embeddings:
-            return self.embed.attend(x * self.d_model**-0.5)  # T5's rescaling for tied logits
+            return self.embed.attend(x * self.tied_scale)
         return self.output(x)
 
 
@@ -460,12 +523,21 @@ def _check_tokens(name: str, tokens: jax.Array) -> None:
 
 
 class DecoderLM(_LanguageModelHead):
-    """Decoder-only causal LM (GLaM): embedding, causal stack of `model.num_layers`, logits."""
+    """Decoder-only causal LM: embedding, causal stack of `model.num_layers`, logits.
+
+    `model.kind` 'decoder' (GLaM): T5's relative position bias; 'rope_decoder' (Mixtral,
+    OLMoE): rotary positions and grouped-query attention in every layer.
+    """
 
     def __init__(self, config, *, rngs: nnx.Rngs):
         self._init_head(config, rngs)
         self.decoder = TransformerStack(
-            config, config.model.num_layers, causal=True, cross=False, rngs=rngs
+            config,
+            config.model.num_layers,
+            causal=True,
+            cross=False,
+            rngs=rngs,
+            rotary=config.model.kind == "rope_decoder",
         )
 
     def __call__(
@@ -617,13 +689,43 @@ class EncoderDecoder(_LanguageModelHead):
 
 
 def build_model(config, *, rngs: nnx.Rngs) -> DecoderLM | EncoderDecoder:
-    """The model `config.model.kind` names ('decoder' or 'encoder_decoder')."""
+    """The model `config.model.kind` names (one of `KINDS`)."""
     kind = config.model.kind
-    if kind == "decoder":
+    if kind in DECODER_KINDS:
         return DecoderLM(config, rngs=rngs)
     if kind == "encoder_decoder":
         return EncoderDecoder(config, rngs=rngs)
     raise ValueError(f"Unknown model.kind {kind!r}; use one of {KINDS}.")
+
+
+def router_logits(
+    model: DecoderLM | EncoderDecoder, *args, **kwargs
+) -> tuple[jax.Array, MoeAux | None, list[jax.Array]]:
+    """`model(*args, **kwargs)` plus every sparse layer's router logits.
+
+    Returns `(logits, aux, router_logits)`, `router_logits` a list of f32[G, T, E] (the layer's
+    routing groups, see `dispatch.group_tokens`), bottom to top, the encoder's layers first. The
+    routers' outputs are captured with `nnx.capture`, which cannot see into `nnx.scan`: build
+    the model with `model.scan_layers=False`.
+    """
+    stacks = [getattr(model, name) for name in ("encoder", "decoder") if hasattr(model, name)]
+    if any(stack.scan for stack in stacks):
+        raise ValueError(
+            "router_logits cannot read the routers of scanned layers; build the model with "
+            "model.scan_layers=False."
+        )
+    (logits, aux), captured = nnx.capture(model, nnx.Intermediate, method_outputs=nnx.Intermediate)(
+        *args, **kwargs
+    )
+    routers = [
+        (path, value)
+        for path, value in nnx.to_flat_state(captured)
+        if path[-2:] == ("router", "__call__")
+    ]
+    # encoder before decoder, then segment, block and layer indices in order
+    routers.sort(key=lambda item: (item[0][0] != "encoder", item[0][1:]))
+    # each router ran once: its captured outputs are a one-tuple of (Routing, logits)
+    return logits, aux, [value.get_value()[0][1] for _, value in routers]
 
 
 # ---------------------------------------------------------------------------- param counting

@@ -25,6 +25,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from moe_jax.config import DECODER_KINDS
+
 
 class TrainState(NamedTuple):
     """What a checkpoint holds; a pytree. `model_state` is the non-trainable model state
@@ -41,7 +43,7 @@ class TrainState(NamedTuple):
 
 def compute_loss(model, batch: dict, config, *, deterministic: bool):
     """`(loss, metrics)` of `model` on `batch`; metrics hold sums for token-weighted means."""
-    if config.model.kind == "decoder":
+    if config.model.kind in DECODER_KINDS:
         logits, aux = model(
             batch["inputs"],
             deterministic=deterministic,

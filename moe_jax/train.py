@@ -5,8 +5,10 @@
 
 The workdir receives `config.json` (the resolved config), `metrics.jsonl` and TensorBoard files
 (`moe_jax.metrics`), and `checkpoints/` (`moe_jax.checkpoint`). Running the same command again
-resumes from the latest checkpoint; raise `train.num_steps` to train further. Every check of the
-config, mesh, data and existing checkpoints runs before anything is written.
+resumes from the latest checkpoint; raise `train.num_steps` to train further. A new run starts
+from random weights, or from a Hugging Face checkpoint with `--config.train.init_from=hf:DIR`
+(`moe_jax.hf`; `--config=configs/hf.py:DIR` sets it with the checkpoint's architecture). Every
+check of the config, mesh, data and existing checkpoints runs before anything is written.
 
 Exact resume: a batch is a pure function of (seed, split, step) (`moe_jax.data`) and the dropout
 and router-jitter keys of step s are `fold_in(key(seed), s)` (`moe_jax.steps`), so a run resumed
@@ -45,12 +47,10 @@ from absl import app, flags, logging
 from flax import nnx
 from ml_collections import config_flags
 
-from moe_jax import checkpoint, data, metrics, multihost, optim, parallel
-from moe_jax.config import default_config
+from moe_jax import checkpoint, data, hf, metrics, multihost, optim, parallel
+from moe_jax.config import KINDS, default_config
 from moe_jax.models import build_model
 from moe_jax.steps import TrainState, make_eval_step, make_train_step, stand_in_rng_state
-
-KINDS = ("decoder", "encoder_decoder")
 
 
 class TrainingDiverged(RuntimeError):
@@ -96,7 +96,7 @@ def _check_groups(config, mesh, dataset: data.Dataset) -> None:
     shards = parallel.batch_shards(mesh, config.mesh.rules)
     rows = config.train.batch_size // shards
     group_size = config.moe.group_size
-    if config.moe.num_experts == 0 or shards == 1:
+    if config.moe.num_experts == 0 or shards == 1 or group_size == 0:  # 0: a group per row
         return
     for key, (shape, _) in dataset.element_spec.items():
         if key.endswith("inputs") and (rows * shape[1]) % group_size:
@@ -139,6 +139,7 @@ class _Prepared(NamedTuple):
 def _prepare(config, workdir: str, devices) -> _Prepared:
     """Every check that can fail, in order, before the workdir is touched."""
     check_config(config)
+    hf.init_from(config)  # checks a train.init_from checkpoint against the config
     mesh = parallel.mesh_from_config(config, devices=devices)
     try:
         parallel.check_batch(config.train.batch_size, mesh, config.mesh.rules)
@@ -173,6 +174,7 @@ def _create_state(config, mesh, optimizer) -> TrainState:
     model = parallel.create_sharded(
         lambda: build_model(config, rngs=nnx.Rngs(config.seed)), mesh, config.mesh.rules
     )
+    hf.init_from(config, model)  # the weights of train.init_from, if set
     _, params, _, model_state = nnx.split(model, nnx.Param, nnx.RngState, ...)
     opt_shardings = _optimizer_shardings(jax.eval_shape(optimizer.init, params), params, mesh)
     opt_state = jax.jit(optimizer.init, out_shardings=opt_shardings)(params)
@@ -396,6 +398,12 @@ def _train_loop(config, workdir, prepared, state, train_step, eval_step, checkpo
     return RunResult(step=step, preempted=preempted, state=state)
 
 
+def _write_config(config, workdir: str) -> None:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as file:
+        file.write(config.to_json_best_effort(indent=2) + "\n")
+
+
 def run(config, workdir: str, *, devices=None) -> RunResult:
     """Train `config` in `workdir`, resuming from its latest checkpoint if there is one.
 
@@ -409,9 +417,7 @@ def run(config, workdir: str, *, devices=None) -> RunResult:
     except ValueError as error:
         raise SetupError(str(error)) from error
     if multihost.is_main_process():
-        os.makedirs(workdir, exist_ok=True)
-        with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as file:
-            file.write(config.to_json_best_effort(indent=2) + "\n")
+        _write_config(config, workdir)
     multihost.sync("moe_jax.train: workdir ready")
     mesh = prepared.mesh
     with jax.set_mesh(mesh):
@@ -424,8 +430,9 @@ def run(config, workdir: str, *, devices=None) -> RunResult:
             prepared.abstract_model, config, mesh, prepared.optimizer
         )
         shardings = jax.tree.map(lambda leaf: leaf.sharding, target)
-        start = multihost.agree_on_step(checkpoints.latest_step()) or 0
-        if start:
+        latest = multihost.agree_on_step(checkpoints.latest_step())
+        start = latest or 0
+        if latest is not None:  # step 0 too: a converted checkpoint (moe_jax.convert)
             state, data_state = checkpoints.restore(start, target)
             if data_state["step"] != start:
                 raise ValueError(f"checkpoint {start} holds data position {data_state}.")
@@ -454,6 +461,24 @@ def run(config, workdir: str, *, devices=None) -> RunResult:
         return _train_loop(
             config, workdir, prepared, state, train_step, eval_step, checkpoints, start
         )
+
+
+def save_initial_checkpoint(config, workdir: str, *, devices=None) -> str:
+    """Writes `config.json` and a step-0 checkpoint of the state a new run of `config` starts
+    from (random weights, or `train.init_from`'s) into `workdir`, which must hold no checkpoint;
+    `run` resumes from it. Returns the checkpoint directory."""
+    workdir = os.path.abspath(workdir)
+    directory = os.path.join(workdir, checkpoint.CHECKPOINT_DIR)
+    if os.path.isdir(directory) and os.listdir(directory):
+        raise ValueError(f"{directory} already holds checkpoints; use a new --workdir.")
+    prepared = _prepare(config, workdir, devices)
+    _write_config(config, workdir)
+    with jax.set_mesh(prepared.mesh):
+        state = _create_state(config, prepared.mesh, prepared.optimizer)
+        checkpoints = checkpoint.Checkpoints(directory, keep=config.train.keep_checkpoints)
+        checkpoints.save(0, state, {"step": 0}, prepared.signature)
+        checkpoints.close()
+    return directory
 
 
 # -------------------------------------------------------------------------------- the CLI

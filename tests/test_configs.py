@@ -13,12 +13,15 @@ from flax import nnx
 from ml_collections import config_flags
 
 from moe_jax import models
+from moe_jax.config import DECODER_KINDS
 
 FAMILIES = {
     "dense": ("t5_base", "t5_large", "t5_xxl", "tiny"),
     "switch": ("base", "large", "xxl", "c", "tiny"),
     "st_moe": ("base", "l", "32b", "tiny"),
     "glam": ("0.1b_64e", "1.7b_64e", "8b_64e", "64b_64e", "tiny"),
+    "mixtral": ("8x7b", "tiny"),
+    "olmoe": ("1b_7b", "tiny"),
 }
 
 
@@ -113,6 +116,37 @@ def test_glam_64b_activated_matches_paper():
     assert within_printed_figure(active, 96.6 * B, 0.1 * B), active
 
 
+# (family, variant, total, active, relative tolerance): Mixtral (Jiang et al. 2024, Table 1 and
+# Sec. 1: 46.7B total, 12.9B active) and OLMoE-1B-7B (Muennighoff et al. 2024: 6.9B total, 1.3B
+# active, rounded), both counted with their untied embedding and output head.
+ROPE_DECODER_COUNTS = [
+    ("mixtral", "8x7b", 46.7 * B, 12.9 * B, 0.01),
+    ("olmoe", "1b_7b", 6.9 * B, 1.3 * B, 0.02),
+]
+
+
+@pytest.mark.parametrize("family, variant, total, active, tolerance", ROPE_DECODER_COUNTS)
+def test_rope_decoder_counts_match_papers(family, variant, total, active, tolerance):
+    counts = count(family, variant)
+    assert abs(counts["total"] / total - 1) <= tolerance, counts
+    assert abs(counts["active"] / active - 1) <= tolerance, counts
+
+
+def test_rope_decoder_paper_choices():
+    mixtral = get_config("mixtral", "8x7b")
+    assert mixtral.model.kind == "rope_decoder" and mixtral.model.num_kv_heads == 8
+    assert (mixtral.moe.num_experts, mixtral.moe.k, mixtral.moe.normalize) == (8, 2, "topk")
+    assert (mixtral.model.rope_theta, mixtral.model.vocab_size) == (1e6, 32_000)
+    olmoe = get_config("olmoe", "1b_7b")
+    assert olmoe.model.qk_norm and (olmoe.moe.num_experts, olmoe.moe.k) == (64, 8)
+    assert olmoe.moe.normalize == "none"
+    assert (olmoe.loss.aux_coef, olmoe.loss.z_coef) == (1e-2, 1e-3)
+    for config in (mixtral, olmoe):
+        assert config.moe.backend == "dropless" and config.moe.router_jitter == 0.0
+        assert config.model.ffn_activation == config.moe.activation == "swiglu"
+        assert not config.model.tie_embeddings and config.model.norm_epsilon == 1e-5
+
+
 def test_expert_count_in_variant_name_equals_override():
     from_name = get_config("switch", "base-16")
     overridden = get_config("switch", "base")
@@ -153,7 +187,7 @@ def batch_for(config, batch: int = 2, length: int = 32):
     """Random token ids (shorter than the config's seq_len: shapes do not change the code path)."""
     model = config.model
     ids = jax.random.randint(jax.random.key(0), (batch, length), 3, model.vocab_size)
-    if model.kind == "decoder":
+    if model.kind in DECODER_KINDS:
         return (ids,)
     return ids, ids[:, : length // 4]
 

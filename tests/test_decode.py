@@ -63,12 +63,15 @@ CASES = [
     ("decoder", {"router": "noisy_top_k", "k": 2, "normalize": "topk", "batch_prioritized": True}),
     ("decoder", {"router": "aux_free", "num_shared_experts": 1, "extra_dense_ffn": True}),
     ("encoder_decoder", {"router": "experts_choose", "decoder_router": "tokens_choose"}),
+    ("rope_decoder", {"k": 2, "normalize": "topk"}),  # GQA with 1 key/value head, q/k norm
 ]
 
 
 @pytest.mark.parametrize("kind, overrides", CASES)
 def test_cached_decoding_matches_the_full_forward_pass(kind, overrides):
     config = micro_config(kind, **overrides)
+    if kind == "rope_decoder":
+        config.model.num_kv_heads, config.model.qk_norm = 1, True
     model = build(config)
     prompts, lengths = prompts_and_lengths()
     new_tokens, logits = decode.generate(

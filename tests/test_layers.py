@@ -194,7 +194,7 @@ def test_dense_feed_forward_matches_experts_ffn_and_dropout_only_in_training():
         ({"num_experts": 2, "k": 3}, "moe.k"),
         ({"backend": "ragged"}, "dispatch backend"),
         ({"activation": "tanh"}, "activation"),
-        ({"group_size": 0}, "group_size"),
+        ({"group_size": -1}, "group_size"),
         ({"router": "top1"}, "router"),
         ({"router": "gshard_top2", "k": 1}, "k=2"),
         ({"num_experts": 0}, "FeedForward"),
@@ -205,6 +205,21 @@ def test_dense_feed_forward_matches_experts_ffn_and_dropout_only_in_training():
 def test_bad_configs_raise(change, message):
     with pytest.raises(ValueError, match=message):
         layers.MoeFeedForward(_config(**change), nnx.Rngs(0))
+
+
+def test_group_per_sequence_with_absolute_capacity():
+    """group_size=0 routes each sequence as one group; expert_capacity fixes the slots. Oracle:
+    explicit groups of L tokens and the capacity factor that gives the same slot count."""
+    per_sequence = layers.MoeFeedForward(_config(group_size=0, expert_capacity=1), nnx.Rngs(0))
+    explicit = layers.MoeFeedForward(
+        _config(group_size=L, capacity_factor_eval=4 / L, min_capacity=1), nnx.Rngs(0)
+    )
+    assert explicit.capacity(L, deterministic=True) == per_sequence.capacity(99, True) == 1
+    y, aux = per_sequence(_x(), deterministic=True)
+    y_explicit, aux_explicit = explicit(_x(), deterministic=True)
+    np.testing.assert_allclose(y, y_explicit, rtol=1e-6)
+    np.testing.assert_allclose(aux.expert_load, aux_explicit.expert_load)
+    assert aux.fraction_tokens_dropped > 0
 
 
 def test_hash_router_needs_token_ids():

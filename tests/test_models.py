@@ -274,7 +274,7 @@ def _unstack(scanned_state: dict, unscanned_state: dict) -> dict:
     return values
 
 
-@pytest.mark.parametrize("kind", ["decoder", "encoder_decoder"])
+@pytest.mark.parametrize("kind", ["decoder", "rope_decoder", "encoder_decoder"])
 def test_scanned_and_unscanned_stacks_agree(kind):
     config = micro_config(kind, extra_dense_ffn=True)
     config.model.scan_layers = True
@@ -287,7 +287,7 @@ def test_scanned_and_unscanned_stacks_agree(kind):
     for path, value in _unstack(scanned_params, flat).items():
         flat[path][...] = value
     inputs = tokens(10, (2, 16))
-    args = (inputs,) if kind == "decoder" else (inputs, inputs[:, :8])
+    args = (inputs, inputs[:, :8]) if kind == "encoder_decoder" else (inputs,)
     logits_scanned, aux_scanned = apply(scanned, *args)
     logits_unscanned, aux_unscanned = apply(unscanned, *args)
     np.testing.assert_allclose(logits_scanned, logits_unscanned, rtol=1e-5, atol=1e-5)

@@ -1,0 +1,145 @@
+"""Convert between Hugging Face checkpoints and moe_jax training runs.
+
+    # Hugging Face -> a run that moe_jax.train resumes (step 0: the checkpoint's weights)
+    python -m moe_jax.convert --hf=/path/to/switch-base-8 --workdir=runs/switch8
+    python -m moe_jax.train --config=configs/hf.py:/path/to/switch-base-8 --workdir=runs/switch8
+
+    # a run's latest checkpoint -> Hugging Face (loads with transformers' from_pretrained)
+    python -m moe_jax.convert --workdir=runs/switch8 --to_hf=/path/to/out
+
+`--hf` takes the run's config from `--config` (default `configs/hf.py:DIR`, the checkpoint's
+architecture with the default training settings) and writes `config.json` and an orbax
+checkpoint of step 0 with `moe_jax.train.save_initial_checkpoint`; resume with the same
+`--config`. `--to_hf` reads the run's `config.json`, restores its latest checkpoint and writes
+it with `moe_jax.hf.save` in the family `config.model.hf_model_type` (or `--model_type`).
+"""
+
+import json
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from absl import app, flags, logging
+from flax import nnx
+from ml_collections import config_flags
+
+from moe_jax import checkpoint, hf, optim, train
+from moe_jax.config import default_config
+from moe_jax.hf.family import family_of
+from moe_jax.hf.loading import model_without_weights
+from moe_jax.steps import TrainState
+
+
+def run_config(workdir: str) -> ml_collections.ConfigDict:
+    """The config a run recorded in `workdir/config.json`, over `default_config()`."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.isfile(path):
+        raise ValueError(f"{workdir} holds no config.json; is it a moe_jax.train --workdir?")
+    with open(path, encoding="utf-8") as file:
+        stored = json.load(file)
+    config = default_config()
+
+    def update(target: ml_collections.ConfigDict, values: dict, prefix: str) -> None:
+        for key, value in values.items():
+            if key not in target:
+                raise ValueError(f"{path}: unknown config key {prefix}{key}.")
+            if isinstance(target[key], ml_collections.ConfigDict):
+                update(target[key], value, f"{prefix}{key}.")
+            else:
+                target[key] = tuple(value) if isinstance(value, list) else value
+
+    update(config, stored, "")
+    return config
+
+
+def restore_model(workdir: str, config) -> tuple[nnx.Module, int]:
+    """(model of `config` with the parameters of the latest checkpoint in `workdir`, its step)."""
+    directory = os.path.join(workdir, checkpoint.CHECKPOINT_DIR)
+    checkpoints = checkpoint.Checkpoints(directory, keep=1, read_only=True)
+    step = checkpoints.latest_step()
+    if step is None:
+        raise ValueError(f"{directory} holds no checkpoint to convert.")
+    model = model_without_weights(config)
+    _, params, _, model_state = nnx.split(model, nnx.Param, nnx.RngState, ...)
+    optimizer, _ = optim.make_optimizer(config.train)
+    on_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(
+        lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=on_device),
+        TrainState(
+            jax.ShapeDtypeStruct((), jnp.int32),
+            params,
+            model_state,
+            jax.eval_shape(optimizer.init, params),
+        ),
+    )
+    state, _ = checkpoints.restore(step, target)
+    checkpoints.close()
+    nnx.update(model, state.params, state.model_state)
+    return model, step
+
+
+def hf_to_run(hf_dir: str, workdir: str, config=None, *, devices=None) -> str:
+    """Writes the Hugging Face checkpoint `hf_dir` as step 0 of a run in `workdir` (over
+    `devices`, default all)."""
+    if config is None:
+        config = hf.load_config(hf_dir)
+    config = config.copy_and_resolve_references()
+    config.train.init_from = f"hf:{hf_dir}"
+    return train.save_initial_checkpoint(config, workdir, devices=devices)
+
+
+def run_to_hf(workdir: str, hf_dir: str, model_type: str = "", **save_options) -> list[str]:
+    """Writes the latest checkpoint of the run in `workdir` as a Hugging Face checkpoint."""
+    config = run_config(workdir)
+    if model_type:
+        config.model.hf_model_type = model_type
+    family_of(config)  # refuses an unknown or unset family before restoring anything
+    model, _ = restore_model(workdir, config)
+    return hf.save(config, model, hf_dir, **save_options)
+
+
+def _define_flags():
+    config = config_flags.DEFINE_config_file(
+        "config", None, "Run config for --hf (default configs/hf.py:DIR)."
+    )
+    flags.DEFINE_string("hf", None, "Hugging Face checkpoint directory to convert into --workdir.")
+    flags.DEFINE_string("to_hf", None, "Directory to write --workdir's checkpoint to, HF layout.")
+    flags.DEFINE_string("workdir", None, "moe_jax.train run directory.")
+    flags.DEFINE_string("model_type", "", "HF family for --to_hf (default: the config's).")
+    flags.DEFINE_integer("max_shard_bytes", 5 * 2**30, "Largest safetensors shard for --to_hf.")
+    flags.mark_flags_as_required(["workdir"])
+    return config
+
+
+def main(argv, config_flag) -> int:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    options = flags.FLAGS
+    if not options["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint step at INFO
+    if bool(options.hf) == bool(options.to_hf):
+        raise app.UsageError(
+            "pass exactly one of --hf=DIR (HF -> run) and --to_hf=DIR (run -> HF)."
+        )
+    try:
+        if options.hf:
+            written = hf_to_run(options.hf, options.workdir, config_flag.value)
+        else:
+            written = run_to_hf(
+                options.workdir,
+                options.to_hf,
+                options.model_type,
+                max_shard_bytes=options.max_shard_bytes,
+            )
+    except ValueError as error:
+        sys.stderr.write(f"moe_jax.convert: {error}\n")
+        return 1
+    print(f"wrote {written}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    _config_flag = _define_flags()
+    app.run(lambda argv: main(argv, _config_flag))

@@ -1,0 +1,166 @@
+"""The Hugging Face on-disk layout: `config.json` plus safetensors weights, whole or sharded.
+
+A checkpoint directory holds `config.json` and either one `model.safetensors` or shards
+`model-00001-of-0000N.safetensors` listed in `model.safetensors.index.json`
+(`{"metadata": {"total_size": bytes}, "weight_map": {tensor name: shard file}}`).
+
+`CheckpointReader` opens a directory, checks that every shard the index names exists, and reads
+tensor shapes from the safetensors headers without loading data; `get(name)` then reads one
+tensor (numpy, through `safetensors.safe_open`), so a conversion holds one tensor at a time.
+`write_checkpoint` writes tensors built one at a time into shards of at most `max_shard_bytes`,
+holding at most one shard in memory, and writes the index when there is more than one shard.
+Only `safetensors` and numpy are used: no torch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterable
+
+import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+CONFIG_FILE = "config.json"
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
+
+
+def _shard_name(index: int, count: int) -> str:
+    return f"model-{index:05d}-of-{count:05d}.safetensors"
+
+
+class CheckpointReader:
+    """Reads one Hugging Face checkpoint directory, one tensor at a time.
+
+    Attributes:
+      directory: the checkpoint directory.
+      config: the parsed `config.json`.
+      shapes: {tensor name: shape} of every tensor, from the file headers.
+    """
+
+    def __init__(self, directory: str):
+        self.directory = os.path.abspath(directory)
+        config_path = os.path.join(self.directory, CONFIG_FILE)
+        if not os.path.isfile(config_path):
+            raise ValueError(
+                f"{self.directory} is not a Hugging Face checkpoint: it has no {CONFIG_FILE} "
+                f"(download one with `huggingface-cli download ORG/NAME --local-dir DIR`)."
+            )
+        with open(config_path, encoding="utf-8") as file:
+            self.config = json.load(file)
+        self._file_of = self._tensor_files()
+        self._handles: dict[str, object] = {}
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        for name, filename in self._file_of.items():
+            tensor_slice = self._open(filename).get_slice(name)
+            self.shapes[name] = tuple(tensor_slice.get_shape())
+
+    def _tensor_files(self) -> dict[str, str]:
+        """{tensor name: file name}; checks that every file exists."""
+        index_path = os.path.join(self.directory, INDEX_FILE)
+        if os.path.isfile(index_path):
+            with open(index_path, encoding="utf-8") as file:
+                weight_map = json.load(file).get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise ValueError(f"{index_path} has no 'weight_map' of tensor names to shards.")
+            for filename in sorted(set(weight_map.values())):
+                if not os.path.isfile(os.path.join(self.directory, filename)):
+                    raise ValueError(
+                        f"{index_path} names the shard {filename!r}, which is missing from "
+                        f"{self.directory}; download the complete checkpoint."
+                    )
+            return dict(weight_map)
+        single = os.path.join(self.directory, SINGLE_FILE)
+        if not os.path.isfile(single):
+            raise ValueError(
+                f"{self.directory} holds neither {SINGLE_FILE} nor {INDEX_FILE}; only safetensors "
+                "checkpoints are read (convert a pytorch_model.bin with transformers first)."
+            )
+        with safe_open(single, framework="np") as handle:
+            return {name: SINGLE_FILE for name in handle.keys()}
+
+    def _open(self, filename: str):
+        if filename not in self._handles:
+            path = os.path.join(self.directory, filename)
+            self._handles[filename] = safe_open(path, framework="np")
+        return self._handles[filename]
+
+    def get(self, name: str) -> np.ndarray:
+        """The tensor `name` as a numpy array (read from disk now). bfloat16 tensors (the
+        published Mixtral and OLMoE checkpoints), which numpy cannot name, come back as
+        `ml_dtypes.bfloat16` arrays, read through safetensors' JAX reader."""
+        if name not in self._file_of:
+            raise ValueError(f"{self.directory} has no tensor {name!r}.")
+        filename = self._file_of[name]
+        handle = self._open(filename)
+        if handle.get_slice(name).get_dtype() != "BF16":
+            return handle.get_tensor(name)
+        with safe_open(os.path.join(self.directory, filename), framework="flax") as flax_handle:
+            return np.asarray(flax_handle.get_tensor(name))
+
+    def close(self) -> None:
+        self._handles.clear()
+
+
+def _nbytes(shape: tuple[int, ...], dtype) -> int:
+    return int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+
+
+def write_checkpoint(
+    directory: str,
+    config: dict,
+    tensors: Iterable[tuple[str, tuple[int, ...], object, Callable[[], np.ndarray]]],
+    *,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+) -> list[str]:
+    """Writes `config.json` and the weights into `directory`; returns the weight files written.
+
+    `tensors` lists `(name, shape, dtype, build)`; `build()` makes the tensor when its shard is
+    written (one shard in memory at a time). Shards hold at most `max_shard_bytes` (a tensor
+    larger than that gets a shard of its own); one shard is `model.safetensors`, more are
+    `model-0000k-of-0000n.safetensors` with `model.safetensors.index.json`.
+    """
+    if max_shard_bytes < 1:
+        raise ValueError(f"max_shard_bytes must be >= 1, got {max_shard_bytes}.")
+    tensors = list(tensors)
+    shards: list[list] = [[]]
+    shard_bytes = 0
+    for entry in tensors:
+        size = _nbytes(entry[1], entry[2])
+        if shards[-1] and shard_bytes + size > max_shard_bytes:
+            shards.append([])
+            shard_bytes = 0
+        shards[-1].append(entry)
+        shard_bytes += size
+    os.makedirs(directory, exist_ok=True)
+    names = (
+        [SINGLE_FILE]
+        if len(shards) == 1
+        else [_shard_name(i + 1, len(shards)) for i in range(len(shards))]
+    )
+    weight_map = {}
+    for filename, shard in zip(names, shards):
+        arrays = {}
+        for name, shape, dtype, build in shard:
+            array = np.ascontiguousarray(build(), dtype=dtype)
+            if array.shape != tuple(shape):
+                raise ValueError(f"tensor {name!r} was built as {array.shape}, declared {shape}.")
+            arrays[name] = array
+            weight_map[name] = filename
+        save_file(arrays, os.path.join(directory, filename), metadata={"format": "pt"})
+        del arrays
+    stale = [INDEX_FILE] if len(shards) == 1 else [SINGLE_FILE]
+    for filename in stale:
+        if os.path.exists(os.path.join(directory, filename)):
+            os.remove(os.path.join(directory, filename))
+    if len(shards) > 1:
+        total = sum(_nbytes(shape, dtype) for _, shape, dtype, _ in tensors)
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        with open(os.path.join(directory, INDEX_FILE), "w", encoding="utf-8") as file:
+            json.dump(index, file, indent=2, sort_keys=True)
+    with open(os.path.join(directory, CONFIG_FILE), "w", encoding="utf-8") as file:
+        json.dump(config, file, indent=2, sort_keys=True)
+    return names

@@ -1,0 +1,302 @@
+"""moe_jax.hf against transformers' Mixtral and OLMoE: logits, router logits, the load-balancing
+loss, both expert layouts, round trips, refusals.
+
+The oracle is a tiny random `transformers` model (seeded, float32, eager attention): 3 layers,
+4 query heads sharing 2 key/value heads, 6 (Mixtral) or 8 (OLMoE) experts, saved with
+`save_pretrained`, on batches with left and right padding.
+"""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import safetensors.numpy
+import torch
+import transformers
+from flax import nnx
+from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+from configs import hf as hf_configs
+from moe_jax import data, hf, losses, models, train
+from moe_jax.config import default_config
+from tests.test_hf_t5 import assert_close
+from tests.test_hf_train import first_step_cross_entropy, small_run
+
+VOCAB = 96
+TRAIN_VOCAB = 384  # the byte-level synthetic corpus needs >= 259 ids
+FAMILIES = ("mixtral", "olmoe")
+
+
+def hf_config(family: str, **overrides):
+    settings = dict(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=24,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        rms_norm_eps=1e-5,
+        rope_parameters={"rope_theta": 300.0, "rope_type": "default"},
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
+        attn_implementation="eager",
+    )
+    if family == "mixtral":
+        settings.update(num_local_experts=6, num_experts_per_tok=2, router_aux_loss_coef=0.02)
+        settings.update(overrides)
+        return transformers.MixtralConfig(**settings)
+    settings.update(num_experts=8, num_experts_per_tok=3, norm_topk_prob=False)
+    settings.update(router_aux_loss_coef=0.03)
+    settings.update(overrides)
+    return transformers.OlmoeConfig(**settings)
+
+
+def random_model(config, seed: int = 0):
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith("gate.weight"):
+                # transformers draws the router from N(0, 0.02); spread the experts' shares so
+                # that top-k choices are far from ties
+                parameter.mul_(20.0)
+    return model
+
+
+def batch(seed: int = 1, rows: int = 3, length: int = 12):
+    """Token ids and an attention mask: row 0 left-padded, row 2 right-padded."""
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, VOCAB, (rows, length))
+    mask = np.ones((rows, length), np.int64)
+    mask[0, :4] = 0
+    mask[2, 9:] = 0
+    return tokens, mask
+
+
+def torch_forward(model, tokens, mask):
+    with torch.no_grad():
+        return model(
+            input_ids=torch.tensor(tokens),
+            attention_mask=torch.tensor(mask),
+            output_router_logits=True,
+        )
+
+
+@nnx.jit
+def _ours(model, tokens, segment_ids):
+    return models.router_logits(model, tokens, deterministic=True, segment_ids=segment_ids)
+
+
+def ours_forward(model, tokens, mask):
+    """Our logits f32[B, L, V], aux, and each layer's router logits f32[B*L, E]."""
+    logits, aux, router = _ours(model, jnp.asarray(tokens), jnp.asarray(mask, jnp.int32))
+    flat = [np.asarray(x).reshape(-1, x.shape[-1])[: tokens.size] for x in router]
+    return np.asarray(logits), aux, flat
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def saved(request, tmp_path_factory):
+    """(family, transformers model, checkpoint directory written by save_pretrained)."""
+    family = request.param
+    reference = random_model(hf_config(family))
+    directory = tmp_path_factory.mktemp(family)
+    reference.save_pretrained(directory)
+    return family, reference, directory
+
+
+def test_loaded_model_equals_transformers(saved):
+    family, reference, directory = saved
+    config, model = hf.load(str(directory))
+    assert config.model.kind == "rope_decoder" and config.model.num_kv_heads == 2
+    assert config.model.qk_norm == (family == "olmoe") and config.moe.backend == "dropless"
+    assert config.moe.normalize == ("topk" if family == "mixtral" else "none")
+    assert config.loss.aux_coef == (0.02 if family == "mixtral" else 0.03)
+    tokens, mask = batch()
+    real = mask.astype(bool)
+    ours, aux, router = ours_forward(model, tokens, mask)
+    theirs = torch_forward(reference, tokens, mask)
+    assert_close(ours[real], theirs.logits.numpy()[real])
+
+    # per-layer router logits of the real tokens
+    their_router = [x.numpy() for x in theirs.router_logits]
+    assert len(router) == len(their_router) == 3
+    flat_real = real.reshape(-1)
+    for mine, their in zip(router, their_router):
+        assert_close(mine[flat_real], their[flat_real])
+
+    num_experts, k = config.moe.num_experts, config.moe.k
+    torch_mask = torch.tensor(mask)
+    # each layer's loss: transformers' function on that layer alone equals our per-layer loss
+    # (one routing group holds the whole batch)
+    for layer, their in enumerate(theirs.router_logits):
+        expected = load_balancing_loss_func((their,), num_experts, k, torch_mask)
+        np.testing.assert_allclose(aux.load_balancing_loss[layer], float(expected), rtol=1e-5)
+        # neither family reports a z-loss; ours is the mean squared log-partition of their
+        # logits over the real tokens
+        log_z = torch.logsumexp(their, dim=-1).numpy()[flat_real]
+        np.testing.assert_allclose(aux.router_z_loss[layer], np.mean(log_z**2), rtol=1e-4)
+    # the loss transformers reports pools all layers' tokens: our loss on our router logits of
+    # every layer taken as one group
+    pooled = jnp.concatenate([jnp.asarray(x) for x in router])[None]  # [1, S*B*L, E]
+    probs = jax.nn.softmax(pooled, axis=-1)
+    _, chosen = jax.lax.top_k(probs, k)
+    pooled_mask = jnp.tile(jnp.asarray(flat_real), len(router))[None]
+    ours_pooled = losses.load_balancing_loss(probs, chosen, pooled_mask)
+    np.testing.assert_allclose(ours_pooled, float(theirs.aux_loss), rtol=1e-5)
+
+
+def test_fused_expert_layout_loads_the_same(saved, tmp_path):
+    """transformers 5's in-memory layout (`mlp.experts.gate_up_proj`, `down_proj`), written as
+    is, loads to the same model as the per-expert layout that save_pretrained writes."""
+    family, reference, directory = saved
+    state = {name: tensor.numpy() for name, tensor in reference.state_dict().items()}
+    assert "model.layers.0.mlp.experts.gate_up_proj" in state
+    safetensors.numpy.save_file(state, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text((directory / "config.json").read_text())
+    _, fused = hf.load(str(tmp_path))
+    _, per_expert = hf.load(str(directory))
+    for (path, a), (_, b) in zip(
+        nnx.to_flat_state(nnx.state(fused, nnx.Param)),
+        nnx.to_flat_state(nnx.state(per_expert, nnx.Param)),
+    ):
+        np.testing.assert_array_equal(a[...], b[...], err_msg=str(path))
+
+
+def test_round_trip_through_transformers(saved, tmp_path):
+    """transformers -> moe_jax -> save (sharded) -> transformers loads every key -> same logits."""
+    family, reference, directory = saved
+    config, model = hf.load(str(directory))
+    written = hf.save(config, model, str(tmp_path), max_shard_bytes=20_000)
+    assert len(written) > 2
+    loaded, info = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path, output_loading_info=True, attn_implementation="eager"
+    )
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    assert not info["mismatched_keys"], info
+    tokens, mask = batch(seed=2)
+    real = mask.astype(bool)
+    ours, _, _ = ours_forward(model, tokens, mask)
+    assert_close(ours[real], torch_forward(loaded.eval(), tokens, mask).logits.numpy()[real])
+
+
+def test_model_initialised_here_saves_for_transformers(saved, tmp_path):
+    """A model of the checkpoint's architecture with our own random initialisation -> save ->
+    transformers loads every key and computes our logits -> loading it back gives our weights."""
+    family, _, directory = saved
+    config = hf.load_config(str(directory))
+    model = models.build_model(config, rngs=nnx.Rngs(3))
+    hf.save(config, model, str(tmp_path))
+    saved_config = json.loads((tmp_path / "config.json").read_text())
+    assert saved_config["model_type"] == family and saved_config["num_key_value_heads"] == 2
+    loaded, info = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path, output_loading_info=True, attn_implementation="eager"
+    )
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    tokens, mask = batch(seed=4)
+    real = mask.astype(bool)
+    ours, _, _ = ours_forward(model, tokens, mask)
+    assert_close(ours[real], torch_forward(loaded.eval(), tokens, mask).logits.numpy()[real])
+    _, reloaded = hf.load(str(tmp_path))
+    for (path, a), (_, b) in zip(
+        nnx.to_flat_state(nnx.state(model, nnx.Param)),
+        nnx.to_flat_state(nnx.state(reloaded, nnx.Param)),
+    ):
+        np.testing.assert_array_equal(a[...], b[...], err_msg=str(path))
+
+
+def rope_decoder_config(family: str):
+    """A moe_jax config of the family's architecture."""
+    config = default_config()
+    model, moe = config.model, config.moe
+    model.kind, model.hf_model_type = "rope_decoder", family
+    model.vocab_size, model.d_model, model.num_layers = VOCAB, 32, 2
+    model.num_heads, model.num_kv_heads, model.head_dim = 4, 1, 8
+    model.ffn_activation, model.norm_epsilon, model.qk_norm = "swiglu", 1e-5, family == "olmoe"
+    moe.num_experts, moe.k, moe.d_ff, moe.sparse_every = 4, 2, 16, 1
+    moe.normalize, moe.backend = "topk", "dropless"
+    return config
+
+
+@pytest.mark.parametrize(
+    "family, field, value",
+    [
+        ("mixtral", "sliding_window", 4),
+        ("mixtral", "router_jitter_noise", 0.1),
+        ("mixtral", "hidden_act", "gelu"),
+        ("olmoe", "clip_qkv", 8.0),
+        ("olmoe", "attention_bias", True),
+    ],
+)
+def test_unsupported_fields_are_named(family, field, value, tmp_path):
+    random_model(hf_config(family, **{field: value})).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=f"{field}={value!r}"):
+        hf.load(str(tmp_path))
+
+
+def test_config_fields_rope_spellings_and_norm_topk_prob():
+    family = hf.get_family("mixtral")
+    legacy = family.to_moe_config({"rope_theta": 1234.0}, frozenset())
+    assert legacy["model.rope_theta"] == 1234.0
+    current = {"rope_parameters": {"rope_theta": 99.0, "rope_type": "default"}}
+    assert family.to_moe_config(current, frozenset())["model.rope_theta"] == 99.0
+    olmoe = hf.get_family("olmoe")
+    assert olmoe.to_moe_config({}, frozenset())["moe.normalize"] == "none"
+    assert olmoe.to_moe_config({"norm_topk_prob": True}, frozenset())["moe.normalize"] == "topk"
+    scaled = {"rope_parameters": {"rope_theta": 99.0, "rope_type": "yarn", "factor": 4.0}}
+    with pytest.raises(ValueError, match="rope_type='yarn'"):
+        family.to_moe_config(scaled, frozenset())
+
+
+def test_settings_a_family_cannot_express_are_refused_before_writing(tmp_path):
+    config = rope_decoder_config("mixtral")
+    config.model.qk_norm = True  # Mixtral has no q/k norm
+    model = nnx.eval_shape(lambda: models.build_model(config, rngs=nnx.Rngs(0)))
+    with pytest.raises(ValueError, match="model.qk_norm=True"):
+        hf.save(config, model, str(tmp_path / "out"))
+    config = rope_decoder_config("olmoe")
+    config.moe.sparse_every = 2
+    with pytest.raises(ValueError, match="experts in every layer"):
+        hf.save(config, model, str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_init_from_mixtral_starts_from_the_transformers_loss(tmp_path):
+    """`--config=configs/hf.py:DIR` fine-tunes a decoder-only checkpoint: the first step's
+    cross-entropy is transformers' loss on the same batch (our targets are the inputs shifted by
+    one, so transformers is given them unshifted as `shift_labels`)."""
+    reference = random_model(hf_config("mixtral", vocab_size=TRAIN_VOCAB, num_hidden_layers=2))
+    with torch.no_grad():  # logits far from uniform, so that only the right weights match
+        reference.lm_head.weight.mul_(50.0)
+    reference.save_pretrained(tmp_path / "hf")
+    config = small_run(hf_configs.get_config(str(tmp_path / "hf")))
+    assert config.model.kind == "rope_decoder" and config.train.init_from
+    batch = data.dataset_from_config(config, "train").batch(0)
+    train.run(config, str(tmp_path / "run"), devices=jax.devices()[:1])
+    labels = np.where(batch["weights"] > 0, batch["targets"], -100).astype(np.int64)
+    with torch.no_grad():
+        output = reference(
+            input_ids=torch.tensor(batch["inputs"], dtype=torch.long),
+            attention_mask=torch.tensor(batch["segment_ids"] > 0, dtype=torch.long),
+            labels=torch.tensor(labels),
+            shift_labels=torch.tensor(labels),
+        )
+    assert abs(float(output.loss) - np.log(TRAIN_VOCAB)) > 0.1
+    np.testing.assert_allclose(
+        first_step_cross_entropy(tmp_path / "run"), float(output.loss), rtol=1e-4
+    )
+
+
+def test_bfloat16_checkpoints_load(tmp_path):
+    """Published Mixtral and OLMoE checkpoints hold bfloat16 tensors, which numpy cannot name."""
+    reference = random_model(hf_config("olmoe")).to(torch.bfloat16)
+    reference.save_pretrained(tmp_path)
+    config, model = hf.load(str(tmp_path))
+    table = reference.model.embed_tokens.weight.detach().float().numpy()
+    np.testing.assert_array_equal(model.embed.embedding[...], table)
+    gate = reference.model.layers[1].mlp.gate.weight.detach().float().numpy()
+    router = model.decoder.segments[0][1].layers[0].ffn.router.kernel[...]
+    np.testing.assert_array_equal(router, gate.T)
+    assert model.embed.embedding[...].dtype == jnp.float32
