@@ -18,7 +18,7 @@ import sys
 
 import jax
 import numpy as np
-from absl import app, flags
+from absl import app, flags, logging
 
 from moe_jax import data, decode, train
 
@@ -65,6 +65,8 @@ def main(argv: list[str]) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     options = flags.FLAGS
+    if not options["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # orbax logs its restores at INFO
     if bool(options.workdir) == bool(options.hf):
         raise app.UsageError("pass exactly one of --workdir (a training run) or --hf (a HF dir).")
     prompt_ids = [int(i) for i in options.prompt_ids.split(",")] if options.prompt_ids else []

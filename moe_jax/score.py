@@ -25,7 +25,7 @@ from collections.abc import Iterator
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import app, flags, logging
 from flax import nnx
 
 from moe_jax import data, decode, train
@@ -122,6 +122,8 @@ def main(argv: list[str]) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     options = flags.FLAGS
+    if not options["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # orbax logs its restores at INFO
     try:
         config, model, step = train.restore_for_inference(options.workdir)
         tokens = text_rows(options.text, options.length or config.train.seq_len)
