@@ -1,6 +1,6 @@
 """Tokens per second of cached decoding against recomputing the prefix at every step.
 
-    python experiments/benchmark_decode.py --new-tokens=256 --batch=1 --repeats=3
+    python -m experiments.benchmark_decode --new-tokens=256 --batch=1 --repeats=3
 
 The model is `configs/switch.py:tiny` (decoder-only, 4 layers of d_model 128, 8 experts at every
 other FFN) with random weights. Both ways decode greedily inside one jit-compiled

@@ -1,6 +1,6 @@
 """What the experts learned, from a routing trace of `python -m moe_jax.score`.
 
-    python experiments/routing_report.py --trace=trace.jsonl --figure=experiments/figures/x.png
+    python -m experiments.routing_report --trace=trace.jsonl --figure=experiments/figures/x.png
 
 Prints a markdown report and writes one figure:
 (a) a token x layer picture: the first `--tokens` tokens of the trace along x, the MoE layers
