@@ -11,6 +11,14 @@ Flax NNX modules with no biases anywhere (T5 v1.1, Raffel et al. 2020 and its v1
 
 Masks are boolean `[B, 1, Lq, Lk]` (True: the query may attend to the key); `attention_mask`
 builds them from causality, segment ids (packing) and key padding.
+
+Key/value cache (incremental decoding, `moe_jax.decode`). `MultiHeadAttention.cache` is None in
+training; `init_cache` gives it an `AttentionCache` holding the projected keys and values,
+`[2, B, Lc, N, D]` (keys first).
+A self-attention call with `cache_index` writes its keys/values at cache rows
+`cache_index .. cache_index + Lq - 1` and attends to all `Lc` rows (the mask hides the unwritten
+ones); a cross-attention call with `keys_values` fills the cache once, and later calls with
+`keys_values=None` reuse it.
 """
 
 from __future__ import annotations
@@ -164,6 +172,10 @@ def attention_mask(
     return mask[:, None]  # [B, 1, Lq, Lk]
 
 
+class AttentionCache(nnx.Cache):
+    """Projected keys and values stacked as `[2, B, Lc, N, D]` (keys first), compute dtype."""
+
+
 class MultiHeadAttention(nnx.Module):
     """Multi-head attention with no biases; reads `config.model.{d_model, num_heads, head_dim,
     dropout_rate, dtype, param_dtype}`.
@@ -191,28 +203,59 @@ class MultiHeadAttention(nnx.Module):
         self.wv = _param(init_in(rngs.params(), shape_in, param_dtype), names_in)
         shape_out = (self.num_heads, self.head_dim, model.d_model)
         self.wo = _param(init_out(rngs.params(), shape_out, param_dtype), ("heads", "kv", "embed"))
+        self.cache: AttentionCache | None = nnx.data(None)
+
+    def init_cache(self, batch: int, length: int) -> None:
+        """Give this module an empty (zero) cache of `length` keys and values per sequence.
+
+        A module of a scanned stack (weights with leading layer axes) gets one cache per layer,
+        `[R, 2, B, Lc, N, D]`.
+        """
+        layers = self.wq.shape[:-3]
+        shape = (*layers, 2, batch, length, self.num_heads, self.head_dim)
+        self.cache = AttentionCache(jnp.zeros(shape, self.dtype))
 
     def _project(self, x: jax.Array, w: nnx.Param) -> jax.Array:
         w = w[...].astype(self.dtype)
         return dense_matmul(x.astype(self.dtype), w).astype(self.dtype)  # [B, L, N, D]
 
+    def _keys_values(
+        self, keys_values: jax.Array | None, cache_index: jax.Array | None
+    ) -> tuple[jax.Array, jax.Array]:
+        """Projected keys and values `[B, Lk, N, D]`, through the cache when there is one."""
+        if keys_values is not None:
+            k = self._project(keys_values, self.wk)  # [B, Lk, N, D]
+            v = self._project(keys_values, self.wv)  # [B, Lk, N, D]
+            if self.cache is None:
+                return k, v
+            new = jnp.stack([k, v])  # [2, B, Lk, N, D]
+            if cache_index is not None:  # self-attention: write the new rows
+                new = jax.lax.dynamic_update_slice_in_dim(self.cache[...], new, cache_index, axis=2)
+            self.cache[...] = new  # [2, B, Lc, N, D]
+            return new[0], new[1]
+        if self.cache is None:
+            raise ValueError("keys_values=None reads the cache, but this module has none.")
+        return self.cache[0], self.cache[1]
+
     def __call__(
         self,
         queries: jax.Array,
-        keys_values: jax.Array,
+        keys_values: jax.Array | None,
         *,
         mask: jax.Array,
         bias: jax.Array | None = None,
         deterministic: bool,
+        cache_index: jax.Array | None = None,
     ) -> jax.Array:
         """Attend from `queries: [B, Lq, M]` to `keys_values: [B, Lk, M]`.
 
         `mask: bool[B, 1, Lq, Lk]` (see `attention_mask`); `bias: f32[B, N, Lq, Lk]` (relative
-        positions) or None. Returns `[B, Lq, M]` in the compute dtype.
+        positions) or None. With a cache (see the module docstring), `Lk` is the cache length,
+        `cache_index: i32[]` is where a self-attention call writes, and `keys_values=None` reuses
+        cached cross-attention keys. Returns `[B, Lq, M]` in the compute dtype.
         """
         q = self._project(queries, self.wq)  # [B, Lq, N, D]
-        k = self._project(keys_values, self.wk)  # [B, Lk, N, D]
-        v = self._project(keys_values, self.wv)  # [B, Lk, N, D]
+        k, v = self._keys_values(keys_values, cache_index)  # [B, Lk, N, D]
         logits = jnp.einsum("bqnd,bknd->bnqk", q, k, preferred_element_type=jnp.float32)
         logits = logits / math.sqrt(self.head_dim)  # [B, N, Lq, Lk]
         if bias is not None:

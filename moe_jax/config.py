@@ -17,6 +17,7 @@ import ml_collections
 # 'rope_decoder' (Llama-style: rotary positions, grouped-query attention; Mixtral, OLMoE).
 DECODER_KINDS = ("decoder", "rope_decoder")
 KINDS = (*DECODER_KINDS, "encoder_decoder")
+EVAL_FULL_PASS = -1  # train.eval_steps that evaluates on the whole validation split, once
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -113,6 +114,8 @@ def default_config() -> ml_collections.ConfigDict:
             "checkpoint_every": 100,
             "keep_checkpoints": 3,
             "eval_every": 100,
+            # batches per evaluation (the first ones of the split, the same every time), or
+            # -1 (EVAL_FULL_PASS): the whole validation split once (text files and TFDS)
             "eval_steps": 4,
             "log_every": 10,
             # 'hf:DIR' starts from the weights of a Hugging Face checkpoint (moe_jax.hf)

@@ -67,6 +67,8 @@ class MoeAux(NamedTuple):
         from `expert_load`); the filled slots for experts_choose, which has no choices.
       router_logit_max: f32[] largest absolute router logit over the real tokens (0 for hash
         routing): the logit growth that the z-loss holds back (ST-MoE, Sec. 3.3).
+      token_weights: f32[B, L, E] the combine weight each token got from each expert (0: not
+        routed there, or dropped), when the layer's `trace_routing` is on; else None.
     """
 
     load_balancing_loss: jax.Array
@@ -78,6 +80,7 @@ class MoeAux(NamedTuple):
     expert_load: jax.Array
     expert_load_routed: jax.Array
     router_logit_max: jax.Array
+    token_weights: jax.Array | None = None
 
 
 def _param(value: jax.Array, names: tuple[str | None, ...]) -> nnx.Param:
@@ -269,6 +272,11 @@ class MoeFeedForward(nnx.Module):
     expert_dropout, num_shared_experts, bias_update_rate, ...}` (router keys: see `Router`).
     Expert weights: `wi: [E, M, H]`, `wi_gate: [E, M, H]` (gated activations), `wo: [E, H, M]`,
     drawn with unit-scale truncated-normal fan-in init.
+
+    Two static switches for inference (`moe_jax.decode` sets them on a copy of a model):
+    `dropless = True` routes a tokens-choose router with `capacity=None` (no token is dropped,
+    whatever the capacity factor; Expert Choice keeps its capacity), and `trace_routing = True`
+    fills `MoeAux.token_weights`.
     """
 
     def __init__(self, config, rngs: nnx.Rngs):
@@ -337,6 +345,8 @@ class MoeFeedForward(nnx.Module):
         )
         self.rngs = rngs["dropout"].fork()
         self.experts_impl: Callable[..., jax.Array] = parallel.ExpertParallel.from_config(config)
+        self.dropless = False
+        self.trace_routing = False
 
     def expert_param_names(self) -> tuple[str, ...]:
         """Attribute names of the stacked expert weights, as `experts.ffn` keys them."""
@@ -348,8 +358,8 @@ class MoeFeedForward(nnx.Module):
 
     def capacity(self, tokens_per_group: int, deterministic: bool) -> int | None:
         """Slots per expert per group: `moe.expert_capacity` when set, else from the capacity
-        factors; None (never drop) for the dropless backend."""
-        if self.backend == "dropless":
+        factors; None (never drop) for the dropless backend or the `dropless` switch."""
+        if self.backend == "dropless" or (self.dropless and self.router_kind != "experts_choose"):
             return None
         if self.expert_capacity > 0:
             capacity = self.expert_capacity
@@ -411,9 +421,19 @@ class MoeFeedForward(nnx.Module):
             bias[...] = routing.update_expert_bias(
                 bias[...], route, rate=self.bias_update_rate, padding_mask=real
             )
-        return y.astype(x.dtype), self._aux(route, logits, real)
+        token_weights = None
+        if self.trace_routing:
+            _, combine = routing.to_masks(route, grouping.group_size)  # [G, T, E, C]
+            token_weights = grouping(combine.sum(-1))  # [B, L, E]
+        return y.astype(x.dtype), self._aux(route, logits, real, token_weights)
 
-    def _aux(self, route: routing.Routing, logits: Any, real: jax.Array) -> MoeAux:
+    def _aux(
+        self,
+        route: routing.Routing,
+        logits: Any,
+        real: jax.Array,
+        token_weights: jax.Array | None,
+    ) -> MoeAux:
         zero = jnp.zeros((), jnp.float32)
         balance = {
             "tokens_choose": losses.load_balancing_loss,
@@ -435,4 +455,5 @@ class MoeFeedForward(nnx.Module):
             expert_load=metrics["expert_load"],
             expert_load_routed=routed / jnp.maximum(jnp.sum(routed), 1.0),
             router_logit_max=logit_max,
+            token_weights=token_weights,
         )

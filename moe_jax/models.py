@@ -129,13 +129,15 @@ class LayerInputs(NamedTuple):
     """What every layer of a stack reads besides the residual stream (a pytree of arrays).
 
     Attributes:
-      self_mask: bool[B, 1, L, L]; self_bias: f32[B, N, L, L] relative position bias, or None
-        (rotary positions).
+      self_mask: bool[B, 1, L, Lk]; self_bias: f32[B, N, L, Lk] relative position bias, or None
+        (rotary positions); Lk = L, or the cache length when decoding with a cache.
       token_ids: i32[B, L] the stack's input tokens (hash routing).
       padding_mask: bool[B, L] True for real tokens.
       encoded: [B, Le, M] encoder output (decoder of an encoder-decoder) or None.
       cross_mask: bool[B, 1, L, Le] or None.
       positions: i32[B, L] rotary positions (rope_decoder) or None.
+      cache_index: i32[] cache row of the first of the L tokens when decoding with a cache, else
+        None.
     """
 
     self_mask: jax.Array
@@ -145,6 +147,7 @@ class LayerInputs(NamedTuple):
     encoded: jax.Array | None = None
     cross_mask: jax.Array | None = None
     positions: jax.Array | None = None
+    cache_index: jax.Array | None = None
 
 
 class TransformerLayer(nnx.Module):
@@ -190,11 +193,20 @@ class TransformerLayer(nnx.Module):
         h = self.self_norm(x)
         if self.rotary:
             h = self.self_attention(
-                h, mask=inputs.self_mask, positions=inputs.positions, deterministic=deterministic
+                h,
+                mask=inputs.self_mask,
+                positions=inputs.positions,
+                deterministic=deterministic,
+                cache_index=inputs.cache_index,
             )
         else:
             h = self.self_attention(
-                h, h, mask=inputs.self_mask, bias=inputs.self_bias, deterministic=deterministic
+                h,
+                h,
+                mask=inputs.self_mask,
+                bias=inputs.self_bias,
+                deterministic=deterministic,
+                cache_index=inputs.cache_index,
             )
         x = residual(x, h)
         if self.cross:
@@ -292,7 +304,8 @@ class TransformerStack(nnx.Module):
 
     Holds the relative position bias (none with `rotary`: rotary positions in each layer's
     attention), the layers (in segments, see `layer_plan`), and the final RMSNorm; the token
-    embedding belongs to the model.
+    embedding belongs to the model. `init_cache` prepares it for incremental decoding
+    (`moe_jax.decode`).
     """
 
     def __init__(
@@ -360,6 +373,16 @@ class TransformerStack(nnx.Module):
         self.segments = nnx.List(segments)
         self.final_norm = _rms_norm(config)
         self.dropout = nnx.Dropout(model.dropout_rate, rngs=rngs)
+        self.cache_length: int | None = None
+
+    def init_cache(self, batch: int, length: int, encoder_length: int | None = None) -> None:
+        """Empty self-attention caches of `length` rows (and cross-attention caches of
+        `encoder_length` rows) in every layer, for `batch` sequences."""
+        for path, module in nnx.iter_modules(self):
+            if isinstance(module, MultiHeadAttention | GroupedQueryAttention):
+                cross = path[-1] == "cross_attention"
+                module.init_cache(batch, encoder_length if cross else length)
+        self.cache_length = length
 
     def __call__(
         self,
@@ -372,25 +395,39 @@ class TransformerStack(nnx.Module):
         deterministic: bool,
         encoded: jax.Array | None = None,
         cross_mask: jax.Array | None = None,
+        cache_index: jax.Array | None = None,
     ) -> tuple[jax.Array, MoeAux | None]:
         """Embedded tokens `x: [B, L, M]` -> (normed output `[B, L, M]`, stacked MoeAux or None).
 
         `token_ids, positions: i32[B, L]`; `padding_mask: bool[B, L]`; `segment_ids: i32[B, L]`
         or None; `encoded: [B, Le, M]` and `cross_mask: bool[B, 1, L, Le]` for cross-attention.
+        After `init_cache`, `cache_index: i32[]` says which cache rows the L tokens fill (their
+        `positions` must be those rows): each token attends to the rows up to its own, and
+        `encoded=None` reuses the cached cross-attention keys and values.
         """
-        inputs = LayerInputs(
-            self_mask=attention_mask(
+        if cache_index is None:
+            self_mask = attention_mask(
                 key_valid=padding_mask,
                 query_segments=segment_ids,
                 key_segments=segment_ids,
                 causal=self.causal,
-            ),
-            self_bias=None if self.rotary else self.position_bias(positions, positions),
+            )
+            key_positions = positions
+        else:
+            if self.cache_length is None:
+                raise ValueError("cache_index needs a cache: call init_cache first.")
+            key_positions = jnp.arange(self.cache_length, dtype=jnp.int32)[None]  # [1, Lc]
+            self_mask = (key_positions[:, None, :] <= positions[:, :, None])[:, None]
+            # [B, 1, L, Lc]
+        inputs = LayerInputs(
+            self_mask=self_mask,
+            self_bias=None if self.rotary else self.position_bias(positions, key_positions),
             token_ids=token_ids,
             padding_mask=padding_mask,
             encoded=encoded,
             cross_mask=cross_mask,
             positions=positions if self.rotary else None,
+            cache_index=cache_index,
         )
 
         def run_block(block: LayerBlock, x: jax.Array, inputs: LayerInputs):
@@ -523,23 +560,35 @@ class DecoderLM(_LanguageModelHead):
         deterministic: bool,
         segment_ids: jax.Array | None = None,
         positions: jax.Array | None = None,
+        cache_index: jax.Array | None = None,
     ) -> tuple[jax.Array, MoeAux | None]:
         """`tokens: i32[B, L]` -> (f32[B, L, V] logits, MoeAux `[num_sparse_layers, ...]` or None).
 
         `segment_ids: i32[B, L]` packing segments (0: padding); `positions: i32[B, L]` positions
         within segments (default 0..L-1; only their differences within a segment matter).
+        After `init_cache`, `cache_index: i32[]` says that `tokens` are positions
+        `cache_index .. cache_index + L - 1` of the sequences whose earlier tokens are cached.
         """
         _check_tokens("tokens", tokens)
         padding_mask = jnp.ones(tokens.shape, jnp.bool_) if segment_ids is None else segment_ids > 0
+        if positions is None:
+            positions = (
+                _positions(tokens) if cache_index is None else cache_index + _positions(tokens)
+            )
         x, aux = self.decoder(
             self.embed(tokens),
             token_ids=tokens,
             padding_mask=padding_mask,
-            positions=_positions(tokens) if positions is None else positions,
+            positions=positions,
             segment_ids=segment_ids,
             deterministic=deterministic,
+            cache_index=cache_index,
         )
         return self.logits(x), aux
+
+    def init_cache(self, batch: int, length: int) -> None:
+        """Empty key/value caches for `batch` sequences of up to `length` tokens."""
+        self.decoder.init_cache(batch, length)
 
 
 class EncoderDecoder(_LanguageModelHead):
@@ -567,41 +616,89 @@ class EncoderDecoder(_LanguageModelHead):
         """`encoder_inputs: i32[B, Le]`, `decoder_inputs: i32[B, Ld]` (targets shifted right)
         -> (f32[B, Ld, V] logits, MoeAux `[num_sparse_layers, ...]` (encoder first) or None).
         """
+        encoded, encoder_valid, encoder_aux = self.encode(
+            encoder_inputs, deterministic=deterministic, segment_ids=encoder_segment_ids
+        )
+        logits, decoder_aux = self.decode(
+            decoder_inputs,
+            encoded,
+            encoder_valid,
+            deterministic=deterministic,
+            encoder_segment_ids=encoder_segment_ids,
+            decoder_segment_ids=decoder_segment_ids,
+        )
+        return logits, _concat_aux([encoder_aux, decoder_aux])
+
+    def encode(
+        self,
+        encoder_inputs: jax.Array,
+        *,
+        deterministic: bool,
+        segment_ids: jax.Array | None = None,
+    ) -> tuple[jax.Array, jax.Array, MoeAux | None]:
+        """`encoder_inputs: i32[B, Le]` -> (encoded `[B, Le, M]`, bool[B, Le] real tokens,
+        the encoder's MoeAux or None)."""
         _check_tokens("encoder_inputs", encoder_inputs)
-        _check_tokens("decoder_inputs", decoder_inputs)
-        if encoder_segment_ids is None:
-            encoder_valid = encoder_inputs != 0
-        else:
-            encoder_valid = encoder_segment_ids > 0
-        if decoder_segment_ids is None:
-            decoder_valid = jnp.ones(decoder_inputs.shape, jnp.bool_)
-        else:
-            decoder_valid = decoder_segment_ids > 0
-        encoded, encoder_aux = self.encoder(
+        encoder_valid = encoder_inputs != 0 if segment_ids is None else segment_ids > 0
+        encoded, aux = self.encoder(
             self.embed(encoder_inputs),
             token_ids=encoder_inputs,
             padding_mask=encoder_valid,
             positions=_positions(encoder_inputs),
-            segment_ids=encoder_segment_ids,
+            segment_ids=segment_ids,
             deterministic=deterministic,
         )
+        return encoded, encoder_valid, aux
+
+    def decode(
+        self,
+        decoder_inputs: jax.Array,
+        encoded: jax.Array | None,
+        encoder_valid: jax.Array,
+        *,
+        deterministic: bool,
+        encoder_segment_ids: jax.Array | None = None,
+        decoder_segment_ids: jax.Array | None = None,
+        cache_index: jax.Array | None = None,
+    ) -> tuple[jax.Array, MoeAux | None]:
+        """`decoder_inputs: i32[B, Ld]` attending to `encoded: [B, Le, M]` (`encode`) ->
+        (f32[B, Ld, V] logits, the decoder's MoeAux or None).
+
+        After `init_cache`, `cache_index: i32[]` says that `decoder_inputs` are positions
+        `cache_index ..` of the decoder sequences, and `encoded=None` reuses the cross-attention
+        keys and values cached by the first call.
+        """
+        _check_tokens("decoder_inputs", decoder_inputs)
+        if decoder_segment_ids is None:
+            decoder_valid = jnp.ones(decoder_inputs.shape, jnp.bool_)
+        else:
+            decoder_valid = decoder_segment_ids > 0
+        positions = _positions(decoder_inputs)
+        if cache_index is not None:
+            positions = cache_index + positions
         segments_given = encoder_segment_ids is not None and decoder_segment_ids is not None
         cross_mask = attention_mask(
             key_valid=encoder_valid,
             query_segments=decoder_segment_ids if segments_given else None,
             key_segments=encoder_segment_ids if segments_given else None,
         )  # [B, 1, 1 or Ld, Le]
-        x, decoder_aux = self.decoder(
+        x, aux = self.decoder(
             self.embed(decoder_inputs),
             token_ids=decoder_inputs,
             padding_mask=decoder_valid,
-            positions=_positions(decoder_inputs),
+            positions=positions,
             segment_ids=decoder_segment_ids,
             deterministic=deterministic,
             encoded=encoded,
             cross_mask=cross_mask,
+            cache_index=cache_index,
         )
-        return self.logits(x), _concat_aux([encoder_aux, decoder_aux])
+        return self.logits(x), aux
+
+    def init_cache(self, batch: int, length: int, encoder_length: int) -> None:
+        """Empty key/value caches for `batch` decoder sequences of up to `length` tokens
+        attending to encoder outputs of `encoder_length` tokens."""
+        self.decoder.init_cache(batch, length, encoder_length)
 
 
 def build_model(config, *, rngs: nnx.Rngs) -> DecoderLM | EncoderDecoder:

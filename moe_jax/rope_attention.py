@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moe_jax.attention import MASKED_LOGIT, RMSNorm, _param
+from moe_jax.attention import MASKED_LOGIT, AttentionCache, RMSNorm, _param
 from moe_jax.experts import dense_matmul
 
 
@@ -96,6 +96,14 @@ class GroupedQueryAttention(nnx.Module):
 
             self.q_norm = norm(self.num_heads * self.head_dim)
             self.k_norm = norm(self.num_kv_heads * self.head_dim)
+        self.cache: AttentionCache | None = nnx.data(None)
+
+    def init_cache(self, batch: int, length: int) -> None:
+        """An empty (zero) cache of `length` rotated keys and values per sequence,
+        `[2, B, Lc, K, D]` (K key/value heads; `[R, 2, ...]` in a scanned stack)."""
+        layers = self.wq.shape[:-3]
+        shape = (*layers, 2, batch, length, self.num_kv_heads, self.head_dim)
+        self.cache = AttentionCache(jnp.zeros(shape, self.dtype))
 
     def _project(self, x: jax.Array, w: nnx.Param) -> jax.Array:
         out = dense_matmul(x, w[...].astype(self.dtype))
@@ -107,10 +115,19 @@ class GroupedQueryAttention(nnx.Module):
         return norm(x.reshape(batch, length, heads * head_dim)).reshape(x.shape)
 
     def __call__(
-        self, x: jax.Array, *, mask: jax.Array, positions: jax.Array, deterministic: bool
+        self,
+        x: jax.Array,
+        *,
+        mask: jax.Array,
+        positions: jax.Array,
+        deterministic: bool,
+        cache_index: jax.Array | None = None,
     ) -> jax.Array:
         """Attend within `x: [B, L, M]`; `mask: bool[B, 1, L, L]` (see `attention.attention_mask`),
         `positions: i32[B, L]` rotary positions. Returns `[B, L, M]` in the compute dtype.
+
+        With a cache (`init_cache`), the rotated keys and values of `x` are written at cache rows
+        `cache_index ..` and the queries attend to all `Lc` rows: `mask` is `[B, 1, L, Lc]`.
         """
         x = x.astype(self.dtype)
         q = self._project(x, self.wq)  # [B, L, N, D]
@@ -120,11 +137,17 @@ class GroupedQueryAttention(nnx.Module):
             q, k = self._normed(q, self.q_norm), self._normed(k, self.k_norm)
         q = rotary_embedding(q, positions, theta=self.theta)
         k = rotary_embedding(k, positions, theta=self.theta)
+        if self.cache is not None:
+            new = jax.lax.dynamic_update_slice_in_dim(
+                self.cache[...], jnp.stack([k, v]), cache_index, axis=2
+            )  # [2, B, Lc, K, D]
+            self.cache[...] = new
+            k, v = new[0], new[1]
         batch, length = q.shape[:2]
         group = self.num_heads // self.num_kv_heads
         q = q.reshape(batch, length, self.num_kv_heads, group, self.head_dim)  # [B, L, K, R, D]
         logits = jnp.einsum("bqgrd,bsgd->bgrqs", q, k, preferred_element_type=jnp.float32)
-        logits = logits / math.sqrt(self.head_dim)  # [B, K, R, L, L]
+        logits = logits / math.sqrt(self.head_dim)  # [B, K, R, L, Lk]
         logits = jnp.where(mask[:, :, None], logits, MASKED_LOGIT)
         probs = jax.nn.softmax(logits, axis=-1)  # [B, K, R, L, L]
         probs = self.dropout(probs, deterministic=deterministic).astype(self.dtype)

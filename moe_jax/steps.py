@@ -96,7 +96,7 @@ def _rng_stream_tags(rng_state: nnx.State) -> tuple[str, ...]:
     return tuple(sorted({key.tag for key in keys if isinstance(key, nnx.RngKey)}))
 
 
-def _stand_in_rng_state(rng_state: nnx.State) -> nnx.State:
+def stand_in_rng_state(rng_state: nnx.State) -> nnx.State:
     """Keys and counts shaped like the model's RNG state, built inside the trace so that they
     compile to the same constants in every process; `nnx.reseed` replaces them before use."""
 
@@ -128,7 +128,7 @@ def make_train_step(
         step_key = jax.random.fold_in(rng, state.step)
 
         def loss_fn(params):
-            rngs = _stand_in_rng_state(rng_state)
+            rngs = stand_in_rng_state(rng_state)
             model = nnx.merge(graphdef, params, rngs, state.model_state, copy=True)
             nnx.reseed(model, policy="match_shape", **dict.fromkeys(tags, step_key))
             loss, step_metrics = compute_loss(model, batch, config, deterministic=False)
@@ -154,7 +154,7 @@ def make_eval_step(graphdef: nnx.GraphDef, rng_state: nnx.State, config) -> Call
     dropout, the eval capacity factor); arguments as for `make_train_step`."""
 
     def eval_step(state: TrainState, batch: dict):
-        rngs = _stand_in_rng_state(rng_state)  # unused: evaluation draws no random numbers
+        rngs = stand_in_rng_state(rng_state)  # unused: evaluation draws no random numbers
         model = nnx.merge(graphdef, state.params, rngs, state.model_state)
         _, step_metrics = compute_loss(model, batch, config, deterministic=True)
         return step_metrics

@@ -31,6 +31,7 @@ arguments itself. Every process runs the same command; each loads its share of t
 """
 
 import functools
+import json
 import os
 import signal
 import sys
@@ -49,9 +50,9 @@ from flax import nnx
 from ml_collections import config_flags
 
 from moe_jax import checkpoint, data, hf, metrics, multihost, optim, parallel, run_identity
-from moe_jax.config import KINDS, check_config_overrides
+from moe_jax.config import EVAL_FULL_PASS, KINDS, check_config_overrides, default_config
 from moe_jax.models import build_model
-from moe_jax.steps import TrainState, make_eval_step, make_train_step
+from moe_jax.steps import TrainState, make_eval_step, make_train_step, stand_in_rng_state
 
 
 class TrainingDiverged(RuntimeError):
@@ -78,10 +79,12 @@ def check_config(config) -> None:
     for key in ("num_steps", "batch_size", "seq_len", "log_every", "checkpoint_every"):
         if train[key] < 1:
             raise ValueError(f"train.{key}={train[key]} must be >= 1.")
-    if train.keep_checkpoints < 1 or train.eval_steps < 1:
+    if train.keep_checkpoints < 1:
+        raise ValueError(f"train.keep_checkpoints={train.keep_checkpoints} must be >= 1.")
+    if train.eval_steps < 1 and train.eval_steps != EVAL_FULL_PASS:
         raise ValueError(
-            f"train.keep_checkpoints={train.keep_checkpoints} and train.eval_steps="
-            f"{train.eval_steps} must be >= 1."
+            f"train.eval_steps={train.eval_steps} must be >= 1 (batches per evaluation) or "
+            f"{EVAL_FULL_PASS} (the whole validation split once)."
         )
     if train.schedule_steps < 0:
         raise ValueError(
@@ -254,6 +257,8 @@ def _prepare(config, workdir: str, devices) -> _Prepared:
     eval_data = None
     if config.train.eval_every:
         eval_data = data.dataset_from_config(config, "validation", **shares)
+        if config.train.eval_steps == EVAL_FULL_PASS:
+            eval_data.full_pass()  # raises for a split with no end (the synthetic corpus)
     _check_groups(config, mesh, train_data)
     abstract_model = nnx.eval_shape(lambda: build_model(config, rngs=nnx.Rngs(config.seed)))
     _check_divisible(abstract_model, mesh, config.mesh.rules)
@@ -331,6 +336,58 @@ def _abstract_state(
     opt_state = with_shardings(opt_state, _optimizer_shardings(opt_state, params, mesh))
     step = jax.ShapeDtypeStruct((), jnp.int32, sharding=_replicated(mesh))
     return TrainState(step, params, model_state, opt_state), graphdef, rng_state
+
+
+def config_from_workdir(workdir: str) -> ml_collections.ConfigDict:
+    """The resolved config a run wrote to `WORKDIR/config.json`, as a locked ConfigDict."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"{workdir} has no config.json, so it holds no training run: train one first with "
+            f"python -m moe_jax.train --config=configs/switch.py:tiny --workdir={workdir}"
+        )
+    with open(path, encoding="utf-8") as file:
+        stored = json.load(file)
+    config = default_config()
+
+    def assign(section: ml_collections.ConfigDict, values: dict) -> None:
+        for key, value in values.items():
+            if isinstance(section[key], ml_collections.ConfigDict):
+                assign(section[key], value)
+            else:  # JSON turns tuples into lists
+                section[key] = tuple(value) if isinstance(section[key], tuple) else value
+
+    assign(config, stored)
+    return config
+
+
+def restore_for_inference(workdir: str) -> tuple[ml_collections.ConfigDict, nnx.Module, int]:
+    """`(config, model, step)`: the model of the latest checkpoint in a training `workdir`,
+    on one device (the mesh of the run is not needed to read it)."""
+    config = config_from_workdir(workdir)
+    directory = os.path.join(workdir, checkpoint.CHECKPOINT_DIR)
+    step = None
+    if os.path.isdir(directory):
+        checkpoints = checkpoint.Checkpoints(directory, keep=1, read_only=True)
+        step = checkpoints.latest_step()
+    if step is None:
+        raise FileNotFoundError(
+            f"{workdir} holds no checkpoint ({directory} is empty or missing): train it with "
+            f"python -m moe_jax.train --config=... --workdir={workdir}, or pass the workdir of "
+            "a finished run."
+        )
+    config.unlock()
+    config.mesh.update(data=1, expert=1, model=1)
+    config.lock()
+    mesh = parallel.mesh_from_config(config, devices=jax.devices()[:1])
+    optimizer, _ = optim.make_optimizer(config.train)
+    abstract_model = nnx.eval_shape(lambda: build_model(config, rngs=nnx.Rngs(config.seed)))
+    with jax.set_mesh(mesh):
+        target, graphdef, rng_state = _abstract_state(abstract_model, config, mesh, optimizer)
+        state, _ = checkpoints.restore(step, target)
+    checkpoints.close()
+    model = nnx.merge(graphdef, state.params, stand_in_rng_state(rng_state), state.model_state)
+    return config, model, step
 
 
 def _batch_shardings(dataset: data.Dataset, mesh, config) -> dict:
@@ -415,12 +472,17 @@ def _check_finite(pending: list, last_saved: int | None, directory: str, config)
 
 
 def _evaluate(eval_step, state, dataset: data.Dataset, mesh, config) -> dict:
-    """Token-weighted means over `train.eval_steps` validation batches (always the same ones),
-    and `eval_batches`, how many were used."""
+    """Token-weighted means over the validation batches, with what was used: `eval_batches`
+    and `eval_full_pass` (1: the whole split once, `data.Dataset.full_pass`; 0: the first
+    `train.eval_steps` batches, the same ones at every evaluation)."""
+    full_pass = config.train.eval_steps == EVAL_FULL_PASS
+    if full_pass:
+        batches = dataset.full_pass()
+    else:
+        batches = (dataset.batch(index) for index in range(config.train.eval_steps))
     results = []
-    for index in range(config.train.eval_steps):
-        batch = multihost.global_batch(dataset.batch(index), mesh, config.mesh.rules)
-        results.append(eval_step(state, batch))
+    for batch in batches:
+        results.append(eval_step(state, multihost.global_batch(batch, mesh, config.mesh.rules)))
     results = jax.device_get(results)
     weights = [float(result.pop("weight_sum")) for result in results]
     total = max(sum(weights), 1.0)
@@ -429,7 +491,7 @@ def _evaluate(eval_step, state, dataset: data.Dataset, mesh, config) -> dict:
         / total
         for key in results[0]
     }
-    return {**means, "eval_batches": len(results)}
+    return {**means, "eval_batches": len(results), "eval_full_pass": int(full_pass)}
 
 
 def _train_loop(config, workdir, prepared, state, train_step, eval_step, checkpoints, start):

@@ -247,6 +247,11 @@ def test_divergence_stops_and_keeps_the_last_good_checkpoint(monkeypatch, tmp_pa
         ({"mesh__data": 16}, "XLA_FLAGS=--xla_force_host_platform_device_count=16"),
         ({"train__learning_rate": -1.0}, "train.learning_rate=-1.0 must be > 0"),
         ({"moe__k": 0}, "moe.k=0 routes each token to no expert; set moe.k >= 1"),
+        ({"train__eval_steps": 0}, "train.eval_steps=0 must be >= 1 (batches per evaluation)"),
+        (
+            {"train__eval_steps": -1, "train__eval_every": 2},
+            "the synthetic corpus has no end, so it cannot be read in one full pass",
+        ),
     ],
 )
 def test_bad_input_fails_before_writing(overrides, message, tmp_path):
@@ -335,6 +340,29 @@ def test_encoder_decoder_carries_router_bias_through_steps_and_checkpoints(tmp_p
     assert resumed.step == 3
     for restored, trained in zip(jax.tree.leaves(resumed.state), jax.tree.leaves(result.state)):
         np.testing.assert_array_equal(restored, trained)
+
+
+def test_evaluation_can_read_the_whole_validation_split_once(tmp_path):
+    # 2000 bytes of text: the validation split is the last 200, which cut into rows of 16 tokens
+    # make 13 rows (the last one 8 tokens and padding), in batches of 4 rows: 4 batches, the last
+    # one with a single real row.
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_bytes(bytes(range(32, 112)) * 25)
+    overrides = dict(
+        data__name=f"text:{corpus}", train__num_steps=2, train__eval_every=2, train__log_every=1
+    )
+    overrides.update(train__batch_size=4, train__seq_len=16, train__checkpoint_every=2)
+    runs = {}
+    for eval_steps in (-1, 2):
+        workdir = tmp_path / f"eval_{eval_steps}"
+        config = small_config(train__eval_steps=eval_steps, **overrides)
+        train.run(config, str(workdir), devices=jax.devices()[:1])
+        with open(workdir / metrics.METRICS_FILE, encoding="utf-8") as file:
+            records = [json.loads(line) for line in file]
+        (runs[eval_steps],) = [record for record in records if record["split"] == "eval"]
+    assert runs[-1]["eval_batches"] == 4 and runs[-1]["eval_full_pass"] == 1
+    assert runs[2]["eval_batches"] == 2 and runs[2]["eval_full_pass"] == 0
+    assert np.isfinite(runs[-1]["loss"]) and runs[-1]["loss"] != runs[2]["loss"]
 
 
 def test_resume_refuses_a_different_run_naming_every_key(reference):

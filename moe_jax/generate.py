@@ -1,0 +1,113 @@
+"""Generate text from a trained model: `python -m moe_jax.generate`.
+
+    python -m moe_jax.generate --workdir=runs/switch_tiny --prompt="The expert" \\
+        --max_new_tokens=64 --temperature=0.8 --top_p=0.9 --seed=0
+    python -m moe_jax.generate --hf=path/to/switch-base-8 --prompt="translate ..."
+
+`--workdir` restores the latest checkpoint of a training run (`train.restore_for_inference`)
+and uses the byte-level tokenizer of `moe_jax.data`; a decoder-only prompt starts with the start
+token 0, as the training rows do, and may be at most `train.seq_len` long with its new tokens.
+`--hf` loads a Hugging Face checkpoint directory (`moe_jax.hf.load`) and its tokenizer with
+`transformers.AutoTokenizer`; without one in the directory pass `--prompt_ids=1,2,3`. Decoding
+is `moe_jax.decode.generate` (KV cache; the decode-time routing rule is in its docstring).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import jax
+import numpy as np
+from absl import app, flags, logging
+
+from moe_jax import data, decode, train
+
+
+def _hf_model(directory: str, prompt: str, prompt_ids: list[int]):
+    """`(model, ids, decode_text, eos_id, max_length)` for a Hugging Face checkpoint."""
+    from moe_jax import hf  # the optional Hugging Face interop
+
+    config, model = hf.load(directory)
+    tokenizer = None
+    if not prompt_ids:
+        from transformers import AutoTokenizer  # a test-only dependency: import on demand
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(directory)
+        except (OSError, ValueError) as error:
+            raise ValueError(
+                f"--hf={directory} has no tokenizer ({error}); pass the prompt as token ids "
+                "with --prompt_ids=1,2,3."
+            ) from error
+        prompt_ids = tokenizer(prompt)["input_ids"]
+    eos_id = tokenizer.eos_token_id if tokenizer is not None else None
+
+    def decode_text(ids):
+        if tokenizer is None:
+            return " ".join(str(i) for i in ids)
+        return tokenizer.decode(ids, skip_special_tokens=True)
+
+    return model, prompt_ids, decode_text, eos_id, None
+
+
+def _workdir_model(workdir: str, prompt: str, prompt_ids: list[int]):
+    """`(model, ids, decode_text, eos_id, max_length)` for a training workdir."""
+    config, model, _ = train.restore_for_inference(workdir)
+    tokenizer = data.ByteTokenizer()
+    if not prompt_ids:
+        prompt_ids = tokenizer.encode(prompt).tolist()
+        if config.model.kind == "decoder":
+            prompt_ids = [data.PAD_ID, *prompt_ids]  # the start token of every training row
+    return model, prompt_ids, tokenizer.decode, data.EOS_ID, config.train.seq_len
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    options = flags.FLAGS
+    if not options["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # orbax logs its restores at INFO
+    if bool(options.workdir) == bool(options.hf):
+        raise app.UsageError("pass exactly one of --workdir (a training run) or --hf (a HF dir).")
+    prompt_ids = [int(i) for i in options.prompt_ids.split(",")] if options.prompt_ids else []
+    try:
+        load = _workdir_model if options.workdir else _hf_model
+        model, ids, decode_text, eos_id, max_length = load(
+            options.workdir or options.hf, options.prompt, prompt_ids
+        )
+        new_tokens = decode.generate(
+            model,
+            np.asarray([ids], np.int32).reshape(1, -1),
+            max_new_tokens=options.max_new_tokens,
+            temperature=options.temperature,
+            top_k=options.top_k or None,
+            top_p=options.top_p,
+            rng=jax.random.key(options.seed),
+            eos_id=eos_id,
+            max_length=max_length,
+        )
+    except (FileNotFoundError, ValueError) as error:
+        sys.stderr.write(f"moe_jax.generate: {error}\n")
+        return 1
+    tokens = np.asarray(new_tokens)[0]
+    if eos_id is not None and eos_id in tokens:
+        tokens = tokens[: tokens.tolist().index(eos_id)]
+    print(options.prompt + decode_text(tokens))
+    return 0
+
+
+def _define_flags() -> None:
+    flags.DEFINE_string("workdir", None, "Training workdir whose latest checkpoint generates.")
+    flags.DEFINE_string("hf", None, "A Hugging Face checkpoint directory instead of --workdir.")
+    flags.DEFINE_string("prompt", "", "Prompt text.")
+    flags.DEFINE_string("prompt_ids", "", "Prompt as comma-separated token ids (overrides text).")
+    flags.DEFINE_integer("max_new_tokens", 64, "Tokens to generate.")
+    flags.DEFINE_float("temperature", 0.0, "0 is greedy; > 0 samples.")
+    flags.DEFINE_integer("top_k", 0, "Sample among the k most likely tokens (0: all).")
+    flags.DEFINE_float("top_p", None, "Nucleus sampling: keep the tokens that reach p, in (0, 1].")
+    flags.DEFINE_integer("seed", 0, "Sampling seed.")
+
+
+if __name__ == "__main__":
+    _define_flags()
+    app.run(main)
