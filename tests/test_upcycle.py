@@ -158,3 +158,25 @@ def test_upcycled_run_starts_at_the_dense_function_then_trains(dense_dir, tmp_pa
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
     assert train.run(moe_config(), moe_dir, devices=devices).step == 3
     assert sorted(os.listdir(os.path.join(moe_dir, "checkpoints"))) == ["0", "3"]
+
+
+def test_upcycled_t5_computes_transformers_logits(tmp_path):
+    """From a Hugging Face dense T5 (`hf:DIR`): the upcycled encoder-decoder, every FFN sparse,
+    gives transformers' logits."""
+    from test_hf_t5 import assert_close, batch, ours_logits, random_t5, t5_config, torch_logits
+
+    reference = random_t5(t5_config())
+    reference.save_pretrained(tmp_path)
+    dense_cfg, dense = upcycle.load_dense(f"hf:{tmp_path}")
+    moe_cfg = dense_cfg.copy_and_resolve_references()
+    moe_cfg.moe.update(num_experts=4, k=2, normalize="topk", backend="dropless", sparse_every=1)
+    upcycle.check_compatible(dense_cfg, moe_cfg)
+    moe = build_model(moe_cfg, rngs=nnx.Rngs(0))
+    upcycle.set_params(
+        moe,
+        upcycle.upcycle_params(upcycle.flat_params(dense), upcycle.flat_params(moe), moe_cfg),
+    )
+    encoder, decoder = batch()
+    ours, aux = ours_logits(moe, encoder, decoder)
+    assert aux is not None
+    assert_close(ours, torch_logits(reference, encoder, decoder).logits)
