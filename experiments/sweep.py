@@ -4,8 +4,9 @@
         --sweep moe.num_experts=2,4,8,16 --sweep moe.k=1,2 --set train.num_steps=500 --parallel 2
 
 Each `--sweep KEY=V1,V2,...` is one axis; the runs are their product (or, with `--zip`, the
-axes taken side by side). `--set KEY=VALUE` applies to every run. Each run trains in
-`SWEEP_DIR/<name>/` and leaves `DONE.json` there once it has finished, so running the same
+axes taken side by side). Every KEY is checked against the config before any run starts (a
+misspelt one is named, with close matches). `--set KEY=VALUE` applies to every run. Each run
+trains in `SWEEP_DIR/<name>/` and leaves `DONE.json` there once it has finished, so running the same
 command again skips finished runs, resumes unfinished ones from their checkpoints and retries
 failed ones (their `FAILED.json` holds the exit code; `train.log` the output).
 Final and best metrics of every run go to `SWEEP_DIR/results.csv`.
@@ -21,6 +22,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from moe_jax.config import check_config_overrides
 
 DONE_FILE = "DONE.json"
 FAILED_FILE = "FAILED.json"
@@ -221,6 +224,13 @@ def main(argv: list[str] | None = None) -> int:
         axes = [parse_axis(spec) for spec in args.sweep]
         fixed = dict(parse_setting(spec) for spec in args.set)
         runs = [{**fixed, **overrides} for overrides in expand(axes, args.zip)]
+    except ValueError as error:
+        parser.error(str(error))
+    keys = sorted({key for run in runs for key in run})
+    try:  # every key is checked against the config before any run starts
+        check_config_overrides(
+            ["sweep", f"--config={args.config}"] + [f"--config.{k}=" for k in keys]
+        )
     except ValueError as error:
         parser.error(str(error))
     names = [run_name({key: run[key] for key, _ in axes}) for run in runs]

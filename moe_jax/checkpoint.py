@@ -6,15 +6,20 @@ A checkpoint `WORKDIR/checkpoints/<step>/` holds three items:
   state), saved with `StandardSave` and restored onto the shardings of a target pytree;
 - `data`: the data pipeline's position (JSON), so a resumed run reads the batches an
   uninterrupted run would have read;
-- `signature`: the model and MoE config and every state leaf's shape (JSON). Before restoring,
-  `check_compatible` compares it with the current run and refuses a workdir that holds a
-  different model, naming the config keys that differ.
+- `signature`: the run's identity (JSON): the whole resolved config and every state leaf's
+  shape. It is written with the step, so each checkpoint says which run it belongs to.
+
+`config_changes` compares a stored identity with the current run's and returns the keys that
+differ; `moe_jax.train` refuses to resume when any of them is not in its list of keys that may
+change. A step directory that cannot be read raises `UnreadableCheckpoint`, a short message
+naming the step and why (empty, not a moe_jax checkpoint, or the storage error's first line).
 
 Orbax writes each checkpoint into a temporary directory and renames it when complete, so a
 process killed mid-save leaves the previous checkpoint as the latest one. Saves are
 asynchronous; `wait` blocks until the last one is on disk.
 """
 
+import json
 import os
 
 import jax
@@ -23,8 +28,17 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 CHECKPOINT_DIR = "checkpoints"
-# The config sections that decide the shapes and meaning of the parameters.
-MODEL_SECTIONS = ("model", "moe")
+ITEMS = ("state", "data", "signature")
+ABSENT = "<absent>"  # the value `config_changes` reports for a key one side lacks
+_ERROR_CHARS = 300  # storage errors quote whole tensorstore specs; the start says what failed
+
+
+class UnreadableCheckpoint(ValueError):
+    """A step directory that holds no readable checkpoint; `str()` names the step and why."""
+
+    def __init__(self, step: int, path: str, reason: str):
+        super().__init__(f"checkpoint step {step} ({path}) {reason}")
+        self.step = step
 
 
 def _shape_string(leaf) -> str:
@@ -32,26 +46,50 @@ def _shape_string(leaf) -> str:
     return f"{np.dtype(leaf.dtype).name}{list(leaf.shape)}"
 
 
+def config_dict(config: ml_collections.ConfigDict) -> dict:
+    """The config as plain JSON values (tuples become lists), as a checkpoint stores it."""
+    return json.loads(config.to_json_best_effort())
+
+
+def flatten(tree: dict, prefix: str = "") -> dict:
+    """`{'moe.k': 1, 'mesh.rules.batch': [...], ...}` of a nested dict."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value
+    return flat
+
+
 def make_signature(config: ml_collections.ConfigDict, abstract_state) -> dict:
-    """What a checkpoint must match to be restored into this run (JSON-serialisable)."""
+    """The run's identity a checkpoint stores: the resolved config and the state's shapes."""
     leaves = jax.tree_util.tree_flatten_with_path(abstract_state)[0]
     return {
-        "config": {section: config[section].to_dict() for section in MODEL_SECTIONS},
+        "config": config_dict(config),
         "shapes": {jax.tree_util.keystr(path): _shape_string(leaf) for path, leaf in leaves},
     }
 
 
-def _config_differences(stored: dict, current: dict) -> list[str]:
-    """`'moe.num_experts: 4 (checkpoint) vs 8 (this run)'` for each differing key."""
-    differences = []
-    for section in MODEL_SECTIONS:
-        old, new = stored.get(section, {}), current.get(section, {})
-        for key in sorted(set(old) | set(new)):
-            if old.get(key) != new.get(key):
-                differences.append(
-                    f"{section}.{key}: {old.get(key)!r} (checkpoint) vs {new.get(key)!r} (this run)"
-                )
-    return differences
+def config_changes(stored: dict, current: dict) -> dict[str, tuple]:
+    """`{key: (stored value, current value)}` for each dotted config key that differs.
+
+    Checkpoints written before whole configs were stored hold some sections only; the keys of
+    the other sections are not compared.
+    """
+    old, new = flatten(stored["config"]), flatten(current["config"])
+    sections = {key.split(".")[0] for key in old}
+    keys = sorted(key for key in set(old) | set(new) if key.split(".")[0] in sections)
+    return {
+        key: (old.get(key, ABSENT), new.get(key, ABSENT))
+        for key in keys
+        if old.get(key, ABSENT) != new.get(key, ABSENT)
+    }
+
+
+def _short(error: BaseException) -> str:
+    text = str(error).split(" [tensorstore_spec")[0].strip() or type(error).__name__
+    return text if len(text) <= _ERROR_CHARS else text[:_ERROR_CHARS] + " ..."
 
 
 class Checkpoints:
@@ -59,15 +97,14 @@ class Checkpoints:
 
     def __init__(self, directory: str, *, keep: int, read_only: bool = False):
         self.directory = os.path.abspath(directory)
+        # a reader creates and cleans nothing and never saves (orbax's own read_only option
+        # would log two warnings per opening)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=None if read_only else keep,
             create=not read_only,
-            read_only=read_only,
             cleanup_tmp_directories=not read_only,
         )
-        self._manager = ocp.CheckpointManager(
-            self.directory, options=options, item_names=("state", "data", "signature")
-        )
+        self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
@@ -75,29 +112,35 @@ class Checkpoints:
     def all_steps(self) -> list[int]:
         return list(self._manager.all_steps())
 
-    def check_compatible(self, signature: dict) -> None:
-        """Raises ValueError when the latest checkpoint holds a different model."""
-        step = self.latest_step()
-        if step is None:
-            return
-        stored = self._manager.restore(
-            step, args=ocp.args.Composite(signature=ocp.args.JsonRestore())
-        ).signature
-        if stored["shapes"] == signature["shapes"]:
-            return
-        differences = _config_differences(stored["config"], signature["config"])
-        if not differences:
-            old, new = stored["shapes"], signature["shapes"]
-            differences = [
-                f"{path}: {old.get(path)} (checkpoint) vs {new.get(path)} (this run)"
-                for path in sorted(set(old) | set(new))
-                if old.get(path) != new.get(path)
-            ][:10]
-        raise ValueError(
-            f"The checkpoints in {self.directory} (latest step {step}) hold a different model:\n  "
-            + "\n  ".join(differences)
-            + "\nUse a new --workdir, or run with the checkpoint's settings to resume it."
-        )
+    def step_path(self, step: int) -> str:
+        return os.path.join(self.directory, str(step))
+
+    def _check_items(self, step: int) -> None:
+        """Raises UnreadableCheckpoint for an empty or foreign step directory."""
+        path = self.step_path(step)
+        entries = sorted(os.listdir(path)) if os.path.isdir(path) else []
+        if not entries:
+            raise UnreadableCheckpoint(step, path, "is empty: it is not a checkpoint")
+        if not set(ITEMS) <= set(entries):
+            raise UnreadableCheckpoint(
+                step,
+                path,
+                f"is not a moe_jax checkpoint: it holds {', '.join(entries[:8])}, not the items "
+                f"{', '.join(ITEMS)}",
+            )
+
+    def read_identity(self, step: int) -> dict:
+        """The `signature` (run identity) stored with checkpoint `step`."""
+        self._check_items(step)
+        try:
+            restored = self._manager.restore(
+                step, args=ocp.args.Composite(signature=ocp.args.JsonRestore())
+            )
+        except Exception as error:  # any storage error: name the step
+            raise UnreadableCheckpoint(
+                step, self.step_path(step), f"is unreadable: {_short(error)}"
+            ) from None
+        return restored.signature
 
     def save(self, step: int, state, data_state: dict, signature: dict) -> None:
         """Starts saving `state` at `step` (asynchronous; see `wait`)."""
@@ -114,13 +157,19 @@ class Checkpoints:
     def restore(self, step: int, target_state):
         """`(state, data_state)` of checkpoint `step`; `target_state` gives structure and
         shardings (arrays or `jax.ShapeDtypeStruct`s with `.sharding`)."""
+        self._check_items(step)
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target_state)
-        restored = self._manager.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()
-            ),
-        )
+        try:
+            restored = self._manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()
+                ),
+            )
+        except Exception as error:  # any storage error: name the step
+            raise UnreadableCheckpoint(
+                step, self.step_path(step), f"is unreadable: {_short(error)}"
+            ) from None
         return restored.state, restored.data
 
     def wait(self) -> None:

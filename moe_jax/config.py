@@ -2,8 +2,14 @@
 
 One `ml_collections.ConfigDict` holds the model, MoE, loss, training, mesh and data settings.
 `configs/*.py` override it per paper and variant; the command line overrides it again with
-`--config.moe.num_experts=16`. Keys are locked, so a misspelt override fails loudly.
+`--config.moe.num_experts=16`. Keys are locked, so a misspelt override fails loudly;
+`check_config_overrides` names it with close matches before anything starts (the trainer's and
+the sweep's command lines; it imports no JAX).
 """
+
+import difflib
+import importlib.util
+import os
 
 import ml_collections
 
@@ -11,6 +17,7 @@ import ml_collections
 # 'rope_decoder' (Llama-style: rotary positions, grouped-query attention; Mixtral, OLMoE).
 DECODER_KINDS = ("decoder", "rope_decoder")
 KINDS = (*DECODER_KINDS, "encoder_decoder")
+EVAL_FULL_PASS = -1  # train.eval_steps that evaluates on the whole validation split, once
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -74,7 +81,9 @@ def default_config() -> ml_collections.ConfigDict:
             "group_size": 1024,  # tokens per routing group; 0: each sequence is one group
             "backend": "einsum",  # einsum | gather | dropless
             "batch_prioritized": False,
-            "normalize": "none",  # none | topk
+            # none | topk, for tokens_choose and noisy_top_k; aux_free always renormalises its
+            # k affinities (DeepSeek-V3)
+            "normalize": "none",
             "second_policy": "random",  # gshard_top2: random | all | sampling
             "second_threshold": 0.5,
             "router_jitter": 0.01,  # multiplicative input jitter eps in training (Switch)
@@ -99,12 +108,17 @@ def default_config() -> ml_collections.ConfigDict:
             "optimizer": "adamw",  # adamw | adafactor
             "learning_rate": 3e-3,
             "schedule": "cosine",  # cosine | rsqrt | constant
+            # steps the schedule is laid over (the cosine's end); 0: train.num_steps of the run's
+            # first start, kept when a resume raises num_steps (moe_jax.run_identity)
+            "schedule_steps": 0,
             "warmup_steps": 20,
             "weight_decay": 0.0,
             "grad_clip_norm": 1.0,
             "checkpoint_every": 100,
             "keep_checkpoints": 3,
             "eval_every": 100,
+            # batches per evaluation (the first ones of the split, the same every time), or
+            # -1 (EVAL_FULL_PASS): the whole validation split once (text files and TFDS)
             "eval_steps": 4,
             "log_every": 10,
             # 'hf:DIR' starts from the weights of a Hugging Face checkpoint (moe_jax.hf)
@@ -147,3 +161,49 @@ def default_config() -> ml_collections.ConfigDict:
     )
     config.lock()
     return config
+
+
+def config_keys(config: ml_collections.ConfigDict, prefix: str = ""):
+    """Every dotted key of `config`, sections included."""
+    for key, value in config.items():
+        yield prefix + key
+        if isinstance(value, ml_collections.ConfigDict):
+            yield from config_keys(value, f"{prefix}{key}.")
+
+
+def load_config_file(spec: str) -> ml_collections.ConfigDict:
+    """`get_config(VARIANT)` of `--config=PATH[:VARIANT]`."""
+    path, _, variant = spec.partition(":")
+    if not os.path.isfile(path):
+        raise ValueError(
+            f"--config={spec}: no config file {path!r}; pass one of configs/*.py with a variant, "
+            "e.g. --config=configs/switch.py:tiny."
+        )
+    module_spec = importlib.util.spec_from_file_location("_moe_jax_config_check", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(variant) if variant else module.get_config()
+
+
+def check_config_overrides(argv: list[str]) -> None:
+    """Raises ValueError for a `--config.KEY=...` naming no key, suggesting close matches."""
+    overrides = [
+        arg.removeprefix("--config.").split("=", 1)[0]
+        for arg in argv[1:]
+        if arg.startswith("--config.")
+    ]
+    if not overrides:
+        return
+    specs = [arg.split("=", 1)[1] for arg in argv[1:] if arg.startswith("--config=")]
+    if not specs:
+        raise ValueError("--config.KEY overrides need --config=PATH:VARIANT first.")
+    known = list(config_keys(load_config_file(specs[-1])))
+    for key in overrides:
+        if key not in known:
+            matches = difflib.get_close_matches(key, known, n=3, cutoff=0.5)
+            hint = (
+                "did you mean " + " or ".join(f"--config.{match}" for match in matches) + "?"
+                if matches
+                else f"the keys are listed in {specs[-1].partition(':')[0]} and moe_jax/config.py."
+            )
+            raise ValueError(f"--config.{key}: the config has no key {key!r}; {hint}")

@@ -4,7 +4,9 @@ Every batch is a pure function of (seed, split, step, row): `make_dataset(...).b
 row r of step s from `np.random.default_rng([seed, split_code, s, r])`, so a run resumed at step s
 sees exactly the batches an uninterrupted run would, and the checkpoint needs only the step.
 Rows are sampled with replacement (no epochs). Each process builds only its slice of the global
-batch.
+batch. Evaluation may instead read a finite split once, in order (`Dataset.full_pass`): a text
+stream cut into consecutive rows, TFDS documents packed in order; the synthetic corpus has no
+finite split.
 
 Sources (`data.name`):
   'synthetic'             documents from `SyntheticCorpus`, built in code (the default);
@@ -33,7 +35,7 @@ Tasks and batch keys (b = batch_size // process_count rows on this process):
 
 import bisect
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +53,7 @@ SPLITS = ("train", "validation")
 TASKS = ("lm", "span_corruption")
 NAME_FORMS = "'synthetic', 'text:PATH', 'tfds:lm1b', 'tfds:c4' or 'tfds:tiny_shakespeare'"
 _CORPUS_STREAM = 1_000_003  # keeps the corpus's own random draws apart from the row streams
+_FULL_PASS_STREAM = 1_000_033  # and a full pass's span-corruption draws (in place of a step)
 
 
 class ByteTokenizer:
@@ -161,6 +164,11 @@ class StreamSource:
         crop = self.tokens[start : start + length].astype(np.int32)
         return crop, np.ones(length, np.int32), np.arange(length, dtype=np.int32)
 
+    def sequential_rows(self, length: int):
+        """(tokens, segment_ids, positions) rows, each i32[length]: the whole stream once, cut
+        into consecutive rows, the last one padded (segment id 0)."""
+        return _packed_rows([self.tokens], length)
+
     def check_length(self, length: int) -> None:
         if self.tokens.size < length:
             raise ValueError(
@@ -175,6 +183,8 @@ class DocumentSource:
 
     sample_document: Callable[[np.random.Generator], np.ndarray]  # -> i32[N] ids ending in eos
     description: str
+    # every document of a finite split in order (None: the split has no end, e.g. synthetic)
+    documents: Callable[[], Iterator[np.ndarray]] | None = None
 
     def packed_row(self, rng: np.random.Generator, length: int):
         """(tokens, segment_ids, positions), each i32[length], with no padding.
@@ -190,11 +200,45 @@ class DocumentSource:
                 document = document[start : start + length]
             documents.append(document)
             total += document.size
-        packed = spans.pack_sequences(documents, length, pad_id=PAD_ID)
-        return packed["tokens"][0], packed["segment_ids"][0], packed["positions"][0]
+        return _first_row(documents, length)
+
+    def sequential_rows(self, length: int):
+        """(tokens, segment_ids, positions) rows, each i32[length]: every document once, in
+        order, packed (a document crossing a row boundary continues in the next row)."""
+        if self.documents is None:
+            raise ValueError(
+                f"{self.description} has no end, so it cannot be read in one full pass; set "
+                "train.eval_steps to a number of batches (e.g. 4), or use a text file or a TFDS "
+                "corpus (data.name='text:PATH' or 'tfds:...')."
+            )
+        return _packed_rows(self.documents(), length)
 
     def check_length(self, length: int) -> None:
         del length  # documents are drawn until any row length is filled
+
+
+def _first_row(sequences, length: int):
+    """(tokens, segment_ids, positions), each i32[length]: the first row that
+    `spans.pack_sequences` makes of `sequences`."""
+    packed = spans.pack_sequences(sequences, length, pad_id=PAD_ID)
+    return packed["tokens"][0], packed["segment_ids"][0], packed["positions"][0]
+
+
+def _packed_rows(sequences, length: int):
+    """The rows of `spans.pack_sequences(sequences, length)`, built one at a time (a split may
+    not fit in memory as rows), each (tokens, segment_ids, positions) i32[length]."""
+    row, filled = [], 0
+    for sequence in sequences:
+        rest = np.asarray(sequence, np.int32).reshape(-1)
+        while rest.size:
+            piece, rest = rest[: length - filled], rest[length - filled :]
+            row.append(piece)
+            filled += piece.size
+            if filled == length:  # a piece that continues in the next row starts a segment there
+                yield _first_row(row, length)
+                row, filled = [], 0
+    if row:
+        yield _first_row(row, length)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -207,10 +251,40 @@ class Dataset:
     seed: int
     process_index: int = 0
     process_count: int = 1
+    # the split's rows read once in order (see `full_pass`)
+    full_pass_rows: Callable[[], Iterator[dict[str, np.ndarray]]] | None = None
 
     @property
     def local_batch_size(self) -> int:
         return self.batch_size // self.process_count
+
+    def full_pass(self) -> Iterator[dict[str, np.ndarray]]:
+        """This process's share of the split read once, in order, as batches like `batch(step)`:
+        global batch n holds rows [n * batch_size, (n + 1) * batch_size) and the last one is
+        filled up with rows of weight 0, so every token counts exactly once. Raises ValueError
+        (naming the fix) for a split that has no end, such as the synthetic corpus.
+        """
+        if self.full_pass_rows is None:
+            raise ValueError(f"this {self.split} dataset was built without a full pass.")
+        rows = self.full_pass_rows()  # raises here, not at the first batch, for an endless split
+        first_row = self.process_index * self.local_batch_size
+        mine = range(first_row, first_row + self.local_batch_size)
+        spec = self.element_spec
+        empty = {key: np.zeros(shape[1:], dtype) for key, (shape, dtype) in spec.items()}
+
+        def batches():
+            kept, index = [], -1
+            for index, row in enumerate(rows):
+                if index % self.batch_size in mine:
+                    kept.append(row)
+                if index % self.batch_size == self.batch_size - 1:
+                    yield {key: np.stack([row[key] for row in kept]) for key in kept[0]}
+                    kept = []
+            if (index + 1) % self.batch_size:  # a last, partial global batch
+                kept += [empty] * (self.local_batch_size - len(kept))
+                yield {key: np.stack([row[key] for row in kept]) for key in empty}
+
+        return batches()
 
     def batch(self, step: int) -> dict[str, np.ndarray]:
         """The rows [p * b, (p + 1) * b) of the global batch of `step` (p = process_index)."""
@@ -320,12 +394,14 @@ def _tfds_source(name: str, split: str, *, data_dir: str | None, download: bool)
     description = f"the {split} split of TFDS {name!r}"
     if len(records) == 0:
         raise ValueError(f"{description} has no records.")
+    documents = lambda: (_record_ids(records[i]) for i in range(len(records)))
     if TFDS_DATASETS[name].is_stream:
-        ids = np.concatenate([_record_ids(records[i]) for i in range(len(records))])
+        ids = np.concatenate(list(documents()))
         return StreamSource(tokens=ids.astype(np.uint16), description=description)
     return DocumentSource(
         sample_document=lambda rng: _record_ids(records[int(rng.integers(len(records)))]),
         description=description,
+        documents=documents,
     )
 
 
@@ -404,7 +480,8 @@ def make_dataset(
     )
     if task == "lm":
         source.check_length(seq_len)
-        row_fn = lambda rng: spans.lm_features(*source.packed_row(rng, seq_len), pad_id=PAD_ID)
+        row_length = seq_len
+        features = lambda raw, rng: spans.lm_features(*raw, pad_id=PAD_ID)
     else:
         inputs_length = int(data_config.inputs_length) or seq_len
         density = float(data_config.noise_density)
@@ -422,8 +499,9 @@ def make_dataset(
             )
         source.check_length(tokens_length)
         # A raw chunk of tokens_length tokens corrupts to at most inputs_length encoder tokens.
-        row_fn = lambda rng: spans.span_corruption_features(
-            source.packed_row(rng, tokens_length)[0],
+        row_length = tokens_length
+        features = lambda raw, rng: spans.span_corruption_features(
+            raw[0][raw[1] > 0],  # the real tokens (only a full pass's last row has padding)
             rng,
             inputs_length=inputs_length,
             targets_length=targets_length,
@@ -433,7 +511,19 @@ def make_dataset(
             noise_density=density,
             mean_noise_span_length=mean_span,
         )
-    return Dataset(row_fn, split, batch_size, seed, process_index, process_count)
+    split_code = SPLITS.index(split)
+    return Dataset(
+        lambda rng: features(source.packed_row(rng, row_length), rng),
+        split,
+        batch_size,
+        seed,
+        process_index,
+        process_count,
+        full_pass_rows=lambda: (
+            features(raw, np.random.default_rng([seed, split_code, _FULL_PASS_STREAM, index]))
+            for index, raw in enumerate(source.sequential_rows(row_length))
+        ),
+    )
 
 
 def dataset_from_config(config, split: str, *, process_index: int = 0, process_count: int = 1):

@@ -61,7 +61,10 @@ class MoeAux(NamedTuple):
       router_z_loss: f32[] ST-MoE z-loss of the router logits (0 for hash routing).
       fraction_tokens_dropped, fraction_assignments_dropped, router_confidence, expert_usage:
         f32[] from `routing.router_metrics`.
-      expert_load: f32[E] share of the filled slots per expert.
+      expert_load: f32[E] share of the filled slots per expert (after capacity).
+      expert_load_routed: f32[E] share of the tokens' expert choices per expert, counted before
+        capacity (what the router asked for; a collapse shows here even when capacity hides it
+        from `expert_load`); the filled slots for experts_choose, which has no choices.
       router_logit_max: f32[] largest absolute router logit over the real tokens (0 for hash
         routing): the logit growth that the z-loss holds back (ST-MoE, Sec. 3.3).
     """
@@ -73,6 +76,7 @@ class MoeAux(NamedTuple):
     router_confidence: jax.Array
     expert_usage: jax.Array
     expert_load: jax.Array
+    expert_load_routed: jax.Array
     router_logit_max: jax.Array
 
 
@@ -155,7 +159,9 @@ class Router(nnx.Module):
             raise ValueError(f"router 'gshard_top2' routes k=2 experts; set moe.k=2, not {self.k}.")
         self.jitter = float(moe.router_jitter)
         self.batch_prioritized = bool(moe.batch_prioritized)
-        self.normalize = moe.normalize
+        # aux_free always renormalises its k affinities (DeepSeek-V3, Sec. 2.1.2); moe.normalize
+        # is the setting of the tokens-choose routers only
+        self.normalize = "topk" if self.kind == "aux_free" else moe.normalize
         self.second_policy = moe.second_policy
         self.second_threshold = float(moe.second_threshold)
         shape = (config.model.d_model, moe.num_experts)
@@ -272,7 +278,9 @@ class MoeFeedForward(nnx.Module):
                 f"MoeFeedForward needs moe.num_experts >= 1, got {moe.num_experts}; "
                 "use FeedForward for a dense layer."
             )
-        if not 1 <= moe.k <= moe.num_experts:
+        if moe.k < 1:
+            raise ValueError(f"moe.k={moe.k} routes each token to no expert; set moe.k >= 1.")
+        if moe.k > moe.num_experts:
             raise ValueError(
                 f"moe.k must be in [1, num_experts={moe.num_experts}], got k={moe.k}; "
                 "lower k or add experts."
@@ -416,6 +424,7 @@ class MoeFeedForward(nnx.Module):
         z_loss = zero if logits is None else losses.router_z_loss(logits, real)
         logit_max = zero if logits is None else jnp.max(jnp.abs(logits) * real[..., None])
         metrics = routing.router_metrics(route, real)
+        routed = routing.expert_assignments(route, real)  # [E]
         return MoeAux(
             load_balancing_loss=balancing,
             router_z_loss=z_loss,
@@ -424,5 +433,6 @@ class MoeFeedForward(nnx.Module):
             router_confidence=metrics["router_confidence"],
             expert_usage=metrics["expert_usage"],
             expert_load=metrics["expert_load"],
+            expert_load_routed=routed / jnp.maximum(jnp.sum(routed), 1.0),
             router_logit_max=logit_max,
         )

@@ -1,5 +1,6 @@
 """Where training metrics go: `metrics.jsonl`, TensorBoard event files and the progress display.
 
+Training metrics are logged every `train.log_every` steps as the window's means (`window_mean`).
 `MetricsWriter` writes one JSON object per logged step and split to `WORKDIR/metrics.jsonl`
 (`{"step": 10, "split": "train", "loss": 5.1, "expert_load": [[...], ...], ...}`) and the same
 values to TensorBoard event files under `WORKDIR/tensorboard/` (scalars as `split/name`; each
@@ -32,6 +33,26 @@ def _to_json(value):
             return str(scalar)  # 'nan' / 'inf': JSON has no literal for them
         return scalar
     return array.tolist()
+
+
+# logged as the window's last value (a state, not a per-step measurement) or its largest
+LAST_IN_WINDOW = ("learning_rate", "param_norm")
+MAX_IN_WINDOW = ("router_logit_max",)
+
+
+def window_mean(window: list[dict]) -> dict:
+    """The logged values of a window of steps' metrics (host arrays): the mean over the steps,
+    except `LAST_IN_WINDOW` (the last step's) and `MAX_IN_WINDOW` (the largest)."""
+    values = {}
+    for name in window[-1]:
+        stacked = np.stack([np.asarray(step[name], np.float64) for step in window])
+        if name in LAST_IN_WINDOW:
+            values[name] = stacked[-1]
+        elif name in MAX_IN_WINDOW:
+            values[name] = stacked.max(axis=0)
+        else:
+            values[name] = stacked.mean(axis=0)
+    return values
 
 
 def truncate_metrics(workdir: str, last_step: int) -> None:

@@ -38,7 +38,9 @@ sparse, the first layer's modules, while each layer keeps its own RMSNorms; it n
 layer's FFN of one kind and unscanned layers.
 With `moe.extra_dense_ffn` (ST-MoE) a sparse layer has a second, dense FFN sublayer after the
 sparse one. Expert Choice (`moe.router == 'experts_choose'`) sees future tokens, so a causal
-stack (the decoder-only model, the encoder-decoder's decoder) with sparse layers refuses it.
+stack (the decoder-only model, the encoder-decoder's decoder) with sparse layers refuses it; so
+does batch-prioritized routing (`moe.batch_prioritized`), whose slot order depends on later
+tokens' scores.
 
 Padding. A token is padding where its segment id is 0 (when segment ids are given), else, in an
 encoder, where its id is 0. Without segment ids a decoder treats every token as real: its inputs
@@ -349,6 +351,16 @@ class TransformerStack(nnx.Module):
                 "decoder; in an encoder-decoder give the decoder a tokens-choose router "
                 "(--config.moe.decoder_router=tokens_choose), or choose a tokens-choose router "
                 "for every stack (moe.router='tokens_choose')."
+            )
+        if (
+            causal
+            and config.moe.batch_prioritized
+            and any(True in pattern for pattern, _ in self.plan)
+        ):
+            raise ValueError(
+                "moe.batch_prioritized=True ranks a group's tokens by their top-1 router "
+                "scores, so whether a token keeps its expert slot depends on later tokens: it "
+                "cannot be used in a causal decoder; set --config.moe.batch_prioritized=False."
             )
         self.position_bias = (
             None

@@ -6,17 +6,20 @@ Schedules (`train.schedule`), each with a linear warmup from 0 to `train.learnin
 - `'constant'`: then constant.
 - `'rsqrt'`: then `learning_rate * sqrt(warmup_steps / step)`, the inverse-square-root decay of
   T5 and Switch (Raffel et al. 2020, Sec. 3.1.2), continuous at the end of the warmup.
-- `'cosine'`: then a cosine decay to `COSINE_FINAL_FRACTION * learning_rate` at `train.num_steps`
-  (MaxText's default final fraction).
+- `'cosine'`: then a cosine decay to `COSINE_FINAL_FRACTION * learning_rate` at the horizon
+  `train.schedule_steps` (0: `train.num_steps`), held after it (MaxText's default final
+  fraction).
 
 Update s (1-based) of the warmup uses `learning_rate * s / warmup_steps`, so the first update
 already moves the parameters.
 
 Optimizers (`train.optimizer`): `'adafactor'` (the T5/Switch/ST-MoE choice: factored second
 moments, update clipping at 1.0, updates scaled by the parameter RMS, no momentum) and
-`'adamw'`. Weight decay (`train.weight_decay`, decoupled) applies to matrices and stacked expert
-weights only, not to norm scales or biases. `train.grad_clip_norm > 0` clips the global gradient
-norm before the optimizer sees it.
+`'adamw'`. Weight decay (`train.weight_decay`, decoupled) is masked by what a parameter is, read
+from its path: kernels, embeddings and expert weights decay; norm scales (`scale`), biases
+(`bias`) and relative position bias tables (under `position_bias`) do not, whatever their rank
+(`model.scan_layers` stacks a leading layer axis onto every parameter).
+`train.grad_clip_norm > 0` clips the global gradient norm before the optimizer sees it.
 """
 
 import jax
@@ -26,12 +29,19 @@ import optax
 
 COSINE_FINAL_FRACTION = 0.1
 SCHEDULES = ("constant", "rsqrt", "cosine")
+# path entries that mark a parameter weight decay leaves alone (see the module docstring)
+NO_DECAY_NAMES = frozenset({"scale", "bias", "position_bias"})
 OPTIMIZERS = ("adamw", "adafactor")
 
 
 def make_schedule(train_config: ml_collections.ConfigDict) -> optax.Schedule:
     """The learning rate as a function of the number of updates already applied (0, 1, ...)."""
     peak = float(train_config.learning_rate)
+    if not peak > 0:
+        raise ValueError(
+            f"train.learning_rate={train_config.learning_rate} must be > 0 (e.g. 3e-3 for the "
+            "tiny configs, 1e-2 for Adafactor with the rsqrt schedule)."
+        )
     warmup_steps = int(train_config.warmup_steps)
     name = train_config.schedule
     if name not in SCHEDULES:
@@ -40,11 +50,12 @@ def make_schedule(train_config: ml_collections.ConfigDict) -> optax.Schedule:
         )
     if warmup_steps < 0:
         raise ValueError(f"train.warmup_steps={warmup_steps} must be >= 0.")
-    num_steps = int(train_config.num_steps)
+    num_steps = int(train_config.get("schedule_steps", 0) or train_config.num_steps)
     if name == "cosine" and warmup_steps >= num_steps:
         raise ValueError(
-            f"train.warmup_steps={warmup_steps} must be smaller than train.num_steps={num_steps} "
-            "for the cosine schedule; lower the warmup or raise num_steps."
+            f"train.warmup_steps={warmup_steps} must be smaller than the schedule's horizon "
+            f"{num_steps} (train.schedule_steps, or train.num_steps when it is 0) for the cosine "
+            "schedule; lower the warmup or raise num_steps."
         )
     warmup_length = max(warmup_steps, 1)
 
@@ -64,9 +75,17 @@ def make_schedule(train_config: ml_collections.ConfigDict) -> optax.Schedule:
     return schedule
 
 
+def _path_names(path) -> set[str]:
+    """The names along a pytree path (dict keys, attribute names, sequence indices)."""
+    names = (getattr(key, "key", getattr(key, "name", getattr(key, "idx", key))) for key in path)
+    return {str(name) for name in names}
+
+
 def _decay_mask(params):
-    """True for the weights that weight decay applies to: arrays with two or more dims."""
-    return jax.tree.map(lambda p: jnp.ndim(p) >= 2, params)
+    """True for the weights that weight decay applies to (see the module docstring)."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: not NO_DECAY_NAMES & _path_names(path), params
+    )
 
 
 def make_optimizer(

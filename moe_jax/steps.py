@@ -9,8 +9,9 @@ Loss: masked mean cross-entropy over the target weights, plus `loss.aux_coef` ti
 load-balancing loss and `loss.z_coef` times the router z-loss, each *summed* over the sparse
 layers (as T5X and ST-MoE do). The metrics `aux_loss` and `z_loss` are those sums without their
 coefficients; `fraction_dropped` and `router_confidence` are means over the sparse layers,
-`router_logit_max` the largest absolute router logit of any sparse layer, and `expert_load` is
-`f32[num_sparse_layers, E]`.
+`router_logit_max` the largest absolute router logit of any sparse layer, and `expert_load`
+(filled slots, after capacity) and `expert_load_routed` (the router's choices, before capacity)
+are `f32[num_sparse_layers, E]`.
 
 Randomness: the step's key is `fold_in(rng, state.step)` and reseeds every random stream of the
 model (dropout, router jitter, GShard's random second choice), so a step's randomness depends on
@@ -83,6 +84,7 @@ def compute_loss(model, batch: dict, config, *, deterministic: bool):
             router_confidence=aux.router_confidence.mean(),
             router_logit_max=aux.router_logit_max.max(),
             expert_load=aux.expert_load,  # [num_sparse_layers, E]
+            expert_load_routed=aux.expert_load_routed,  # [num_sparse_layers, E]
         )
     step_metrics["loss"] = loss
     return loss, step_metrics

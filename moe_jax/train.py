@@ -3,17 +3,21 @@
     python -m moe_jax.train --config=configs/switch.py:tiny --workdir=runs/switch_tiny \\
         --config.train.num_steps=200 --config.mesh.data=2 --config.mesh.expert=4
 
-The workdir receives `config.json` (the resolved config), `metrics.jsonl` and TensorBoard files
-(`moe_jax.metrics`), and `checkpoints/` (`moe_jax.checkpoint`). Running the same command again
-resumes from the latest checkpoint; raise `train.num_steps` to train further. A new run starts
-from random weights, or from a Hugging Face checkpoint with `--config.train.init_from=hf:DIR`
-(`moe_jax.hf`; `--config=configs/hf.py:DIR` sets it with the checkpoint's architecture). Every
-check of the config, mesh, data and existing checkpoints runs before anything is written.
+The workdir receives `config.json` (the resolved config), `run_history.jsonl`, `metrics.jsonl`
+and TensorBoard files (`moe_jax.metrics`), and `checkpoints/` (`moe_jax.checkpoint`). Running
+the same command again resumes from the latest checkpoint; raise `train.num_steps` to train
+further (the schedule keeps its horizon; what a resume may change is in `moe_jax.run_identity`).
+A new run starts from random weights, or from a Hugging Face checkpoint with
+`--config.train.init_from=hf:DIR` (`moe_jax.hf`; `--config=configs/hf.py:DIR` sets it with the
+checkpoint's architecture). Every check of the config, mesh, parameter shardings, workdir, data
+and existing checkpoints (their run identity, and that the latest one is readable) runs before
+anything is written.
 
 Exact resume: a batch is a pure function of (seed, split, step) (`moe_jax.data`) and the dropout
 and router-jitter keys of step s are `fold_in(key(seed), s)` (`moe_jax.steps`), so a run resumed
 from the checkpoint of step s computes the same losses as an uninterrupted run (bit for bit on
-the same devices). SIGTERM (TPU/GCE preemption) saves a checkpoint and exits 0. A non-finite loss,
+the same devices). SIGTERM (TPU/GCE preemption) and SIGINT (Ctrl-C) save a checkpoint and exit
+0; a second SIGINT ends the process at once. A non-finite loss,
 gradient norm or parameter norm stops the run with `TrainingDiverged`; it is checked before each
 checkpoint, so the checkpoints on disk are always finite.
 
@@ -26,9 +30,7 @@ Cloud TPU slice: `TPU_WORKER_HOSTNAMES` or `MEGASCALE_COORDINATOR_ADDRESS`; SLUR
 arguments itself. Every process runs the same command; each loads its share of the batch.
 """
 
-import difflib
 import functools
-import importlib.util
 import os
 import signal
 import sys
@@ -46,8 +48,8 @@ from absl import app, flags, logging
 from flax import nnx
 from ml_collections import config_flags
 
-from moe_jax import checkpoint, data, hf, metrics, multihost, optim, parallel
-from moe_jax.config import KINDS
+from moe_jax import checkpoint, data, hf, metrics, multihost, optim, parallel, run_identity
+from moe_jax.config import EVAL_FULL_PASS, KINDS, check_config_overrides
 from moe_jax.models import build_model
 from moe_jax.steps import TrainState, make_eval_step, make_train_step
 
@@ -65,8 +67,9 @@ class SetupError(ValueError):
 
 class RunResult(NamedTuple):
     step: int  # updates applied when the run ended
-    preempted: bool  # stopped by SIGTERM (a checkpoint of `step` was saved)
+    preempted: bool  # stopped by SIGTERM or SIGINT (a checkpoint of `step` was saved)
     state: TrainState  # the final state (sharded arrays)
+    stopped_by: str | None = None  # 'SIGTERM' | 'SIGINT' when preempted
 
 
 def check_config(config) -> None:
@@ -75,10 +78,16 @@ def check_config(config) -> None:
     for key in ("num_steps", "batch_size", "seq_len", "log_every", "checkpoint_every"):
         if train[key] < 1:
             raise ValueError(f"train.{key}={train[key]} must be >= 1.")
-    if train.keep_checkpoints < 1 or train.eval_steps < 1:
+    if train.keep_checkpoints < 1:
+        raise ValueError(f"train.keep_checkpoints={train.keep_checkpoints} must be >= 1.")
+    if train.eval_steps < 1 and train.eval_steps != EVAL_FULL_PASS:
         raise ValueError(
-            f"train.keep_checkpoints={train.keep_checkpoints} and train.eval_steps="
-            f"{train.eval_steps} must be >= 1."
+            f"train.eval_steps={train.eval_steps} must be >= 1 (batches per evaluation) or "
+            f"{EVAL_FULL_PASS} (the whole validation split once)."
+        )
+    if train.schedule_steps < 0:
+        raise ValueError(
+            f"train.schedule_steps={train.schedule_steps} must be >= 0 (0: train.num_steps)."
         )
     if train.eval_every < 0:
         raise ValueError(f"train.eval_every={train.eval_every} must be >= 0 (0: no evaluation).")
@@ -87,6 +96,13 @@ def check_config(config) -> None:
             raise ValueError(f"loss.{key}={config.loss[key]} must be >= 0.")
     if config.model.kind not in KINDS:
         raise ValueError(f"model.kind={config.model.kind!r} must be one of {KINDS}.")
+    moe = config.moe
+    if moe.num_experts and moe.k < 1:
+        raise ValueError(f"moe.k={moe.k} routes each token to no expert; set moe.k >= 1.")
+    if moe.num_experts and moe.k > moe.num_experts:
+        raise ValueError(
+            f"moe.k={moe.k} exceeds moe.num_experts={moe.num_experts}; lower k or add experts."
+        )
     optim.make_optimizer(train)
 
 
@@ -104,6 +120,91 @@ def _check_groups(config, mesh, dataset: data.Dataset) -> None:
                 f"'{key}', which do not split into whole groups of moe.group_size={group_size}; "
                 f"set --config.moe.group_size to a divisor of {rows * shape[1]}."
             )
+
+
+def _make_mesh(config, devices):
+    """The mesh of `config.mesh`; on too few devices, says how to get more on a CPU."""
+    try:
+        return parallel.mesh_from_config(config, devices=devices)
+    except ValueError as error:
+        available = len(jax.devices() if devices is None else devices)
+        needed = int(np.prod([max(config.mesh[axis], 1) for axis in ("data", "expert", "model")]))
+        if needed > available and jax.default_backend() == "cpu":
+            raise ValueError(
+                f"{error} On a CPU, XLA_FLAGS=--xla_force_host_platform_device_count={needed} "
+                "(set before Python starts) gives that many host devices."
+            ) from error
+        raise
+
+
+def _check_divisible(abstract_model: nnx.Module, mesh, rules) -> None:
+    """Each sharded dim of every parameter and state variable splits evenly over its mesh axes
+    (read abstractly from the variables' logical axis names and `rules`)."""
+    state = nnx.state(abstract_model)
+    for path, variable in nnx.to_flat_state(state):
+        names = variable.get_metadata().get("out_sharding") or ()
+        shape = getattr(variable.get_value(), "shape", ())
+        for dim, (size, logical) in enumerate(zip(shape, names)):
+            if logical is None:
+                continue
+            axes = parallel.mesh_axes_of(logical, rules)
+            shards = parallel.axis_size(mesh, axes)
+            if size % shards:
+                sizes = ", ".join(f"mesh.{axis}={mesh.shape[axis]}" for axis in axes)
+                raise ValueError(
+                    f"parameter {'/'.join(map(str, path))} of shape {tuple(shape)}: dim {dim} "
+                    f"(logical axis {logical!r}) has size {size}, which does not split over mesh "
+                    f"axes {axes} of {shards} devices ({sizes}); choose mesh sizes that divide "
+                    f"{size}, or a model size that divides by {shards}."
+                )
+
+
+def _check_workdir(workdir: str) -> None:
+    """The workdir and its checkpoints directory are directories (or absent) and writable."""
+    directory = os.path.join(workdir, checkpoint.CHECKPOINT_DIR)
+    for path in (workdir, directory):
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise ValueError(
+                f"{path} is a file, not a directory: checkpoints could not be saved there; move "
+                "it away or choose another --workdir."
+            )
+    existing = directory
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{existing} is not writable: choose a --workdir you can write to.")
+
+
+def _newest_readable_before(checkpoints: checkpoint.Checkpoints, step: int) -> int | None:
+    """The newest step older than `step` whose identity can be read, or None."""
+    for older in sorted((s for s in checkpoints.all_steps() if s < step), reverse=True):
+        try:
+            checkpoints.read_identity(older)
+        except checkpoint.UnreadableCheckpoint:
+            continue
+        return older
+    return None
+
+
+def _unreadable(
+    error: checkpoint.UnreadableCheckpoint, checkpoints: checkpoint.Checkpoints, workdir: str
+) -> SetupError:
+    """The refusal for an unreadable latest step, with the command that resumes from the newest
+    readable one."""
+    readable = _newest_readable_before(checkpoints, error.step)
+    aside = os.path.join(workdir, f"unreadable_checkpoint_{error.step}")
+    move = f"mv {checkpoints.step_path(error.step)} {aside}"
+    if readable is None:
+        advice = (
+            f"No older checkpoint is readable; move it away ({move}) to start afresh in this "
+            "workdir, or use a new --workdir."
+        )
+    else:
+        advice = (
+            f"The newest readable checkpoint is step {readable}; to resume from it, move the "
+            f"unreadable step aside and run the same command again:\n  {move}"
+        )
+    return SetupError(f"{error}.\n{advice}")
 
 
 def _optimizer_shardings(abstract_opt_state, params: nnx.State, mesh):
@@ -126,6 +227,7 @@ def _optimizer_shardings(abstract_opt_state, params: nnx.State, mesh):
 
 
 class _Prepared(NamedTuple):
+    config: ml_collections.ConfigDict  # resolved (`run_identity.resolve`)
     mesh: Any
     train_data: data.Dataset
     eval_data: data.Dataset | None
@@ -133,13 +235,18 @@ class _Prepared(NamedTuple):
     schedule: optax.Schedule
     signature: dict
     abstract_model: nnx.Module  # from nnx.eval_shape, outside any mesh
+    resume_step: int | None  # the latest checkpoint's step, None for a fresh run
+    changes: dict  # {key: (stored, now)} that a resume changes (all allowed)
 
 
 def _prepare(config, workdir: str, devices) -> _Prepared:
     """Every check that can fail, in order, before the workdir is touched."""
+    requested_horizon = config.train.schedule_steps
+    config = run_identity.resolve(config)
     check_config(config)
+    _check_workdir(workdir)
     hf.init_from(config)  # checks a train.init_from checkpoint against the config
-    mesh = parallel.mesh_from_config(config, devices=devices)
+    mesh = _make_mesh(config, devices)
     try:
         parallel.check_batch(config.train.batch_size, mesh, config.mesh.rules)
     except ValueError as error:
@@ -149,9 +256,24 @@ def _prepare(config, workdir: str, devices) -> _Prepared:
     eval_data = None
     if config.train.eval_every:
         eval_data = data.dataset_from_config(config, "validation", **shares)
+        if config.train.eval_steps == EVAL_FULL_PASS:
+            eval_data.full_pass()  # raises for a split with no end (the synthetic corpus)
     _check_groups(config, mesh, train_data)
-    optimizer, schedule = optim.make_optimizer(config.train)
     abstract_model = nnx.eval_shape(lambda: build_model(config, rngs=nnx.Rngs(config.seed)))
+    _check_divisible(abstract_model, mesh, config.mesh.rules)
+    directory = os.path.join(workdir, checkpoint.CHECKPOINT_DIR)
+    stored, resume_step = None, None
+    if os.path.isdir(directory):
+        existing = checkpoint.Checkpoints(directory, keep=1, read_only=True)
+        resume_step = existing.latest_step()
+        if resume_step is not None:
+            try:
+                stored = existing.read_identity(resume_step)
+            except checkpoint.UnreadableCheckpoint as error:
+                raise _unreadable(error, existing, workdir) from None
+            config = run_identity.keep_stored_horizon(config, requested_horizon, stored)
+        existing.close()
+    optimizer, schedule = optim.make_optimizer(config.train)
     _, params, _, model_state = nnx.split(abstract_model, nnx.Param, nnx.RngState, ...)
     abstract_state = TrainState(
         jax.ShapeDtypeStruct((), jnp.int32),
@@ -160,12 +282,21 @@ def _prepare(config, workdir: str, devices) -> _Prepared:
         jax.eval_shape(optimizer.init, params),
     )
     signature = checkpoint.make_signature(config, abstract_state)
-    directory = os.path.join(workdir, checkpoint.CHECKPOINT_DIR)
-    if os.path.isdir(directory):
-        existing = checkpoint.Checkpoints(directory, keep=1, read_only=True)
-        existing.check_compatible(signature)
-        existing.close()
-    return _Prepared(mesh, train_data, eval_data, optimizer, schedule, signature, abstract_model)
+    changes = {}
+    if stored is not None:
+        changes = run_identity.check_resume(stored, signature, resume_step, directory)
+    return _Prepared(
+        config,
+        mesh,
+        train_data,
+        eval_data,
+        optimizer,
+        schedule,
+        signature,
+        abstract_model,
+        resume_step,
+        changes,
+    )
 
 
 def _create_state(config, mesh, optimizer, initialize=None) -> TrainState:
@@ -223,30 +354,49 @@ def _replicated(mesh):
 # ------------------------------------------------------------------------------- the loop
 
 
-class _Preemption:
-    """Notes SIGTERM; `requested()` is agreed across processes."""
+PREEMPTION_SYNC_EVERY = 10  # steps between the processes' agreements on a stop signal
+
+
+class _StopSignals:
+    """Notes SIGTERM (preemption) and SIGINT (Ctrl-C): the loop saves and stops.
+
+    After the first SIGINT, Ctrl-C gets its default action back, so a second one ends the
+    process at once (no save). `requested(step)` is this process's flag on one process; with
+    several, they agree by an all-gather every `PREEMPTION_SYNC_EVERY` steps only (an
+    all-gather per step would stall a pod), so a stop lands on a multiple of it.
+    """
 
     def __init__(self):
-        self._received = False
-        self._previous = None
+        self.received: str | None = None
+        self._previous = {}
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                self._previous[signum] = signal.signal(signum, self._handle)
         return self
 
     def _handle(self, signum, frame):
-        del signum, frame
-        self._received = True
+        del frame
+        name = signal.Signals(signum).name
+        self.received = self.received or name
+        if signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            sys.stderr.write(
+                "\nmoe_jax.train: SIGINT: saving a checkpoint after this step, then stopping; "
+                "press Ctrl-C again to abort without saving.\n"
+            )
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
 
-    def requested(self) -> bool:
+    def requested(self, step: int) -> bool:
         if jax.process_count() == 1:
-            return self._received
-        flags_seen = multihost.to_host(np.asarray([self._received]))
+            return self.received is not None
+        if step % PREEMPTION_SYNC_EVERY:
+            return False
+        flags_seen = multihost.to_host(np.asarray([self.received is not None]))
         return bool(np.any(flags_seen))
 
 
@@ -272,19 +422,26 @@ def _check_finite(pending: list, last_saved: int | None, directory: str, config)
 
 
 def _evaluate(eval_step, state, dataset: data.Dataset, mesh, config) -> dict:
-    """Token-weighted means over `train.eval_steps` validation batches (always the same ones)."""
+    """Token-weighted means over the validation batches, with what was used: `eval_batches`
+    and `eval_full_pass` (1: the whole split once, `data.Dataset.full_pass`; 0: the first
+    `train.eval_steps` batches, the same ones at every evaluation)."""
+    full_pass = config.train.eval_steps == EVAL_FULL_PASS
+    if full_pass:
+        batches = dataset.full_pass()
+    else:
+        batches = (dataset.batch(index) for index in range(config.train.eval_steps))
     results = []
-    for index in range(config.train.eval_steps):
-        batch = multihost.global_batch(dataset.batch(index), mesh, config.mesh.rules)
-        results.append(eval_step(state, batch))
+    for batch in batches:
+        results.append(eval_step(state, multihost.global_batch(batch, mesh, config.mesh.rules)))
     results = jax.device_get(results)
     weights = [float(result.pop("weight_sum")) for result in results]
     total = max(sum(weights), 1.0)
-    return {
+    means = {
         key: sum(np.asarray(result[key]) * weight for result, weight in zip(results, weights))
         / total
         for key in results[0]
     }
+    return {**means, "eval_batches": len(results), "eval_full_pass": int(full_pass)}
 
 
 def _train_loop(config, workdir, prepared, state, train_step, eval_step, checkpoints, start):
@@ -298,12 +455,12 @@ def _train_loop(config, workdir, prepared, state, train_step, eval_step, checkpo
     tokens_per_step = jax.process_count() * sum(
         int(np.prod(shape)) for key, (shape, _) in spec.items() if key.endswith("inputs")
     )
-    pending, last_saved, step, preempted = [], start or None, start, False
+    pending, window, last_saved, step, preempted = [], [], start or None, start, False
     clock, timed_steps = time.perf_counter(), 0
     executor = ThreadPoolExecutor(max_workers=1)  # reads the next batch during this step
     next_batch = executor.submit(prepared.train_data.batch, step)
     try:
-        with _Preemption() as preemption:
+        with _StopSignals() as stop_signals:
             while step < train.num_steps:
                 batch = multihost.global_batch(next_batch.result(), mesh, rules)
                 next_batch = executor.submit(prepared.train_data.batch, step + 1)
@@ -311,7 +468,8 @@ def _train_loop(config, workdir, prepared, state, train_step, eval_step, checkpo
                 step += 1
                 timed_steps += 1
                 pending.append((step, {key: step_metrics[key] for key in _FINITE_KEYS}))
-                preempted = preemption.requested()
+                window.append(step_metrics)
+                preempted = stop_signals.requested(step)
                 log_now = step % train.log_every == 0 or step == train.num_steps
                 eval_now = prepared.eval_data is not None and (
                     step % train.eval_every == 0 or step == train.num_steps
@@ -320,7 +478,8 @@ def _train_loop(config, workdir, prepared, state, train_step, eval_step, checkpo
                 if log_now or eval_now or save_now or preempted:
                     _check_finite(pending, last_saved, checkpoints.directory, config)
                 if log_now:
-                    values = jax.device_get(step_metrics)
+                    values = metrics.window_mean(jax.device_get(window))
+                    window.clear()
                     del values["weight_sum"]
                     elapsed = time.perf_counter() - clock
                     values["tokens_per_second"] = timed_steps * tokens_per_step / elapsed
@@ -345,48 +504,66 @@ def _train_loop(config, workdir, prepared, state, train_step, eval_step, checkpo
         checkpoints.close()
         writer.close()
         progress.close()
-    return RunResult(step=step, preempted=preempted, state=state)
+    stopped_by = stop_signals.received if preempted else None
+    return RunResult(step=step, preempted=preempted, state=state, stopped_by=stopped_by)
 
 
-def _write_config(config, workdir: str) -> None:
+def _write_identity(workdir: str, prepared: _Prepared, start: int, *, resumed: bool) -> None:
+    """`config.json` (the resolved config) and a line of the run history; process 0 only."""
+    if not multihost.is_main_process():
+        return
     os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as file:
-        file.write(config.to_json_best_effort(indent=2) + "\n")
+    if resumed and prepared.changes:
+        changes = prepared.changes.items()
+        shown = ", ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in changes)
+        sys.stderr.write(f"moe_jax.train: resuming at step {start} with {shown}\n")
+    path = os.path.join(workdir, "config.json")
+    with open(path + ".tmp", "w", encoding="utf-8") as file:
+        file.write(prepared.config.to_json_best_effort(indent=2) + "\n")
+    os.replace(path + ".tmp", path)
+    run_identity.append_history(workdir, start, prepared.changes, resumed=resumed)
 
 
 def run(config, workdir: str, *, devices=None) -> RunResult:
     """Train `config` in `workdir`, resuming from its latest checkpoint if there is one.
 
     `devices` (default: all) are the devices the mesh is laid over. Raises SetupError (a
-    ValueError) before writing anything when the config, mesh, data or checkpoints do not fit,
-    and TrainingDiverged when the loss stops being finite.
+    ValueError) before writing anything when the config, mesh, data, workdir or checkpoints do
+    not fit (a resume that changes a key `run_identity` does not allow, an unreadable latest
+    checkpoint), and TrainingDiverged when the loss stops being finite.
     """
     workdir = os.path.abspath(workdir)
     try:
         prepared = _prepare(config, workdir, devices)
+    except SetupError:
+        raise
     except ValueError as error:
         raise SetupError(str(error)) from error
-    if multihost.is_main_process():
-        _write_config(config, workdir)
-    multihost.sync("moe_jax.train: workdir ready")
-    mesh = prepared.mesh
+    config, mesh = prepared.config, prepared.mesh
+    directory = os.path.join(workdir, checkpoint.CHECKPOINT_DIR)
     with jax.set_mesh(mesh):
-        checkpoints = checkpoint.Checkpoints(
-            os.path.join(workdir, checkpoint.CHECKPOINT_DIR), keep=config.train.keep_checkpoints
-        )
         # the shardings of the abstract state are the canonical ones: fresh and resumed runs
         # compile the same step (and share a persistent compilation cache)
         target, graphdef, rng_state = _abstract_state(
             prepared.abstract_model, config, mesh, prepared.optimizer
         )
         shardings = jax.tree.map(lambda leaf: leaf.sharding, target)
-        latest = multihost.agree_on_step(checkpoints.latest_step())
+        latest = multihost.agree_on_step(prepared.resume_step)
         start = latest or 0
         if latest is not None:  # step 0 too: a converted checkpoint (moe_jax.convert)
-            state, data_state = checkpoints.restore(start, target)
+            existing = checkpoint.Checkpoints(directory, keep=1, read_only=True)
+            try:
+                state, data_state = existing.restore(start, target)
+            except checkpoint.UnreadableCheckpoint as error:
+                raise _unreadable(error, existing, workdir) from None
+            finally:
+                existing.close()
             if data_state["step"] != start:
-                raise ValueError(f"checkpoint {start} holds data position {data_state}.")
-        else:
+                raise SetupError(f"checkpoint {start} holds data position {data_state}.")
+        _write_identity(workdir, prepared, start, resumed=latest is not None)
+        multihost.sync("moe_jax.train: workdir ready")
+        checkpoints = checkpoint.Checkpoints(directory, keep=config.train.keep_checkpoints)
+        if latest is None:
             state = _create_state(config, mesh, prepared.optimizer)
         if multihost.is_main_process():
             metrics.truncate_metrics(workdir, start)
@@ -423,7 +600,8 @@ def save_initial_checkpoint(config, workdir: str, *, devices=None, initialize=No
     if os.path.isdir(directory) and os.listdir(directory):
         raise ValueError(f"{directory} already holds checkpoints; use a new --workdir.")
     prepared = _prepare(config, workdir, devices)
-    _write_config(config, workdir)
+    config = prepared.config
+    _write_identity(workdir, prepared, 0, resumed=False)
     with jax.set_mesh(prepared.mesh):
         state = _create_state(config, prepared.mesh, prepared.optimizer, initialize)
         checkpoints = checkpoint.Checkpoints(directory, keep=config.train.keep_checkpoints)
@@ -433,52 +611,6 @@ def save_initial_checkpoint(config, workdir: str, *, devices=None, initialize=No
 
 
 # -------------------------------------------------------------------------------- the CLI
-
-
-def _config_keys(config: ml_collections.ConfigDict, prefix: str = ""):
-    """Every dotted key of `config`, sections included."""
-    for key, value in config.items():
-        yield prefix + key
-        if isinstance(value, ml_collections.ConfigDict):
-            yield from _config_keys(value, f"{prefix}{key}.")
-
-
-def _load_config_file(spec: str) -> ml_collections.ConfigDict:
-    """`get_config(VARIANT)` of `--config=PATH[:VARIANT]`."""
-    path, _, variant = spec.partition(":")
-    if not os.path.isfile(path):
-        raise ValueError(
-            f"--config={spec}: no config file {path!r}; pass one of configs/*.py with a variant, "
-            "e.g. --config=configs/switch.py:tiny."
-        )
-    module_spec = importlib.util.spec_from_file_location("_moe_jax_config_check", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module.get_config(variant) if variant else module.get_config()
-
-
-def check_config_overrides(argv: list[str]) -> None:
-    """Raises ValueError for a `--config.KEY=...` naming no key, suggesting close matches."""
-    overrides = [
-        arg.removeprefix("--config.").split("=", 1)[0]
-        for arg in argv[1:]
-        if arg.startswith("--config.")
-    ]
-    if not overrides:
-        return
-    specs = [arg.split("=", 1)[1] for arg in argv[1:] if arg.startswith("--config=")]
-    if not specs:
-        raise ValueError("--config.KEY overrides need --config=PATH:VARIANT first.")
-    known = list(_config_keys(_load_config_file(specs[-1])))
-    for key in overrides:
-        if key not in known:
-            matches = difflib.get_close_matches(key, known, n=3, cutoff=0.5)
-            hint = (
-                "did you mean " + " or ".join(f"--config.{match}" for match in matches) + "?"
-                if matches
-                else f"the keys are listed in {specs[-1].partition(':')[0]} and moe_jax/config.py."
-            )
-            raise ValueError(f"--config.{key}: the config has no key {key!r}; {hint}")
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
@@ -524,11 +656,18 @@ def main(argv: list[str], config_flag) -> int:
     workdir = options.workdir
     try:
         result = run(config_flag.value, workdir)
-    except (SetupError, TrainingDiverged) as error:
+    except SetupError as error:
+        sys.stderr.write(f"moe_jax.train: {error}\n")
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # nothing was written; exit now, because a failed checkpoint read can leave orbax's
+        # asyncio reads in flight, whose teardown at interpreter exit prints tracebacks
+        os._exit(1)
+    except TrainingDiverged as error:
         sys.stderr.write(f"moe_jax.train: {error}\n")
         return 1
     if multihost.is_main_process():
-        how = "stopped by SIGTERM at" if result.preempted else "trained to"
+        how = f"stopped by {result.stopped_by} at" if result.preempted else "trained to"
         print(
             f"{how} step {result.step}\n  metrics: {os.path.join(workdir, metrics.METRICS_FILE)}"
             f"\n  tensorboard: {os.path.join(workdir, metrics.TENSORBOARD_DIR)}"

@@ -1,4 +1,4 @@
-"""Checkpoint round trips, retention, incomplete saves and the model-compatibility check."""
+"""Checkpoint round trips, retention, incomplete saves, the stored run identity, damaged steps."""
 
 import os
 
@@ -7,7 +7,7 @@ import numpy as np
 import optax
 import pytest
 
-from moe_jax.checkpoint import Checkpoints, make_signature
+from moe_jax.checkpoint import Checkpoints, UnreadableCheckpoint, config_changes, make_signature
 from moe_jax.config import default_config
 
 
@@ -49,17 +49,57 @@ def test_incomplete_save_is_not_the_latest(tmp_path):
     assert Checkpoints(directory, keep=3).latest_step() == 4
 
 
-def test_incompatible_model_is_refused_with_the_differing_key(tmp_path):
+def test_identity_is_the_whole_config_and_changes_name_both_values(tmp_path):
     config = default_config()
     state = _state(width=4)
     directory = str(tmp_path / "ckpt")
     checkpoints = Checkpoints(directory, keep=1)
     checkpoints.save(1, state, {}, make_signature(config, state))
     checkpoints.close()
-    reader = Checkpoints(directory, keep=1, read_only=True)
-    reader.check_compatible(make_signature(config, state))  # same model: accepted
+    stored = Checkpoints(directory, keep=1, read_only=True).read_identity(1)
+    assert config_changes(stored, make_signature(config, state)) == {}
     other = default_config()
-    other.model.d_model = 64
-    with pytest.raises(ValueError, match=r"model\.d_model: 128 \(checkpoint\) vs 64") as error:
-        reader.check_compatible(make_signature(other, _state(width=8)))
-    assert "new --workdir" in str(error.value)
+    other.moe.router, other.train.batch_size = "gshard_top2", 32
+    other.mesh.rules.batch = ("data",)
+    assert config_changes(stored, make_signature(other, state)) == {
+        "mesh.rules.batch": (["data", "expert"], ["data"]),
+        "moe.router": ("tokens_choose", "gshard_top2"),
+        "train.batch_size": (16, 32),
+    }
+
+
+def _saved(tmp_path):
+    config = default_config()
+    state = _state()
+    directory = str(tmp_path / "ckpt")
+    checkpoints = Checkpoints(directory, keep=3)
+    for step in (1, 2):
+        checkpoints.save(step, state, {"position": step}, make_signature(config, state))
+    checkpoints.close()
+    return directory, state
+
+
+def test_empty_and_foreign_step_directories_are_named_as_such(tmp_path):
+    directory, _ = _saved(tmp_path)
+    os.makedirs(os.path.join(directory, "999"))
+    os.makedirs(os.path.join(directory, "1000", "weights"))
+    reader = Checkpoints(directory, keep=3, read_only=True)
+    assert reader.all_steps() == [1, 2, 999, 1000]
+    with pytest.raises(UnreadableCheckpoint, match=r"step 999 \(.*999\) is empty"):
+        reader.read_identity(999)
+    with pytest.raises(UnreadableCheckpoint, match="step 1000 .* not a moe_jax checkpoint"):
+        reader.read_identity(1000)
+    assert reader.read_identity(2)["config"]["moe"]["k"] == 1
+
+
+def test_truncated_step_gives_a_short_error_naming_it(tmp_path):
+    directory, state = _saved(tmp_path)
+    manifest = os.path.join(directory, "2", "state", "manifest.ocdbt")
+    with open(manifest, "r+b") as file:
+        file.truncate(os.path.getsize(manifest) // 2)
+    reader = Checkpoints(directory, keep=3, read_only=True)
+    with pytest.raises(UnreadableCheckpoint, match=r"step 2 \(.*\) is unreadable: ") as error:
+        reader.restore(2, state)
+    assert error.value.step == 2 and len(str(error.value)) < 600
+    restored, data_state = reader.restore(1, state)
+    assert data_state == {"position": 1}

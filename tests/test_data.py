@@ -408,6 +408,87 @@ def test_text_file_source_split_and_round_trip(tmp_path):
     assert tokenizer.decode(tokenizer.encode(text)) == text
 
 
+@settings(max_examples=40, deadline=None)
+@given(
+    st.lists(st.integers(0, 40), min_size=0, max_size=12),
+    st.integers(1, 16),
+)
+def test_full_pass_rows_pack_like_pack_sequences(lengths, length):
+    # The lazy row builder of a full pass gives exactly the rows of spans.pack_sequences over
+    # the same documents (every token once, in order, documents split across rows).
+    documents = [np.arange(n, dtype=np.int32) + 3 + i for i, n in enumerate(lengths)]
+    source = data.DocumentSource(
+        sample_document=None, description="documents", documents=lambda: iter(documents)
+    )
+    rows = list(source.sequential_rows(length))
+    if sum(lengths) == 0:
+        assert rows == []
+        return
+    expected = spans.pack_sequences(documents, length)
+    for got, key in zip(zip(*rows), ("tokens", "segment_ids", "positions")):
+        np.testing.assert_array_equal(np.stack(got), expected[key])
+
+
+def test_full_pass_reads_every_validation_token_once_across_processes(tmp_path):
+    path = tmp_path / "corpus.txt"
+    text = bytes(range(32, 127)) * 20  # 1900 bytes: validation is the last 190
+    path.write_bytes(text)
+    expected = np.frombuffer(text[1710:], np.uint8).astype(np.int32) + data.BYTE_OFFSET
+    single = list(dataset(f"text:{path}", split="validation", batch_size=4, seq_len=16).full_pass())
+    # 190 tokens in rows of 16: 12 rows, the last with 14 tokens; batches of 4 rows: 3 batches
+    assert len(single) == 3 and all(batch["targets"].shape == (4, 16) for batch in single)
+    targets = np.concatenate([batch["targets"] for batch in single])
+    weights = np.concatenate([batch["weights"] for batch in single])
+    np.testing.assert_array_equal(targets[weights > 0], expected)
+    shares = [
+        list(
+            dataset(
+                f"text:{path}",
+                split="validation",
+                batch_size=4,
+                seq_len=16,
+                process_index=index,
+                process_count=2,
+            ).full_pass()
+        )
+        for index in range(2)
+    ]
+    for step, batch in enumerate(single):
+        for key in batch:
+            joined = np.concatenate([shares[0][step][key], shares[1][step][key]])
+            np.testing.assert_array_equal(joined, batch[key])
+
+
+def test_full_pass_of_odd_row_count_pads_with_weightless_rows(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_bytes(b"x" * 500)  # validation: 50 bytes, rows of 16: 4 rows, batches of 3
+    batches = list(
+        dataset(f"text:{path}", split="validation", batch_size=3, seq_len=16).full_pass()
+    )
+    assert len(batches) == 2
+    assert batches[1]["weights"].sum(axis=1).tolist() == [2.0, 0.0, 0.0]  # 50 = 3 * 16 + 2
+    assert batches[0]["weights"].sum() == 48.0
+
+
+def test_full_pass_span_corruption_is_finite_and_deterministic(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_text("the quick brown fox jumps over the lazy dog. " * 60)
+    make = lambda: dataset(
+        f"text:{path}", task="span_corruption", split="validation", batch_size=2, seq_len=32
+    )
+    first, second = list(make().full_pass()), list(make().full_pass())
+    assert len(first) >= 2
+    for a, b in zip(first, second, strict=True):
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key])
+    assert all(batch["decoder_weights"].sum() > 0 for batch in first[:-1])
+
+
+def test_full_pass_of_the_synthetic_corpus_is_refused():
+    with pytest.raises(ValueError, match="has no end.*train.eval_steps"):
+        dataset("synthetic", split="validation").full_pass()
+
+
 def test_text_file_span_corruption(tmp_path):
     path = tmp_path / "corpus.txt"
     path.write_text("the quick brown fox jumps over the lazy dog. " * 50)

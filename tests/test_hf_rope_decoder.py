@@ -6,6 +6,7 @@ The oracle is a tiny random `transformers` model (seeded, float32, eager attenti
 `save_pretrained`, on batches with left and right padding.
 """
 
+import importlib
 import json
 
 import jax
@@ -300,3 +301,24 @@ def test_bfloat16_checkpoints_load(tmp_path):
     router = model.decoder.segments[0][1].layers[0].ffn.router.kernel[...]
     np.testing.assert_array_equal(router, gate.T)
     assert model.embed.embedding[...].dtype == jnp.float32
+
+
+@pytest.mark.parametrize(
+    "family, variant, overrides",
+    [
+        ("mixtral", "8x7b", {}),
+        # transformers' OLMoE default has intermediate_size 2048; the release (and the 6.9B
+        # count) has 1024
+        ("olmoe", "1b_7b", {"intermediate_size": 1024}),
+    ],
+)
+def test_released_architectures_load_as_our_paper_configs(family, variant, overrides):
+    """transformers' default configs are the released Mixtral-8x7B and OLMoE-1B-7B (but for the
+    override); read as moe_jax settings they give configs/{mixtral,olmoe}.py's architecture."""
+    reference = transformers.AutoConfig.for_model(family, **overrides)
+    settings = hf.get_family(family).to_moe_config(reference.to_dict(), frozenset())
+    ours = importlib.import_module(f"configs.{family}").get_config(variant)
+    for key, value in settings.items():
+        section, field = key.split(".")
+        if section in ("model", "moe") and field not in ("dropout_rate", "decoder_router"):
+            assert ours[section][field] == value, (key, ours[section][field], value)

@@ -230,3 +230,71 @@ def test_hash_router_needs_token_ids():
     # one id -> one expert for all 12 tokens; groups of 8 real + (4 real, 4 padding); eval
     # capacity round(2.0 * 8 / 4) = 4, so group 0 drops 4 tokens and group 1 none: 4 / 12.
     np.testing.assert_allclose(float(jnp.mean(jnp.all(y == 0, axis=-1))), 4 / 12)
+
+
+def _gates(route, num_tokens):
+    """f32[T, E] combine weight of each token in each expert (group 0), from the slot view."""
+    gates = np.zeros((num_tokens, route.weight.shape[1]))
+    for expert, slots in enumerate(np.asarray(route.token_index[0])):
+        for slot, token in enumerate(slots):
+            if token >= 0:
+                gates[token, expert] = route.weight[0, expert, slot]
+    return gates
+
+
+def test_aux_free_router_follows_deepseek_v3_equations():
+    # DeepSeek-V3 (Sec. 2.1.2): s_i = sigmoid(u^T e_i); g'_i = s_i if s_i + b_i is among the top-k
+    # of {s_j + b_j}, else 0; g_i = g'_i / sum_j g'_j. Token 0 has u^T e = [2, 1, 0, -1], token 1
+    # [0.5, -0.5, 1.5, 0]; the bias b = [0, 0, 0, 2] pulls expert 3 into both selections (k = 2),
+    # but its weight is its unbiased affinity.
+    # s(token 0) = [0.880797, 0.731059, 0.5, 0.268941]: picks 3 and 0,
+    #   g = [0.880797, 0, 0, 0.268941] / 1.149738 = [0.766085, 0, 0, 0.233915];
+    # s(token 1) = [0.622459, 0.377541, 0.817574, 0.5]: picks 3 and 2,
+    #   g = [0, 0, 0.817574, 0.5] / 1.317574 = [0, 0, 0.620515, 0.379485].
+    config = _config(router="aux_free", k=2)
+    router = layers.Router(config, nnx.Rngs(0))
+    kernel = np.zeros((M, 4), np.float32)
+    kernel[0] = [2.0, 1.0, 0.0, -1.0]
+    kernel[1] = [0.5, -0.5, 1.5, 0.0]
+    router.kernel[...] = jnp.asarray(kernel)
+    router.bias[...] = jnp.asarray([0.0, 0.0, 0.0, 2.0])
+    x = jnp.eye(2, M)[None]  # [1, 2, M]: token t is the unit vector e_t
+    route, _ = router(x, capacity=None, deterministic=True)
+    want = [[0.766085, 0.0, 0.0, 0.233915], [0.0, 0.0, 0.620515, 0.379485]]
+    np.testing.assert_allclose(_gates(route, 2), want, atol=1e-6)
+    # moe.normalize is the tokens-choose routers' setting: 'none' (Switch's configs set it) leaves
+    # the aux-free router's renormalised weights as they are
+    config.moe.normalize = "none"
+    other = layers.Router(config, nnx.Rngs(0))
+    other.kernel[...], other.bias[...] = router.kernel[...], router.bias[...]
+    route, _ = other(x, capacity=None, deterministic=True)
+    np.testing.assert_allclose(_gates(route, 2), want, atol=1e-6)
+
+
+def test_expert_load_before_and_after_capacity():
+    # 12 tokens, k = 2: every token's first choice is expert 0 (logit 10) and its second is
+    # expert 1 + t % 3 (logit 5). Eval capacity C = round(2.0 * 12 / 4) = 6: expert 0 fills 6 slots
+    # and drops 6 tokens, experts 1..3 take their 4 tokens each. Routed (before capacity):
+    # [12, 4, 4, 4] / 24; filled (after): [6, 4, 4, 4] / 18.
+    config = _config(k=2, group_size=12, min_capacity=1, capacity_factor_eval=2.0)
+    layer = layers.MoeFeedForward(config, nnx.Rngs(0))
+    kernel = np.zeros((M, 4), np.float32)
+    kernel[0, 0] = 10.0
+    kernel[1:4, 1:4] = 5.0 * np.eye(3)
+    layer.router.kernel[...] = jnp.asarray(kernel)
+    x = np.zeros((1, 12, M), np.float32)
+    x[0, :, 0] = 1.0
+    x[0, np.arange(12), 1 + np.arange(12) % 3] = 1.0
+    _, aux = layer(jnp.asarray(x), deterministic=True)
+    np.testing.assert_allclose(aux.expert_load_routed, [0.5, 1 / 6, 1 / 6, 1 / 6], rtol=1e-6)
+    np.testing.assert_allclose(aux.expert_load, [1 / 3, 2 / 9, 2 / 9, 2 / 9], rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "k, message",
+    [(0, "moe.k=0 routes each token to no expert; set moe.k >= 1"), (5, "lower k or add experts")],
+)
+def test_k_out_of_range_gets_the_right_advice(k, message):
+    with pytest.raises(ValueError, match=message) as error:
+        layers.MoeFeedForward(_config(k=k), nnx.Rngs(0))
+    assert k > 0 or "lower k" not in str(error.value)

@@ -5,7 +5,14 @@ import os
 
 import numpy as np
 
-from moe_jax.metrics import METRICS_FILE, TENSORBOARD_DIR, MetricsWriter, Progress, truncate_metrics
+from moe_jax.metrics import (
+    METRICS_FILE,
+    TENSORBOARD_DIR,
+    MetricsWriter,
+    Progress,
+    truncate_metrics,
+    window_mean,
+)
 
 
 def _read(workdir):
@@ -52,3 +59,29 @@ def test_progress_logs_plain_lines_off_a_terminal(capsys):
     progress.update(2, {"loss": 1.5})
     progress.close()
     assert "step 2/4  loss=1.5" in capsys.readouterr().err
+
+
+def test_window_mean_by_hand():
+    # Two steps: means of the losses (1, 3) -> 2 and of the loads -> [[0.5, 0.5]]; the learning
+    # rate and parameter norm are the last step's, the largest router logit the larger one.
+    window = [
+        {
+            "loss": 1.0,
+            "expert_load": [[1.0, 0.0]],
+            "learning_rate": 0.1,
+            "param_norm": 5.0,
+            "router_logit_max": 7.0,
+        },
+        {
+            "loss": 3.0,
+            "expert_load": [[0.0, 1.0]],
+            "learning_rate": 0.2,
+            "param_norm": 6.0,
+            "router_logit_max": 4.0,
+        },
+    ]
+    values = window_mean(window)
+    assert values["loss"] == 2.0
+    np.testing.assert_array_equal(values["expert_load"], [[0.5, 0.5]])
+    assert (values["learning_rate"], values["param_norm"]) == (0.2, 6.0)
+    assert values["router_logit_max"] == 7.0

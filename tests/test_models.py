@@ -428,3 +428,12 @@ def test_count_params_allocates_nothing():
     # abstractly (53 TB in float32)
     counts = models.count_params(config)
     assert counts["total"] > 1.3e13
+
+
+@pytest.mark.parametrize("kind", ["decoder", "encoder_decoder"])
+def test_batch_prioritized_refused_in_causal_stack(kind):
+    # Batch-prioritized routing ranks a group's tokens by their top-1 scores, so whether token t
+    # keeps its slot depends on later tokens' scores: a causal stack must refuse it.
+    config = micro_config(kind, batch_prioritized=True)
+    with pytest.raises(ValueError, match="batch_prioritized=True.*causal"):
+        models.build_model(config, rngs=nnx.Rngs(0))

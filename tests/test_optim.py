@@ -1,12 +1,15 @@
 """Schedules and optimizers of `moe_jax.optim` against hand-computed values and plain optax."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax import nnx
 
 from moe_jax import optim
 from moe_jax.config import default_config
+from moe_jax.models import build_model
 
 
 def _train_config(**overrides):
@@ -91,3 +94,39 @@ def test_gradient_clipping_matches_clipped_gradients(name):
 def test_bad_settings_name_the_key(overrides, message):
     with pytest.raises(ValueError, match=message.replace(".", r"\.")):
         optim.make_optimizer(_train_config(**overrides))
+
+
+@pytest.mark.parametrize("learning_rate", [0.0, -1.0])
+def test_learning_rate_must_be_positive(learning_rate):
+    with pytest.raises(ValueError, match=rf"train\.learning_rate={learning_rate}"):
+        optim.make_optimizer(_train_config(learning_rate=learning_rate))
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_weight_decay_follows_what_a_parameter_is(scan_layers):
+    # Zero gradients leave AdamW's step at 0, so each update is the decoupled decay alone:
+    # -lr * weight_decay * p on kernels and embeddings, 0 on norm scales and the relative position
+    # bias table, whatever their rank (scan_layers stacks a leading layer axis onto each of them).
+    config = default_config()
+    model = config.model
+    model.d_model, model.num_heads, model.head_dim, model.d_ff, model.num_layers = 16, 2, 8, 32, 4
+    model.vocab_size, model.scan_layers = 32, scan_layers
+    config.moe.num_experts = 2
+    train = _train_config(
+        schedule="constant", learning_rate=1.0, warmup_steps=0, weight_decay=0.1, grad_clip_norm=0.0
+    )
+    optimizer, _ = optim.make_optimizer(train)
+    abstract = nnx.state(nnx.eval_shape(lambda: build_model(config, rngs=nnx.Rngs(0))), nnx.Param)
+    params = jax.tree.map(lambda leaf: jnp.full(leaf.shape, 3.0), abstract)
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    updates, _ = jax.jit(optimizer.update)(zeros, optimizer.init(params), params)
+    seen = set()
+    for (path, update), param in zip(nnx.to_flat_state(updates), jax.tree.leaves(params)):
+        name = "/".join(str(key) for key in path)
+        if path[-1] == "scale" or "position_bias" in path:
+            seen.add("kept")
+            np.testing.assert_array_equal(update[...], 0.0, err_msg=name)
+        else:
+            seen.add("decayed")
+            np.testing.assert_allclose(update[...], -0.1 * param, rtol=1e-6, err_msg=name)
+    assert seen == {"kept", "decayed"}

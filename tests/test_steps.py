@@ -25,6 +25,7 @@ class FixedModel:
             router_confidence=jnp.array([0.5, 0.7]),
             expert_usage=jnp.array([1.0, 1.0]),
             expert_load=jnp.array([[0.5, 0.5], [1.0, 0.0]]),
+            expert_load_routed=jnp.array([[0.25, 0.75], [1.0, 0.0]]),
             router_logit_max=jnp.array([1.5, 4.0]),
         )
         return logits, aux
@@ -55,3 +56,4 @@ def test_loss_is_masked_cross_entropy_plus_summed_aux_terms():
     assert float(metrics["accuracy"]) == pytest.approx(0.5)
     assert float(metrics["weight_sum"]) == 2.0
     np.testing.assert_array_equal(metrics["expert_load"], [[0.5, 0.5], [1.0, 0.0]])
+    np.testing.assert_array_equal(metrics["expert_load_routed"], [[0.25, 0.75], [1.0, 0.0]])

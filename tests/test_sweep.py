@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 from tiny_training import TINY_TRAINING
 
 from experiments import plot, sweep
@@ -133,3 +134,15 @@ def test_sweep_is_interrupted_resumed_and_plotted(tmp_path):
     assert expected <= written
     for name in expected:
         assert (sweep_dir / name).stat().st_size > 1000
+
+
+def test_misspelt_key_is_refused_before_any_run(tmp_path, capsys):
+    sweep_dir = tmp_path / "sweep"
+    config = os.path.join(ROOT, "configs", "switch.py") + ":tiny"
+    for bad in (["--sweep=moe.num_expertz=2,4"], ["--sweep=moe.k=1,2", "--set=train.num_stepz=3"]):
+        with pytest.raises(SystemExit) as error:
+            sweep.main([f"--config={config}", f"--sweep_dir={sweep_dir}", *bad])
+        assert error.value.code == 2
+        message = capsys.readouterr().err
+        assert "the config has no key" in message and "did you mean --config." in message
+        assert not sweep_dir.exists()

@@ -8,6 +8,7 @@ one uninterrupted single-device run are the oracle for several tests.
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -21,7 +22,8 @@ import pytest
 from jax.experimental.compilation_cache import compilation_cache
 from tiny_training import TINY_TRAINING
 
-from moe_jax import checkpoint, metrics, optim, train
+from moe_jax import checkpoint, metrics, optim, run_identity, train
+from moe_jax.config import load_config_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "switch.py") + ":tiny"
@@ -37,7 +39,7 @@ SUBPROCESS_TIMEOUT = 120
 
 def small_config(**overrides):
     """The tiny Switch config shrunk further; `overrides` use '__' for '.' in keys."""
-    config = train._load_config_file(CONFIG)
+    config = load_config_file(CONFIG)
     settings = dict(SMALL, **{key.replace("__", "."): value for key, value in overrides.items()})
     for key, value in settings.items():
         section, name = key.split(".")
@@ -45,10 +47,22 @@ def small_config(**overrides):
     return config
 
 
-def train_losses(workdir):
+def train_records(workdir):
     with open(os.path.join(workdir, metrics.METRICS_FILE), encoding="utf-8") as file:
-        records = [json.loads(line) for line in file]
-    return [(r["step"], r["loss"]) for r in records if r["split"] == "train"]
+        return [record for record in map(json.loads, file) if record["split"] == "train"]
+
+
+def train_losses(workdir):
+    return [(r["step"], r["loss"]) for r in train_records(workdir)]
+
+
+def copy_checkpoints(reference_dir, workdir, steps):
+    """`workdir` with copies of the reference run's checkpoints of `steps`."""
+    for step in steps:
+        shutil.copytree(
+            os.path.join(reference_dir, checkpoint.CHECKPOINT_DIR, str(step)),
+            os.path.join(workdir, checkpoint.CHECKPOINT_DIR, str(step)),
+        )
 
 
 @pytest.fixture(scope="module")
@@ -119,8 +133,12 @@ def test_outputs_of_a_run(reference):
         first = json.loads(file.readline())
     for key in ("learning_rate", "aux_loss", "z_loss", "fraction_dropped", "tokens_per_second"):
         assert np.isfinite(first[key]), key
-    assert np.asarray(first["expert_load"]).shape == (1, 4)  # 1 sparse layer of 4 experts
-    np.testing.assert_allclose(np.sum(first["expert_load"]), 1.0, rtol=1e-5)
+    for key in ("expert_load", "expert_load_routed"):
+        assert np.asarray(first[key]).shape == (1, 4), key  # 1 sparse layer of 4 experts
+        np.testing.assert_allclose(np.sum(first[key]), 1.0, rtol=1e-5)
+    with open(os.path.join(workdir, run_identity.HISTORY_FILE), encoding="utf-8") as file:
+        history = [json.loads(line) for line in file]
+    assert [(h["event"], h["step"], h["changed"]) for h in history] == [("start", 0, {})]
     assert os.listdir(os.path.join(workdir, metrics.TENSORBOARD_DIR))
     with open(os.path.join(workdir, "config.json"), encoding="utf-8") as file:
         assert json.load(file)["train"]["num_steps"] == NUM_STEPS
@@ -221,14 +239,34 @@ def test_divergence_stops_and_keeps_the_last_good_checkpoint(monkeypatch, tmp_pa
         ({"data__name": "text:/no/such/file.txt"}, "no such file"),
         ({"train__optimizer": "sgd"}, "train.optimizer='sgd'"),
         ({"mesh__data": 8, "moe__group_size": 64}, "moe.group_size=64"),
+        (
+            {"mesh__data": 1, "mesh__expert": 8},
+            "ffn/wi of shape (4, 32, 64): dim 0 (logical axis 'expert') has size 4, which does "
+            "not split over mesh axes ('expert',) of 8 devices (mesh.expert=8)",
+        ),
+        ({"mesh__data": 16}, "XLA_FLAGS=--xla_force_host_platform_device_count=16"),
+        ({"train__learning_rate": -1.0}, "train.learning_rate=-1.0 must be > 0"),
+        ({"moe__k": 0}, "moe.k=0 routes each token to no expert; set moe.k >= 1"),
+        ({"train__eval_steps": 0}, "train.eval_steps=0 must be >= 1 (batches per evaluation)"),
+        (
+            {"train__eval_steps": -1, "train__eval_every": 2},
+            "the synthetic corpus has no end, so it cannot be read in one full pass",
+        ),
     ],
 )
 def test_bad_input_fails_before_writing(overrides, message, tmp_path):
     workdir = tmp_path / "run"
     config = small_config(**{"mesh__data": -1, **overrides})  # -1: all 8 devices
-    with pytest.raises(train.SetupError, match=message.replace(".", r"\.")):
+    with pytest.raises(train.SetupError, match=re.escape(message)):
         train.run(config, str(workdir))
     assert not workdir.exists()
+
+
+def test_checkpoints_path_that_is_a_file_is_refused_before_training(tmp_path):
+    (tmp_path / checkpoint.CHECKPOINT_DIR).write_text("not a directory")
+    with pytest.raises(train.SetupError, match="checkpoints is a file, not a directory"):
+        train.run(small_config(), str(tmp_path), devices=jax.devices()[:1])
+    assert sorted(os.listdir(tmp_path)) == [checkpoint.CHECKPOINT_DIR]
 
 
 def test_unprepared_tfds_dataset_fails_fast(tmp_path, monkeypatch):
@@ -297,7 +335,163 @@ def test_encoder_decoder_carries_router_bias_through_steps_and_checkpoints(tmp_p
     evaluation = [record for record in records if record["split"] == "eval"]
     assert [record["step"] for record in evaluation] == [3]
     assert np.isfinite(evaluation[0]["loss"]) and 0 <= evaluation[0]["accuracy"] <= 1
+    assert evaluation[0]["eval_batches"] == 1  # which evaluation it was: train.eval_steps batches
     resumed = train.run(config, str(tmp_path), devices=jax.devices()[:1])  # nothing left to do
     assert resumed.step == 3
     for restored, trained in zip(jax.tree.leaves(resumed.state), jax.tree.leaves(result.state)):
         np.testing.assert_array_equal(restored, trained)
+
+
+def test_evaluation_can_read_the_whole_validation_split_once(tmp_path):
+    # 2000 bytes of text: the validation split is the last 200, which cut into rows of 16 tokens
+    # make 13 rows (the last one 8 tokens and padding), in batches of 4 rows: 4 batches, the last
+    # one with a single real row.
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_bytes(bytes(range(32, 112)) * 25)
+    overrides = dict(
+        data__name=f"text:{corpus}", train__num_steps=2, train__eval_every=2, train__log_every=1
+    )
+    overrides.update(train__batch_size=4, train__seq_len=16, train__checkpoint_every=2)
+    runs = {}
+    for eval_steps in (-1, 2):
+        workdir = tmp_path / f"eval_{eval_steps}"
+        config = small_config(train__eval_steps=eval_steps, **overrides)
+        train.run(config, str(workdir), devices=jax.devices()[:1])
+        with open(workdir / metrics.METRICS_FILE, encoding="utf-8") as file:
+            records = [json.loads(line) for line in file]
+        (runs[eval_steps],) = [record for record in records if record["split"] == "eval"]
+    assert runs[-1]["eval_batches"] == 4 and runs[-1]["eval_full_pass"] == 1
+    assert runs[2]["eval_batches"] == 2 and runs[2]["eval_full_pass"] == 0
+    assert np.isfinite(runs[-1]["loss"]) and runs[-1]["loss"] != runs[2]["loss"]
+
+
+def test_resume_refuses_a_different_run_naming_every_key(reference):
+    # Same parameter shapes, different run: the router, k and the batch size all differ.
+    workdir, _ = reference
+    config_file = os.path.join(workdir, "config.json")
+    modified = os.path.getmtime(config_file)
+    config = small_config(moe__router="gshard_top2", moe__k=2, train__batch_size=16)
+    with pytest.raises(train.SetupError) as error:
+        train.run(config, workdir, devices=jax.devices()[:1])
+    message = str(error.value)
+    for line in (
+        "moe.k: 1 (checkpoint) vs 2 (this run)",
+        "moe.router: 'tokens_choose' (checkpoint) vs 'gshard_top2' (this run)",
+        "train.batch_size: 8 (checkpoint) vs 16 (this run)",
+    ):
+        assert line in message
+    assert os.path.getmtime(config_file) == modified
+
+
+def test_raising_num_steps_continues_the_stored_schedule(reference, tmp_path):
+    # The reference's cosine schedule ends at step 40 (its horizon) at 0.1 x the peak. Resuming
+    # its last checkpoint with num_steps=44 keeps that horizon: steps 41..44 hold the final
+    # rate instead of re-stretching the decay over 44 steps (a jump up).
+    reference_dir, _ = reference
+    final_rate = train_records(reference_dir)[-1]["learning_rate"]
+    assert final_rate == pytest.approx(0.1 * small_config().train.learning_rate, rel=1e-6)
+    copy_checkpoints(reference_dir, tmp_path, [40])
+    result = train.run(small_config(train__num_steps=44), str(tmp_path), devices=jax.devices()[:1])
+    assert result.step == 44
+    rates = [(r["step"], r["learning_rate"]) for r in train_records(tmp_path)]
+    assert rates == [(step, final_rate) for step in range(41, 45)]
+    with open(tmp_path / "config.json", encoding="utf-8") as file:
+        written = json.load(file)["train"]
+    assert (written["num_steps"], written["schedule_steps"]) == (44, 40)
+    with open(tmp_path / run_identity.HISTORY_FILE, encoding="utf-8") as file:
+        history = [json.loads(line) for line in file]
+    assert [(h["event"], h["step"], h["changed"]) for h in history] == [
+        ("resume", 40, {"train.num_steps": [40, 44]})
+    ]
+
+
+def test_logged_metrics_are_the_window_means(reference, tmp_path):
+    # Logging every 4 steps reports the mean of the 4 steps' values; the oracle is the reference
+    # run, which logged every step (same schedule horizon, so the same steps).
+    _, reference_losses = reference
+    config = small_config(train__num_steps=8, train__log_every=4, train__schedule_steps=NUM_STEPS)
+    train.run(config, str(tmp_path), devices=jax.devices()[:1])
+    losses = [loss for _, loss in reference_losses]
+    assert [step for step, _ in train_losses(tmp_path)] == [4, 8]
+    np.testing.assert_allclose(
+        [loss for _, loss in train_losses(tmp_path)],
+        [np.mean(losses[0:4]), np.mean(losses[4:8])],
+        rtol=1e-6,
+    )
+
+
+def test_unreadable_latest_checkpoint_names_it_and_the_way_back(reference, cache_dir, tmp_path):
+    reference_dir, reference_losses = reference
+    workdir = tmp_path / "damaged"
+    copy_checkpoints(reference_dir, workdir, [30, 40])
+    manifest = workdir / checkpoint.CHECKPOINT_DIR / "40" / "state" / "manifest.ocdbt"
+    with open(manifest, "r+b") as file:
+        file.truncate(os.path.getsize(manifest) // 2)
+    returncode, stderr = finish(cli(str(workdir), cache_dir))
+    assert returncode == 1
+    assert "checkpoint step 40" in stderr and "is unreadable" in stderr
+    assert "newest readable checkpoint is step 30" in stderr
+    assert "Traceback" not in stderr and len(stderr.strip().splitlines()) < 8, stderr
+    assert not (workdir / "config.json").exists()
+    move = next(line.strip() for line in stderr.splitlines() if line.strip().startswith("mv "))
+    _, source, target = move.split()
+    os.rename(source, target)  # the command the message gives
+    result = train.run(small_config(), str(workdir), devices=jax.devices()[:1])
+    assert result.step == NUM_STEPS
+    assert train_losses(workdir) == reference_losses[30:]
+
+
+def test_empty_step_directory_is_named_as_such(reference, tmp_path):
+    reference_dir, _ = reference
+    copy_checkpoints(reference_dir, tmp_path, [40])
+    os.makedirs(tmp_path / checkpoint.CHECKPOINT_DIR / "999")
+    with pytest.raises(train.SetupError, match=r"step 999 \(.*\) is empty") as error:
+        train.run(small_config(), str(tmp_path), devices=jax.devices()[:1])
+    assert "newest readable checkpoint is step 40" in str(error.value)
+
+
+def test_sigint_saves_and_stops_like_sigterm(cache_dir, tmp_path):
+    workdir = str(tmp_path)
+    process = cli(workdir, cache_dir)
+    metrics_file = os.path.join(workdir, metrics.METRICS_FILE)
+    wait_for(lambda: os.path.exists(metrics_file) and os.path.getsize(metrics_file), process)
+    process.send_signal(signal.SIGINT)
+    returncode, stderr = finish(process)
+    assert returncode == 0, stderr[-3000:]
+    directory = os.path.join(workdir, checkpoint.CHECKPOINT_DIR)
+    saved = checkpoint.Checkpoints(directory, keep=3, read_only=True).latest_step()
+    assert f"stopped by SIGINT at step {saved}" in stderr
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
+    assert saved < NUM_STEPS
+
+
+def test_second_sigint_gets_the_default_action_back():
+    # After the first Ctrl-C the loop saves and stops; a second one must end the process at once,
+    # so the handler hands SIGINT back to the default action (terminate) after the first.
+    before = signal.getsignal(signal.SIGINT)
+    with train._StopSignals() as stop_signals:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)  # let the interpreter run the handler
+        assert stop_signals.received == "SIGINT" and stop_signals.requested(1)
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_DFL
+    assert signal.getsignal(signal.SIGINT) == before
+
+
+def test_stop_signal_is_agreed_across_processes_every_few_steps(monkeypatch):
+    # With several processes an all-gather per step would stall a pod: the processes agree only
+    # every PREEMPTION_SYNC_EVERY steps.
+    gathered = []
+
+    def fake_to_host(flags):
+        gathered.append(np.asarray(flags).copy())
+        return np.concatenate([flags, [False]])
+
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(train.multihost, "to_host", fake_to_host)
+    every = train.PREEMPTION_SYNC_EVERY
+    stop_signals = train._StopSignals()
+    assert not any(stop_signals.requested(step) for step in range(1, 2 * every + 1))
+    assert len(gathered) == 2
+    stop_signals.received = "SIGTERM"
+    stops = [step for step in range(2 * every + 1, 4 * every + 1) if stop_signals.requested(step)]
+    assert stops == [3 * every, 4 * every]

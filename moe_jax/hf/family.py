@@ -133,3 +133,13 @@ def check_fields(model_type: str, hf_config: dict, supported: dict[str, Callable
                 f"{model_type} config.json: {field}={hf_config[field]!r} is not supported by "
                 "moe_jax."
             )
+
+
+def check_settings(model_type: str, required: dict[str, tuple[Any, tuple]]) -> None:
+    """Raises ValueError naming the first moe_jax setting a `model_type` checkpoint cannot hold.
+
+    `required` maps a dotted config key to (its value, the values the family can write).
+    """
+    for key, (value, allowed) in required.items():
+        if value not in allowed:
+            raise ValueError(f"{key}={value!r}: a {model_type} checkpoint needs one of {allowed}.")

@@ -43,7 +43,14 @@ from typing import Any
 
 import numpy as np
 
-from moe_jax.hf.family import LoadPlan, SavePlan, check_fields, layer_paths, register
+from moe_jax.hf.family import (
+    LoadPlan,
+    SavePlan,
+    check_fields,
+    check_settings,
+    layer_paths,
+    register,
+)
 from moe_jax.hf.t5 import TensorMap
 from moe_jax.models import sparse_layer_flags
 
@@ -153,11 +160,7 @@ class RopeDecoderFamily:
             "moe.num_shared_experts": (moe.num_shared_experts, (0,)),
             "moe.extra_dense_ffn": (moe.extra_dense_ffn, (False,)),
         }
-        for key, (value, allowed) in required.items():
-            if value not in allowed:
-                raise ValueError(
-                    f"{key}={value!r}: a {self.model_type} checkpoint needs one of {allowed}."
-                )
+        check_settings(self.model_type, required)
         if moe.num_experts < 1 or not all(sparse_layer_flags(model.num_layers, moe)):
             raise ValueError(
                 f"a {self.model_type} checkpoint has experts in every layer: set "

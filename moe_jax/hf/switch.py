@@ -45,7 +45,7 @@ from typing import Any
 import numpy as np
 
 from moe_jax import routing
-from moe_jax.hf.family import LoadPlan, SavePlan, check_fields, register
+from moe_jax.hf.family import LoadPlan, SavePlan, check_fields, check_settings, register
 from moe_jax.hf.t5 import TensorMap, add_stacks, common_config, common_hf_config, dense_ffn
 from moe_jax.models import PLACEMENTS, sparse_layer_flags
 
@@ -238,11 +238,7 @@ class SwitchFamily:
             "moe.num_shared_experts": (moe.num_shared_experts, (0,)),
             "moe.extra_dense_ffn": (moe.extra_dense_ffn, (False,)),
         }
-        for key, (value, allowed) in required.items():
-            if value not in allowed:
-                raise ValueError(
-                    f"{key}={value!r}: a switch_transformers checkpoint needs one of {allowed}."
-                )
+        check_settings(self.model_type, required)
         if moe.num_experts < 1:
             raise ValueError("moe.num_experts=0: save a dense encoder-decoder as t5.")
 
