@@ -52,6 +52,9 @@ def default_config() -> ml_collections.ConfigDict:
             "hf_model_type": "",
             "dtype": "float32",  # compute dtype: float32 | bfloat16 (routers stay float32)
             "param_dtype": "float32",
+            # WideNet: one attention and one FFN (MoE) shared by all layers of a stack, each
+            # layer with its own norms (Xue et al. 2022)
+            "share_layers": False,
             "scan_layers": False,
             "remat": False,
         }

@@ -113,31 +113,40 @@ def _define_flags():
     return config
 
 
-def main(argv, config_flag) -> int:
+def run_tool(name: str, argv, write) -> int:
+    """A checkpoint-writing CLI's body: `write()` returns what it wrote; bad input (ValueError)
+    is reported as `name: message` with status 1."""
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    options = flags.FLAGS
-    if not options["verbosity"].present:
+    if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint step at INFO
+    try:
+        written = write()
+    except ValueError as error:
+        sys.stderr.write(f"{name}: {error}\n")
+        return 1
+    print(f"wrote {written}", file=sys.stderr)
+    return 0
+
+
+def main(argv, config_flag) -> int:
+    options = flags.FLAGS
     if bool(options.hf) == bool(options.to_hf):
         raise app.UsageError(
             "pass exactly one of --hf=DIR (HF -> run) and --to_hf=DIR (run -> HF)."
         )
-    try:
+
+    def write():
         if options.hf:
-            written = hf_to_run(options.hf, options.workdir, config_flag.value)
-        else:
-            written = run_to_hf(
-                options.workdir,
-                options.to_hf,
-                options.model_type,
-                max_shard_bytes=options.max_shard_bytes,
-            )
-    except ValueError as error:
-        sys.stderr.write(f"moe_jax.convert: {error}\n")
-        return 1
-    print(f"wrote {written}", file=sys.stderr)
-    return 0
+            return hf_to_run(options.hf, options.workdir, config_flag.value)
+        return run_to_hf(
+            options.workdir,
+            options.to_hf,
+            options.model_type,
+            max_shard_bytes=options.max_shard_bytes,
+        )
+
+    return run_tool("moe_jax.convert", argv, write)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,10 @@ Sparse layers. Layer i (0-based) of a stack has a sparse FFN (`layers.MoeFeedFor
 - `moe.sparse_placement == 'every'`: `i % sparse_every == sparse_every - 1` (the last layer of
   each block of `sparse_every`; Switch/GLaM 2, ST-MoE 4, Switch-C 1);
 - `'bottom'` / `'top'`: i is among the first / last `moe.num_sparse_layers` layers.
+With `model.share_layers` (WideNet, Xue et al. 2022, "Go Wider Instead of Deeper") every
+layer of a stack runs the same self-attention (and cross-attention) and the same FFN, dense or
+sparse, the first layer's modules, while each layer keeps its own RMSNorms; it needs every
+layer's FFN of one kind and unscanned layers.
 With `moe.extra_dense_ffn` (ST-MoE) a sparse layer has a second, dense FFN sublayer after the
 sparse one. Expert Choice (`moe.router == 'experts_choose'`) sees future tokens, so a causal
 stack (the decoder-only model, the encoder-decoder's decoder) with sparse layers refuses it; so
@@ -288,6 +292,30 @@ class LayerBlock(nnx.Module):
         return x, _stack_aux(auxes)
 
 
+SHARED_SUBLAYERS = ("self_attention", "cross_attention", "ffn", "extra_ffn")
+
+
+def _share_layers(segments: nnx.List, scan: bool, plan: Plan) -> None:
+    """WideNet (Xue et al. 2022): every layer of the stack uses the first layer's attention and
+    FFN modules (one set of weights), keeping its own norms."""
+    if scan:
+        raise ValueError(
+            "model.share_layers=True (WideNet) needs model.scan_layers=False: scanned layers "
+            "hold one set of weights per layer."
+        )
+    if len({sparse for pattern, _ in plan for sparse in pattern}) != 1:
+        raise ValueError(
+            "model.share_layers=True (WideNet) shares one FFN across all layers, so every layer "
+            "must be sparse or every layer dense; set moe.sparse_placement='every' and "
+            "moe.sparse_every=1 (or moe.num_experts=0)."
+        )
+    layers = [layer for segment in segments for block in segment for layer in block.layers]
+    for layer in layers[1:]:
+        for name in SHARED_SUBLAYERS:
+            if hasattr(layers[0], name):
+                setattr(layer, name, getattr(layers[0], name))
+
+
 def _create_stacked(make: Callable[[nnx.Rngs], nnx.Module], repeats: int, rngs: nnx.Rngs):
     """`repeats` independently initialised modules, parameters stacked on a leading axis."""
 
@@ -371,6 +399,8 @@ class TransformerStack(nnx.Module):
             else:
                 segments.append(nnx.List([make(rngs) for _ in range(repeats)]))
         self.segments = nnx.List(segments)
+        if model.share_layers:
+            _share_layers(self.segments, self.scan, self.plan)
         self.final_norm = _rms_norm(config)
         self.dropout = nnx.Dropout(model.dropout_rate, rngs=rngs)
         self.cache_length: int | None = None

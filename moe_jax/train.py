@@ -300,12 +300,15 @@ def _prepare(config, workdir: str, devices) -> _Prepared:
     )
 
 
-def _create_state(config, mesh, optimizer) -> TrainState:
-    """The state of a freshly initialised model, sharded over `mesh`."""
+def _create_state(config, mesh, optimizer, initialize=None) -> TrainState:
+    """The state of a freshly initialised model, sharded over `mesh`; `initialize(model)`, if
+    given, then sets its parameters in place (e.g. `moe_jax.upcycle`)."""
     model = parallel.create_sharded(
         lambda: build_model(config, rngs=nnx.Rngs(config.seed)), mesh, config.mesh.rules
     )
     hf.init_from(config, model)  # the weights of train.init_from, if set
+    if initialize is not None:
+        initialize(model)
     _, params, _, model_state = nnx.split(model, nnx.Param, nnx.RngState, ...)
     opt_shardings = _optimizer_shardings(jax.eval_shape(optimizer.init, params), params, mesh)
     opt_state = jax.jit(optimizer.init, out_shardings=opt_shardings)(params)
@@ -640,10 +643,11 @@ def run(config, workdir: str, *, devices=None) -> RunResult:
         )
 
 
-def save_initial_checkpoint(config, workdir: str, *, devices=None) -> str:
+def save_initial_checkpoint(config, workdir: str, *, devices=None, initialize=None) -> str:
     """Writes `config.json` and a step-0 checkpoint of the state a new run of `config` starts
-    from (random weights, or `train.init_from`'s) into `workdir`, which must hold no checkpoint;
-    `run` resumes from it. Returns the checkpoint directory."""
+    from (random weights, or `train.init_from`'s, then what `initialize(model)` sets in place on
+    the freshly built, sharded model) into `workdir`, which must hold no checkpoint; `run`
+    resumes from it. Returns the checkpoint directory."""
     workdir = os.path.abspath(workdir)
     directory = os.path.join(workdir, checkpoint.CHECKPOINT_DIR)
     if os.path.isdir(directory) and os.listdir(directory):
@@ -652,7 +656,7 @@ def save_initial_checkpoint(config, workdir: str, *, devices=None) -> str:
     config = prepared.config
     _write_identity(workdir, prepared, 0, resumed=False)
     with jax.set_mesh(prepared.mesh):
-        state = _create_state(config, prepared.mesh, prepared.optimizer)
+        state = _create_state(config, prepared.mesh, prepared.optimizer, initialize)
         checkpoints = checkpoint.Checkpoints(directory, keep=config.train.keep_checkpoints)
         checkpoints.save(0, state, {"step": 0}, prepared.signature)
         checkpoints.close()

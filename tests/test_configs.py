@@ -22,6 +22,7 @@ FAMILIES = {
     "glam": ("0.1b_64e", "1.7b_64e", "8b_64e", "64b_64e", "tiny"),
     "mixtral": ("8x7b", "tiny"),
     "olmoe": ("1b_7b", "tiny"),
+    "widenet": ("nlp_16e", "tiny"),
 }
 
 
@@ -94,6 +95,14 @@ GLAM_TOTALS = [
 def test_paper_totals(family, variant, printed, last_digit):
     total = count(family, variant)["total"]
     assert within_printed_figure(total, printed, last_digit), (total, printed)
+
+
+def test_widenet_nlp_16e_total():
+    """Xue et al. 2022, NLP table: WideNet with 16 experts has 83M parameters, with ALBERT's
+    factorised embedding (30000 x 128 and a 128 x 768 projection) in place of ours."""
+    albert_embedding = 30_000 * 128 + 128 * 768
+    total = count("widenet", "nlp_16e", include_embeddings=False)["total"] + albert_embedding
+    assert within_printed_figure(total, 83e6, 1e6), total
 
 
 @pytest.mark.parametrize("variant, printed, last_digit", GLAM_TOTALS)

@@ -18,7 +18,7 @@ from tiny_training import TINY_TRAINING
 
 from moe_jax import losses, metrics, models, train
 from moe_jax.attention import MultiHeadAttention, attention_mask
-from moe_jax.config import default_config
+from moe_jax.config import default_config, load_config_file
 from moe_jax.rope_attention import GroupedQueryAttention, rotary_embedding
 
 
@@ -225,7 +225,7 @@ def test_tiny_mixtral_trains_and_its_loss_falls(tmp_path):
     # the tiny recipe shrunk further (tests/tiny_training.py) keeps Mixtral's architecture; the
     # loss starts near log(384) = 5.95 (OLMoE's tiny config trains forward and backward in
     # tests/test_configs.py)
-    config = train._load_config_file(os.path.join(ROOT, "configs", "mixtral.py") + ":tiny")
+    config = load_config_file(os.path.join(ROOT, "configs", "mixtral.py") + ":tiny")
     settings = {**TINY_TRAINING, "model.num_kv_heads": 1, "moe.d_ff": 64, "moe.k": 2}
     settings.update({"train.num_steps": 20, "train.eval_every": 0, "train.checkpoint_every": 20})
     settings["train.learning_rate"] = 1e-2

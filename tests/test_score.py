@@ -15,6 +15,7 @@ from tiny_training import TINY_TRAINING
 
 from experiments import routing_report
 from moe_jax import decode, generate, models, routing, score, train
+from moe_jax.config import load_config_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -23,7 +24,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def hash_run(tmp_path_factory):
     """A 3-step training run of a tiny hash-routed Switch: (workdir, final train state)."""
     workdir = str(tmp_path_factory.mktemp("run"))
-    config = train._load_config_file(os.path.join(ROOT, "configs", "switch.py") + ":tiny")
+    config = load_config_file(os.path.join(ROOT, "configs", "switch.py") + ":tiny")
     settings = {
         **TINY_TRAINING,
         "train.num_steps": 3,
