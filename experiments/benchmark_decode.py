@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import importlib.util
 import os
 import time
 
@@ -30,15 +29,13 @@ import numpy as np
 from flax import nnx
 
 from moe_jax import decode, models
+from moe_jax.config import load_config_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def tiny_config():
-    spec = importlib.util.spec_from_file_location("switch", os.path.join(ROOT, "configs/switch.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config("tiny")
+    return load_config_file(os.path.join(ROOT, "configs", "switch.py") + ":tiny")
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "prompt_length", "new_tokens"))
