@@ -157,9 +157,9 @@ def main() -> None:
     print("|---|---|")
     for name, rate in rates.items():
         print(f"| {name} ceiling GFLOP/s | {rate / 1e9:.1f} |")
-    print(f"| step ms | {times['step'] * 1e3:.1f} |")
+    print(f"| step ms | {times['step'] * 1e3:.3f} |")
     for name, part_s in parts.items():
-        print(f"| {name} ms | {part_s * 1e3:.1f} |")
+        print(f"| {name} ms | {part_s * 1e3:.3f} |")
     print(f"| tokens/s | {tokens / times['step']:.0f} |")
     print(f"| model FLOP per token, forward | {model_flops_per_token(config):.0f} |")
     print(f"| model GFLOP per step | {step_flops / 1e9:.1f} |")

@@ -26,7 +26,7 @@ def test_micro_dense_run_reports_consistent_figures(monkeypatch, capsys):
     step_ms = float(rows["step ms"])
     assert float(rows["tokens/s"]) == pytest.approx(64 / step_ms * 1e3, rel=0.01, abs=1)
     parts = [float(rows[f"{name} ms"]) for name in ("forward", "backward", "optimizer")]
-    assert sum(parts) == pytest.approx(step_ms, abs=0.2)
+    assert sum(parts) == pytest.approx(step_ms, abs=0.01)
 
 
 def test_unknown_override_is_named(monkeypatch, capsys):
