@@ -60,7 +60,7 @@ CASES = [
     ("decoder", {}),
     ("decoder", {"router": "gshard_top2", "k": 2}),
     ("decoder", {"router": "hash"}),
-    ("decoder", {"router": "noisy_top_k", "k": 2, "normalize": "topk", "batch_prioritized": True}),
+    ("decoder", {"router": "noisy_top_k", "k": 2, "normalize": "topk"}),
     ("decoder", {"router": "aux_free", "num_shared_experts": 1, "extra_dense_ffn": True}),
     ("encoder_decoder", {"router": "experts_choose", "decoder_router": "tokens_choose"}),
     ("rope_decoder", {"k": 2, "normalize": "topk"}),  # GQA with 1 key/value head, q/k norm
