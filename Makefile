@@ -15,7 +15,7 @@ $(VENV)/.installed: setup.py
 venv: $(VENV)/.installed
 
 test: venv
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
 lint: venv
 	$(VENV)/bin/ruff check .

@@ -27,6 +27,7 @@ setup(
         "test": [
             "pytest>=8",
             "pytest-timeout",
+            "pytest-xdist",
             "hypothesis>=6",
             "ruff==0.17.6",
             "matplotlib",

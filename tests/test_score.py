@@ -132,6 +132,6 @@ def test_score_and_generate_clis(hash_run, tmp_path):
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=300,
     )
     assert missing.returncode == 1 and "python -m moe_jax.train" in missing.stderr

@@ -33,7 +33,7 @@ RUN_NAMES = [
     "moe.k-2__moe.capacity_factor_train-1.0",
     "moe.k-2__moe.capacity_factor_train-2.0",
 ]
-TIMEOUT = 150  # seconds for the whole sweep; a hang fails the test instead of blocking CI
+TIMEOUT = 400  # seconds for the whole sweep; a hang fails the test instead of blocking CI
 
 
 def sweep_command(sweep_dir):

@@ -34,7 +34,7 @@ SMALL = {
     "train.eval_every": 0,
     "train.checkpoint_every": 10,
 }
-SUBPROCESS_TIMEOUT = 120
+SUBPROCESS_TIMEOUT = 300
 
 
 def small_config(**overrides):
