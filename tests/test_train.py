@@ -349,9 +349,9 @@ def test_evaluation_can_read_the_whole_validation_split_once(tmp_path):
     corpus = tmp_path / "corpus.txt"
     corpus.write_bytes(bytes(range(32, 112)) * 25)
     overrides = dict(
-        data__name=f"text:{corpus}", train__num_steps=2, train__eval_every=2, train__log_every=1
+        data__name=f"text:{corpus}", train__num_steps=3, train__eval_every=3, train__log_every=1
     )
-    overrides.update(train__batch_size=4, train__seq_len=16, train__checkpoint_every=2)
+    overrides.update(train__batch_size=4, train__seq_len=16, train__checkpoint_every=3)
     runs = {}
     for eval_steps in (-1, 2):
         workdir = tmp_path / f"eval_{eval_steps}"
