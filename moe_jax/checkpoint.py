@@ -13,14 +13,23 @@ A checkpoint `WORKDIR/checkpoints/<step>/` holds three items:
 differ; `moe_jax.train` refuses to resume when any of them is not in its list of keys that may
 change. A step directory that cannot be read raises `UnreadableCheckpoint`, a short message
 naming the step and why (empty, not a moe_jax checkpoint, or the storage error's first line).
+When orbax's concurrent reads fail, the reads still in flight report to an event loop orbax has
+already closed, and each prints a traceback; `_reads` holds that output back and, on failure,
+drops it once the reads have settled, so the short message is all a user sees.
 
 Orbax writes each checkpoint into a temporary directory and renames it when complete, so a
 process killed mid-save leaves the previous checkpoint as the latest one. Saves are
 asynchronous; `wait` blocks until the last one is on disk.
 """
 
+import contextlib
+import gc
+import io
 import json
+import logging
 import os
+import sys
+import time
 
 import jax
 import ml_collections
@@ -31,6 +40,8 @@ CHECKPOINT_DIR = "checkpoints"
 ITEMS = ("state", "data", "signature")
 ABSENT = "<absent>"  # the value `config_changes` reports for a key one side lacks
 _ERROR_CHARS = 300  # storage errors quote whole tensorstore specs; the start says what failed
+_SETTLE_SECONDS = 0.2  # a failed read's stragglers have settled after this long without output
+_SETTLE_LIMIT_SECONDS = 5.0
 
 
 class UnreadableCheckpoint(ValueError):
@@ -92,6 +103,42 @@ def _short(error: BaseException) -> str:
     return text if len(text) <= _ERROR_CHARS else text[:_ERROR_CHARS] + " ..."
 
 
+class _DropRecords(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return False
+
+
+@contextlib.contextmanager
+def _reads(step: int, path: str):
+    """Runs an orbax read of checkpoint `step`; a failure raises UnreadableCheckpoint.
+
+    While the read runs, `sys.stderr` and the `asyncio` logger are held back: on success what
+    they caught is written out unchanged; on failure it is the noise of reads that finished
+    after orbax closed their event loop ("Event loop is closed", "Task exception was never
+    retrieved"), and it is dropped once no more has come for `_SETTLE_SECONDS`.
+    """
+    held_back = io.StringIO()
+    stderr, sys.stderr = sys.stderr, held_back
+    asyncio_logger = logging.getLogger("asyncio")
+    drop = _DropRecords()
+    asyncio_logger.addFilter(drop)
+    try:
+        yield
+    except Exception as error:  # any storage error: name the step
+        gc.collect()  # the failed read's orphaned tasks report now, not at some later collection
+        deadline = time.monotonic() + _SETTLE_LIMIT_SECONDS
+        written = -1
+        while len(held_back.getvalue()) != written and time.monotonic() < deadline:
+            written = len(held_back.getvalue())
+            time.sleep(_SETTLE_SECONDS)
+        raise UnreadableCheckpoint(step, path, f"is unreadable: {_short(error)}") from None
+    else:
+        stderr.write(held_back.getvalue())
+    finally:
+        sys.stderr = stderr
+        asyncio_logger.removeFilter(drop)
+
+
 class Checkpoints:
     """Saves and restores train states under `directory` (keeps the last `keep`)."""
 
@@ -132,14 +179,10 @@ class Checkpoints:
     def read_identity(self, step: int) -> dict:
         """The `signature` (run identity) stored with checkpoint `step`."""
         self._check_items(step)
-        try:
+        with _reads(step, self.step_path(step)):
             restored = self._manager.restore(
                 step, args=ocp.args.Composite(signature=ocp.args.JsonRestore())
             )
-        except Exception as error:  # any storage error: name the step
-            raise UnreadableCheckpoint(
-                step, self.step_path(step), f"is unreadable: {_short(error)}"
-            ) from None
         return restored.signature
 
     def save(self, step: int, state, data_state: dict, signature: dict) -> None:
@@ -159,17 +202,13 @@ class Checkpoints:
         shardings (arrays or `jax.ShapeDtypeStruct`s with `.sharding`)."""
         self._check_items(step)
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target_state)
-        try:
+        with _reads(step, self.step_path(step)):
             restored = self._manager.restore(
                 step,
                 args=ocp.args.Composite(
                     state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()
                 ),
             )
-        except Exception as error:  # any storage error: name the step
-            raise UnreadableCheckpoint(
-                step, self.step_path(step), f"is unreadable: {_short(error)}"
-            ) from None
         return restored.state, restored.data
 
     def wait(self) -> None:

@@ -1,6 +1,9 @@
 """Checkpoint round trips, retention, incomplete saves, the stored run identity, damaged steps."""
 
+import gc
 import os
+import sys
+import time
 
 import jax.numpy as jnp
 import numpy as np
@@ -103,3 +106,27 @@ def test_truncated_step_gives_a_short_error_naming_it(tmp_path):
     assert error.value.step == 2 and len(str(error.value)) < 600
     restored, data_state = reader.restore(1, state)
     assert data_state == {"position": 1}
+
+
+def test_failed_concurrent_reads_print_nothing(tmp_path, capfd, caplog, monkeypatch):
+    # orbax reads the leaves concurrently; when one read fails it closes its event loop while
+    # the others are in flight, and those used to print "Event loop is closed" tracebacks and
+    # "Task exception was never retrieved" errors, a different number each time. The
+    # tracebacks go through sys.unraisablehook, which pytest replaces: put Python's back.
+    monkeypatch.setattr(sys, "unraisablehook", sys.__unraisablehook__)
+    state = {f"leaf_{index}": jnp.full((8, 8), float(index)) for index in range(200)}
+    checkpoints = Checkpoints(str(tmp_path), keep=3)
+    checkpoints.save(1, state, {"position": 1}, {"run": 1})
+    checkpoints.close()
+    manifest = os.path.join(str(tmp_path), "1", "state", "manifest.ocdbt")
+    with open(manifest, "r+b") as file:
+        file.truncate(os.path.getsize(manifest) // 2)
+    reader = Checkpoints(str(tmp_path), keep=3, read_only=True)
+    for _ in range(3):
+        with pytest.raises(UnreadableCheckpoint, match="step 1 .* is unreadable"):
+            reader.restore(1, state)
+    gc.collect()
+    time.sleep(0.5)
+    out, err = capfd.readouterr()
+    assert err == "" and out == ""
+    assert not [record for record in caplog.records if record.name == "asyncio"]
