@@ -40,7 +40,7 @@ setup(
             "torch==2.13.0",
             "transformers>=5,<6",
         ],
-        "experiments": ["matplotlib", "pandas"],
+        "experiments": ["matplotlib", "pandas", "tensorboard"],
         "notebooks": ["jupyter", "nbclient", "nbformat", "ipykernel", "matplotlib"],
         "tf": ["tensorflow-cpu"],
     },
