@@ -4,7 +4,9 @@ Every batch is a pure function of (seed, split, step, row): `make_dataset(...).b
 row r of step s from `np.random.default_rng([seed, split_code, s, r])`, so a run resumed at step s
 sees exactly the batches an uninterrupted run would, and the checkpoint needs only the step.
 Rows are sampled with replacement (no epochs). Each process builds only its slice of the global
-batch. Evaluation may instead read a finite split once, in order (`Dataset.full_pass`): a text
+batch. (grain's samplers, packers and checkpointable iterators would change which tokens fill a
+batch, moving recorded results, and add an iterator state to checkpoints that need only the
+step.) Evaluation may instead read a finite split once, in order (`Dataset.full_pass`): a text
 stream cut into consecutive rows, TFDS documents packed in order; the synthetic corpus has no
 finite split.
 

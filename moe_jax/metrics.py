@@ -9,6 +9,8 @@ writes; other processes get a writer that does nothing.
 
 `Progress` shows a tqdm bar with the loss and tokens/s when stderr is a terminal and plain log
 lines otherwise (CI logs, `nohup`, notebooks' captured output), and a line per evaluation.
+(clu's metric writers write TensorBoard files through TensorFlow or PyTorch and have no JSON-lines
+writer, so the writer here uses tensorboardX.)
 """
 
 import json

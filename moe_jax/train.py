@@ -422,7 +422,9 @@ class _StopSignals:
     After the first SIGINT, Ctrl-C gets its default action back, so a second one ends the
     process at once (no save). `requested(step)` is this process's flag on one process; with
     several, they agree by an all-gather every `PREEMPTION_SYNC_EVERY` steps only (an
-    all-gather per step would stall a pod), so a stop lands on a multiple of it.
+    all-gather per step would stall a pod), so a stop lands on a multiple of it. (Orbax's
+    `reached_preemption` reads JAX's distributed preemption service, which a single process
+    without `jax.distributed` lacks, and knows nothing of SIGINT.)
     """
 
     def __init__(self):
