@@ -15,6 +15,7 @@ import time
 import multihost_worker
 import numpy as np
 import pytest
+from xla_flags import flags_with_devices
 
 from moe_jax import multihost, parallel
 
@@ -32,7 +33,7 @@ def _free_port() -> int:
 
 def _child_env() -> dict[str, str]:
     env = dict(os.environ)
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+    env["XLA_FLAGS"] = flags_with_devices(4)
     env["JAX_PLATFORMS"] = "cpu"
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [REPO_ROOT, env.get("PYTHONPATH")]))
     return env

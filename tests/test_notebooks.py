@@ -5,6 +5,7 @@ from pathlib import Path
 import nbformat
 import pytest
 from nbclient import NotebookClient
+from xla_flags import flags_with_devices
 
 COLAB = Path(__file__).resolve().parent.parent / "colab"
 NOTEBOOKS = sorted(COLAB.glob("*.ipynb"))
@@ -19,7 +20,7 @@ def test_notebook_runs(path, tmp_path, monkeypatch):
     # Small settings for CI; the notebooks read these and default to their full size.
     monkeypatch.setenv("MOE_JAX_NOTEBOOK_SMOKE", "1")
     monkeypatch.setenv("MOE_JAX_NOTEBOOK_WORKDIR", str(tmp_path / "run"))
-    monkeypatch.setenv("XLA_FLAGS", "")
+    monkeypatch.setenv("XLA_FLAGS", flags_with_devices(None))
     notebook = nbformat.read(path, as_version=4)
     client = NotebookClient(
         notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": COLAB}}

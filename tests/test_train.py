@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 from jax.experimental.compilation_cache import compilation_cache
 from tiny_training import TINY_TRAINING
+from xla_flags import flags_with_devices
 
 from moe_jax import checkpoint, metrics, optim, run_identity, train
 from moe_jax.config import load_config_file
@@ -89,7 +90,7 @@ def cli(workdir, cache_dir, *extra):
     """A `python -m moe_jax.train` process on one CPU device with the small settings."""
     env = dict(
         os.environ,
-        XLA_FLAGS="--xla_force_host_platform_device_count=1",
+        XLA_FLAGS=flags_with_devices(1),
         JAX_PLATFORMS="cpu",
         JAX_DEFAULT_MATMUL_PRECISION="highest",
         JAX_COMPILATION_CACHE_DIR=cache_dir,
