@@ -90,6 +90,28 @@ def block_layout(routing: Any, *, block_size: int) -> BlockLayout:
     )
 
 
+def _varying_axes(*arrays: jax.Array) -> set[str]:
+    """The `shard_map` axes along which any of `arrays` differs between devices."""
+    return set().union(*(jax.typeof(a).manual_axis_type.varying for a in arrays))
+
+
+def varying_zeros(shape: tuple[int, ...], dtype: Any, *like: jax.Array) -> jax.Array:
+    """Zeros that vary over the same `shard_map` axes as `like` (so branches' types agree)."""
+    axes = _varying_axes(*like)
+    zeros = jnp.zeros(shape, dtype)
+    return jax.lax.pcast(zeros, tuple(sorted(axes)), to="varying") if axes else zeros
+
+
+def _cotangent_for(grad: jax.Array, primal: jax.Array) -> jax.Array:
+    """`grad` summed over the `shard_map` axes along which `primal` is the same on every device.
+
+    A weight replicated over 'data' collects its gradient from every data shard; this is the
+    psum that JAX's own transpose would insert, written here for the hand-written backward.
+    """
+    extra = _varying_axes(grad) - _varying_axes(primal)
+    return jax.lax.psum(grad, tuple(sorted(extra))) if extra else grad
+
+
 def _block_product(x_block: jax.Array, w: jax.Array, expert: jax.Array) -> jax.Array:
     """`x_block: [b, A] @ w[expert]: [A, B] -> f32[b, B]`."""
     return jnp.dot(x_block, w[expert], preferred_element_type=jnp.float32)
@@ -109,7 +131,7 @@ def block_matmul(
         return jax.lax.cond(
             used,
             lambda: _block_product(x_block, w, expert),
-            lambda: jnp.zeros((x.shape[1], w.shape[2]), jnp.float32),
+            lambda: varying_zeros((x.shape[1], w.shape[2]), jnp.float32, x_block, w),
         )
 
     return jax.lax.map(one_block, (x, block_expert, block_used))  # [nb, b, B]
@@ -133,12 +155,13 @@ def _block_matmul_bwd(residuals, grad_out):
             return grad_w.at[expert].add(update), grad_x
 
         def unused_block(grad_w):
-            return grad_w, jnp.zeros(x_block.shape, jnp.float32)
+            return grad_w, varying_zeros(x_block.shape, jnp.float32, g_block, w)
 
         return jax.lax.cond(used, used_block, unused_block, grad_w)
 
-    grad_w = jnp.zeros(w.shape, jnp.float32)
+    grad_w = varying_zeros(w.shape, jnp.float32, x, grad_out)
     grad_w, grad_x = jax.lax.scan(one_block, grad_w, (x, grad_out, block_expert, block_used))
+    grad_x, grad_w = _cotangent_for(grad_x, x), _cotangent_for(grad_w, w)
     return grad_x.astype(x.dtype), grad_w.astype(w.dtype), None, None
 
 
