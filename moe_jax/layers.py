@@ -41,6 +41,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from moe_jax import dispatch, experts, losses, parallel, routing
 
@@ -404,6 +405,8 @@ class MoeFeedForward(nnx.Module):
             token_ids=grouped_ids,
             padding_mask=real,
         )
+        # the 'save_routing' remat policy keeps the slots, so the backward pass does not re-route
+        route = jax.tree.map(lambda leaf: checkpoint_name(leaf, "moe_routing"), route)
         rate = 0.0 if deterministic else self.expert_dropout
         expert_fn = functools.partial(
             experts.ffn, activation=self.activation, dtype=self.dtype, dropout_rate=rate
