@@ -8,8 +8,9 @@ weight in a loop over blocks (no weight copies per block in the batched sense, n
 over all experts); blocks past the last used one are skipped at run time. Its gradient is written
 by hand (`jax.custom_vjp`) so that weight gradients accumulate in place per expert.
 
-`jax.lax.ragged_dot` does the same job on TPU/GPU, but on CPU it computes every group densely
-(about 7x the equal-FLOP matmul at E=8, 120x at E=64), so it is not used here.
+`jax.lax.ragged_dot` does the same job on TPU/GPU (`moe_jax.ragged`, which reuses this layout
+with blocks of one row), but on CPU it computes every group densely (about 7x the equal-FLOP
+matmul at E=8, 120x at E=64), so `dispatch.dispatch_combine` runs this module on CPU only.
 """
 
 from __future__ import annotations
@@ -33,12 +34,15 @@ class BlockLayout(NamedTuple):
       row_weight: f32[R] combine weight of each row, 0.0 for a padding row.
       block_expert: i32[nb] the expert of each block.
       block_used: bool[nb] False for the unused blocks after the last expert's run.
+      group_rows: i32[E] rows of each expert's run, padding included (a multiple of b); with
+        `block_size=1` the number of assignments per expert, the `group_sizes` of a ragged dot.
     """
 
     row_token: jax.Array
     row_weight: jax.Array
     block_expert: jax.Array
     block_used: jax.Array
+    group_rows: jax.Array
 
 
 def block_layout(routing: Any, *, block_size: int) -> BlockLayout:
@@ -50,8 +54,10 @@ def block_layout(routing: Any, *, block_size: int) -> BlockLayout:
     max_assignments = num_groups * num_experts * capacity
     if routing.expert_index is not None:
         max_assignments = min(max_assignments, routing.expert_index.size)
+    # each expert's run wastes less than one block on padding (none with blocks of one row)
+    slack = num_experts if block_size > 1 else 0
     num_blocks = min(
-        math.ceil(max_assignments / block_size) + num_experts,
+        math.ceil(max_assignments / block_size) + slack,
         num_experts * math.ceil(num_groups * capacity / block_size),
     )
     num_rows = num_blocks * block_size
@@ -80,7 +86,30 @@ def block_layout(routing: Any, *, block_size: int) -> BlockLayout:
         row_weight=row_weight[:num_rows],
         block_expert=jnp.minimum(block_expert, num_experts - 1).astype(jnp.int32),
         block_used=block_start < run_end[-1],
+        group_rows=padded_counts.astype(jnp.int32),
     )
+
+
+def _varying_axes(*arrays: jax.Array) -> set[str]:
+    """The `shard_map` axes along which any of `arrays` differs between devices."""
+    return set().union(*(jax.typeof(a).manual_axis_type.varying for a in arrays))
+
+
+def varying_zeros(shape: tuple[int, ...], dtype: Any, *like: jax.Array) -> jax.Array:
+    """Zeros that vary over the same `shard_map` axes as `like` (so branches' types agree)."""
+    axes = _varying_axes(*like)
+    zeros = jnp.zeros(shape, dtype)
+    return jax.lax.pcast(zeros, tuple(sorted(axes)), to="varying") if axes else zeros
+
+
+def _cotangent_for(grad: jax.Array, primal: jax.Array) -> jax.Array:
+    """`grad` summed over the `shard_map` axes along which `primal` is the same on every device.
+
+    A weight replicated over 'data' collects its gradient from every data shard; this is the
+    psum that JAX's own transpose would insert, written here for the hand-written backward.
+    """
+    extra = _varying_axes(grad) - _varying_axes(primal)
+    return jax.lax.psum(grad, tuple(sorted(extra))) if extra else grad
 
 
 def _block_product(x_block: jax.Array, w: jax.Array, expert: jax.Array) -> jax.Array:
@@ -102,7 +131,7 @@ def block_matmul(
         return jax.lax.cond(
             used,
             lambda: _block_product(x_block, w, expert),
-            lambda: jnp.zeros((x.shape[1], w.shape[2]), jnp.float32),
+            lambda: varying_zeros((x.shape[1], w.shape[2]), jnp.float32, x_block, w),
         )
 
     return jax.lax.map(one_block, (x, block_expert, block_used))  # [nb, b, B]
@@ -126,12 +155,13 @@ def _block_matmul_bwd(residuals, grad_out):
             return grad_w.at[expert].add(update), grad_x
 
         def unused_block(grad_w):
-            return grad_w, jnp.zeros(x_block.shape, jnp.float32)
+            return grad_w, varying_zeros(x_block.shape, jnp.float32, g_block, w)
 
         return jax.lax.cond(used, used_block, unused_block, grad_w)
 
-    grad_w = jnp.zeros(w.shape, jnp.float32)
+    grad_w = varying_zeros(w.shape, jnp.float32, x, grad_out)
     grad_w, grad_x = jax.lax.scan(one_block, grad_w, (x, grad_out, block_expert, block_used))
+    grad_x, grad_w = _cotangent_for(grad_x, x), _cotangent_for(grad_w, w)
     return grad_x.astype(x.dtype), grad_w.astype(w.dtype), None, None
 
 
@@ -151,18 +181,28 @@ def dropless(
     `expert_fn(expert_params, x_blocks: [nb, b, M], matmul=...)` is called once with the block
     matmul, so the expert maths is the same function the capacity backends use.
     """
-    num_groups, num_tokens, d_model = x.shape
     layout = block_layout(routing, block_size=block_size)
-    flat_x = x.reshape(num_groups * num_tokens, d_model)  # [G*T, M]
-    filled = layout.row_token >= 0  # [R]
-    rows = jnp.where(filled[:, None], flat_x[jnp.maximum(layout.row_token, 0)], 0)  # [R, M]
-    x_blocks = rows.reshape(-1, block_size, d_model)  # [nb, b, M]
+    rows = gather_rows(x, layout)  # [R, M]
+    x_blocks = rows.reshape(-1, block_size, rows.shape[-1])  # [nb, b, M]
     matmul = functools.partial(
         _apply_block_matmul, block_expert=layout.block_expert, block_used=layout.block_used
     )
     out = expert_fn(expert_params, x_blocks, matmul=matmul)  # [nb, b, M]
-    out = out.reshape(-1, out.shape[-1]) * layout.row_weight[:, None]  # [R, M]
-    target = jnp.where(filled, layout.row_token, num_groups * num_tokens)  # [R]
+    return combine_rows(out.reshape(-1, out.shape[-1]), layout, x.shape[:2])  # [G, T, M]
+
+
+def gather_rows(x: jax.Array, layout: BlockLayout) -> jax.Array:
+    """The token of each row of `layout`: `x: [G, T, M]` -> `[R, M]`, zero for padding rows."""
+    flat_x = x.reshape(-1, x.shape[-1])  # [G*T, M]
+    filled = layout.row_token >= 0  # [R]
+    return jnp.where(filled[:, None], flat_x[jnp.maximum(layout.row_token, 0)], 0)  # [R, M]
+
+
+def combine_rows(out: jax.Array, layout: BlockLayout, group_shape: tuple[int, int]) -> jax.Array:
+    """Weight each row's expert output and add it to its token: `[R, M]` -> f32[G, T, M]."""
+    num_groups, num_tokens = group_shape
+    out = out * layout.row_weight[:, None]  # [R, M]
+    target = jnp.where(layout.row_token >= 0, layout.row_token, num_groups * num_tokens)  # [R]
     y = jnp.zeros((num_groups * num_tokens + 1, out.shape[-1]), jnp.float32)
     y = y.at[target].add(out.astype(jnp.float32))[:-1]  # [G*T, M]
     return y.reshape(num_groups, num_tokens, -1)  # [G, T, M]

@@ -7,17 +7,21 @@ Three backends compute the same function
   `[G, T, E, C]` contracted with einsums. TPU-friendly; costs `G*T*E*C*M` extra FLOPs.
 - `'gather'`: index gather of each slot's token into `[E, G, C, M]`, scatter-add back. No
   `[G, T, E, C]` tensor; the cheapest capacity-based backend on CPU.
-- `'dropless'`: every assigned slot, sorted by expert into fixed-size row blocks, computed with
-  block matmuls (`moe_jax.blocked`). No padding up to a capacity; pair it with a router run at
-  `capacity=None` (C = T) so that nothing is dropped.
+- `'dropless'`: every assigned slot sorted by expert, no padding up to a capacity; pair it with
+  a router run at `capacity=None` (C = T) so that nothing is dropped. The implementation is
+  chosen when the program is lowered (`jax.lax.platform_dependent`): on CPU fixed-size row
+  blocks with block matmuls (`moe_jax.blocked`), on TPU and GPU one `jax.lax.ragged_dot` per
+  expert matmul (`moe_jax.ragged`), so a program exported from a CPU host for a TPU carries the
+  ragged one.
 
 Dropped tokens (in no slot) get zero here; the layer's residual connection carries them.
 `dispatch` and `combine` are the two halves of the capacity-based backends, public so expert
 parallelism can put an `all_to_all` between them.
 
 The expert function is called as `expert_fn(expert_params, xe)` with `xe: [E, N, M]` and must
-return `[E, N, M]`; for `'dropless'` it is called as `expert_fn(expert_params, x_blocks,
-matmul=...)`, so it must take the `matmul` keyword (`functools.partial(experts.ffn, ...)` does).
+return `[E, N, M]`; for `'dropless'` it is called as `expert_fn(expert_params, rows,
+matmul=...)` (rows `[nb, b, M]` blocks on CPU, `[R, M]` elsewhere), so it must take the `matmul`
+keyword (`functools.partial(experts.ffn, ...)` does).
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from moe_jax import blocked
+from moe_jax import blocked, ragged
 from moe_jax.routing import Routing, to_masks
 
 BACKENDS = ("einsum", "gather", "dropless")
@@ -165,13 +169,33 @@ def dispatch_combine(
     """
     check_backend(backend)
     if backend == "dropless":
-        return blocked.dropless(x, routing, expert_fn, expert_params, block_size=block_size)
+        return dropless(x, routing, expert_fn, expert_params, block_size=block_size)
     expert_in = dispatch(x, routing, backend=backend)  # [E, G, C, M]
     num_experts, num_groups, capacity, d_model = expert_in.shape
     flat_in = expert_in.reshape(num_experts, num_groups * capacity, d_model)  # [E, G*C, M]
     expert_out = expert_fn(expert_params, flat_in)  # [E, G*C, M]
     expert_out = expert_out.reshape(num_experts, num_groups, capacity, -1)  # [E, G, C, M]
     return combine(expert_out, routing, backend=backend)
+
+
+def dropless(
+    x: jax.Array,
+    routing: Routing,
+    expert_fn: ExpertFn,
+    expert_params: Any,
+    *,
+    block_size: int = blocked.DEFAULT_BLOCK_SIZE,
+) -> jax.Array:
+    """The dropless backend, f32[G, T, M]: `blocked` when lowered for CPU, `ragged` elsewhere."""
+    return jax.lax.platform_dependent(
+        x,
+        routing,
+        expert_params,
+        cpu=lambda x, routing, params: blocked.dropless(
+            x, routing, expert_fn, params, block_size=block_size
+        ),
+        default=lambda x, routing, params: ragged.dropless(x, routing, expert_fn, params),
+    )
 
 
 def dense_reference(

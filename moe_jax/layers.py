@@ -23,7 +23,9 @@ return the non-Param state), and must not run the training forward pass twice pe
 
 Expert-parallel hook. `MoeFeedForward.experts_impl` is the function that runs dispatch, experts
 and combine, with the signature of `dispatch.dispatch_combine`
-`(x: [G, T, M], routing, expert_fn, expert_params, *, backend) -> f32[G, T, M]`. It defaults to
+`(x: [G, T, M], routing, expert_fn, expert_params, *, backend, rng) -> f32[G, T, M]`, where `rng`
+is the expert-dropout key (None without dropout) that the hook gives `expert_fn` as
+`dropout_rng`, per device under `shard_map`. It defaults to
 `parallel.ExpertParallel`, which runs expert parallelism (shard_map + all_to_all, or GSPMD, by
 `config.mesh.expert_parallelism`) when the mesh set with `jax.set_mesh` has an expert axis larger
 than 1, and the local `dispatch.dispatch_combine` otherwise. It is a static attribute: a layer may
@@ -39,6 +41,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from moe_jax import dispatch, experts, losses, parallel, routing
 
@@ -402,16 +405,19 @@ class MoeFeedForward(nnx.Module):
             token_ids=grouped_ids,
             padding_mask=real,
         )
+        # the 'save_routing' remat policy keeps the slots, so the backward pass does not re-route
+        route = jax.tree.map(lambda leaf: checkpoint_name(leaf, "moe_routing"), route)
         rate = 0.0 if deterministic else self.expert_dropout
         expert_fn = functools.partial(
-            experts.ffn,
-            activation=self.activation,
-            dtype=self.dtype,
-            dropout_rate=rate,
-            dropout_rng=self.rngs() if rate > 0 else None,
+            experts.ffn, activation=self.activation, dtype=self.dtype, dropout_rate=rate
         )
         routed = self.experts_impl(
-            grouped.astype(self.dtype), route, expert_fn, self.expert_params(), backend=self.backend
+            grouped.astype(self.dtype),
+            route,
+            expert_fn,
+            self.expert_params(),
+            backend=self.backend,
+            rng=self.rngs() if rate > 0 else None,
         )  # [G, T, M]
         y = grouping(routed)  # [B, L, M]
         if self.shared is not None:

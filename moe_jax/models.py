@@ -50,7 +50,13 @@ masked out of attention and padding tokens take no expert slot.
 Depth. The layers of a stack form segments of identical blocks (a block is the `sparse_every`
 layers that repeat, or one layer); with `model.scan_layers` each segment's blocks are stacked
 along a leading axis and run with `nnx.scan` (compile time flat in depth), otherwise they are a
-list run in a Python loop. `model.remat` rematerialises each block in the backward pass.
+list run in a Python loop. `model.remat` rematerialises each block in the backward pass by a
+named policy (`REMAT_POLICIES`): 'none' (False), 'full' (True: keep only the block's input),
+'save_dots' (keep matmul outputs), 'save_routing' (keep each MoE layer's `Routing`, tagged
+`'moe_routing'` with `jax.ad_checkpoint.checkpoint_name` in `layers.py`: the backward pass
+recomputes the FFNs and attention but not the router's top-k and slot sorting). Keeping an MoE
+layer's combined output alone would save nothing here: its own backward needs the expert
+activations, which are recomputed from the block's input anyway.
 """
 
 from __future__ import annotations
@@ -76,6 +82,24 @@ from moe_jax.rope_attention import GroupedQueryAttention
 PLACEMENTS = ("every", "bottom", "top")
 # The stacked (scan) axis of block parameters is replicated: no logical name.
 _SCAN_METADATA = {nnx.PARTITION_NAME: None}
+
+# what the backward pass may keep from the forward pass of a block (None: only its inputs)
+_REMAT_SAVES: dict[str, Callable[..., bool] | None] = {
+    "full": None,
+    "save_dots": jax.checkpoint_policies.checkpoint_dots,
+    "save_routing": jax.checkpoint_policies.save_only_these_names("moe_routing"),
+}
+REMAT_POLICIES = ("none", *_REMAT_SAVES)
+
+
+def remat_policy(setting: bool | str) -> str:
+    """The name of `model.remat`'s policy; True is 'full' and False is 'none'."""
+    if isinstance(setting, bool):
+        return "full" if setting else "none"
+    if setting not in REMAT_POLICIES:
+        raise ValueError(f"Unknown model.remat {setting!r}; use one of {REMAT_POLICIES}.")
+    return setting
+
 
 Plan = tuple[tuple[tuple[bool, ...], int], ...]
 
@@ -349,7 +373,7 @@ class TransformerStack(nnx.Module):
         model = config.model
         self.causal, self.rotary = causal, rotary
         self.scan = bool(model.scan_layers)
-        self.remat = bool(model.remat)
+        self.remat_policy = remat_policy(model.remat)
         self.plan = layer_plan(num_layers, config.moe)
         if causal and config.moe.decoder_router:
             config = config.copy_and_resolve_references()
@@ -463,8 +487,8 @@ class TransformerStack(nnx.Module):
         def run_block(block: LayerBlock, x: jax.Array, inputs: LayerInputs):
             return block(x, inputs, deterministic=deterministic)
 
-        if self.remat:
-            run_block = nnx.remat(run_block)
+        if self.remat_policy != "none":
+            run_block = nnx.remat(run_block, policy=_REMAT_SAVES[self.remat_policy])
 
         x = self.dropout(x, deterministic=deterministic)
         auxes = []

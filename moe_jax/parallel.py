@@ -17,6 +17,14 @@ Expert parallelism replaces the local `dispatch -> experts -> combine` of `moe_j
 - `'gspmd'`: the same maths under `jax.jit` with sharding constraints only: `[E, G, C, M]` is
   constrained first along G and then along E, and XLA inserts the all-to-all.
 
+The dropless backend under `'shard_map'` has no `[E, G, C, M]` buffer: each device sorts its own
+groups' assignments by expert and exchanges only rows (`moe_jax.exchange`: `ragged_all_to_all`
+on TPU/GPU, on CPU an `all_to_all` padded to the largest load a peer can receive); with groups
+split over devices but no expert axis, each device sorts and computes its own groups (no
+communication). Under `'gspmd'` it runs as `'gather'` with C = T (logged). Expert dropout keys
+are folded with the device's position on the whole mesh inside `shard_map`, so every expert
+and model shard draws its own mask.
+
 Routing is per group, so a sharded run equals a single-device run only when no group straddles
 two devices: the single-device reference must use the same group size, and the batch is split
 along whole groups (the number of groups G must divide evenly over the batch mesh axes, and each
@@ -36,6 +44,8 @@ mesh)` pins a given mesh (for code that runs outside `jax.set_mesh`) on every Mo
 from __future__ import annotations
 
 import dataclasses
+import functools
+import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -46,8 +56,10 @@ from flax import nnx
 from flax.core import spmd as flax_spmd
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from moe_jax import dispatch
+from moe_jax import dispatch, exchange
 from moe_jax.routing import Routing
+
+logger = logging.getLogger(__name__)
 
 MESH_AXES = ("data", "expert", "model")
 LOGICAL_AXES = ("batch", "length", "embed", "mlp", "heads", "kv", "vocab", "expert")
@@ -417,6 +429,7 @@ def expert_parallel_dispatch_combine(
     mesh: AnyMesh | None = None,
     strategy: str = "shard_map",
     backend: str = "gather",
+    rng: jax.Array | None = None,
 ) -> jax.Array:
     """`dispatch.dispatch_combine` with the experts split over the mesh: f32[G, T, M].
 
@@ -425,17 +438,19 @@ def expert_parallel_dispatch_combine(
       routing: the `Routing` of those groups (token_index, weight: [G, E, C]; probs [G, T, E]).
       expert_fn: `expert_fn(params, xe: [E_local, N, M]) -> [E_local, N, M]`, called on each
         device's experts. Must be linear in its last matmul (so a hidden dim split over 'model'
-        can be summed after `wo`) and must not draw per-device random numbers (expert dropout
-        would not match a single-device run).
+        can be summed after `wo`). Random draws take the key `rng` as `dropout_rng=`.
       expert_params: pytree of stacked expert weights, every leaf `[E, ...]`.
       param_axes: same tree as `expert_params` with a tuple of logical names per leaf, e.g.
         `{'wi': ('expert', 'embed', 'mlp'), 'wo': ('expert', 'mlp', 'embed')}`.
       rules: logical-axis rules (`config.mesh.rules`); None: `DEFAULT_RULES`.
       mesh: the mesh; None: the one set with `jax.set_mesh`.
       strategy: `'shard_map'` (explicit all_to_all) or `'gspmd'` (sharding constraints).
-      backend: local dispatch backend, `'einsum'` or `'gather'`; `'dropless'` runs as
-        `'gather'` over padded buffers (the caller routes with capacity C = T so nothing drops),
-        since `ragged_all_to_all` does not compile on CPU.
+      backend: `'einsum'`, `'gather'` or `'dropless'`. Dropless with `'shard_map'` exchanges
+        sorted rows (`moe_jax.exchange`); with `'gspmd'` it runs as `'gather'` over C = T slots
+        (logged), so the caller routes with capacity None.
+      rng: key for the experts' random draws (expert dropout), passed to `expert_fn` as
+        `dropout_rng`; inside `shard_map` it is folded with the device's position on the whole
+        mesh, so every expert and model shard draws its own mask (reproducible per key).
     """
     if strategy not in EXPERT_PARALLELISM:
         raise ValueError(
@@ -444,18 +459,32 @@ def expert_parallel_dispatch_combine(
     mesh = current_mesh() if mesh is None else mesh
     if mesh is None:
         raise ValueError("expert parallelism needs a mesh: pass mesh= or use jax.set_mesh(mesh).")
-    backend = "gather" if backend == "dropless" else backend
-    dispatch.check_backend(backend, dispatch.CAPACITY_BACKENDS)
+    dispatch.check_backend(backend)
     rules = logical_rules(rules)
     _check_experts(routing.token_index.shape[1], mesh, rules)
     _check_groups(x.shape[0], mesh, rules)
     if strategy == "gspmd":
+        if backend == "dropless":
+            logger.info("dropless under gspmd expert parallelism runs as 'gather' with C = T")
+            backend = "gather"
         return _gspmd_dispatch_combine(
-            x, routing, expert_fn, expert_params, param_axes, rules, mesh, backend
+            x, routing, _bind_rng(expert_fn, rng), expert_params, param_axes, rules, mesh, backend
         )
     return _shard_map_dispatch_combine(
-        x, routing, expert_fn, expert_params, param_axes, rules, mesh, backend
+        x, routing, expert_fn, expert_params, param_axes, rules, mesh, backend, rng
     )
+
+
+def _bind_rng(expert_fn: dispatch.ExpertFn, rng: jax.Array | None) -> dispatch.ExpertFn:
+    """`expert_fn` with `dropout_rng=rng` bound (unchanged when rng is None)."""
+    return expert_fn if rng is None else functools.partial(expert_fn, dropout_rng=rng)
+
+
+def _device_rng(rng: jax.Array | None, mesh: AnyMesh) -> jax.Array | None:
+    """Inside `shard_map`: `rng` folded with the device's index over all mesh axes."""
+    if rng is None:
+        return None
+    return jax.random.fold_in(rng, jax.lax.axis_index(tuple(mesh.axis_names)))
 
 
 def _shard_map_dispatch_combine(
@@ -467,6 +496,7 @@ def _shard_map_dispatch_combine(
     rules: Rules,
     mesh: AnyMesh,
     backend: str,
+    rng: jax.Array | None = None,
 ) -> jax.Array:
     batch_axes = mesh_axes_of("batch", rules)
     expert_axes = mesh_axes_of("expert", rules)
@@ -488,8 +518,32 @@ def _shard_map_dispatch_combine(
     sum_axes = hidden_axes if uses_hidden else ()
     group_spec = batch_spec(1, rules)
     param_specs = _expert_param_specs(param_axes, rules, keep=("expert", "mlp"))
+    num_peers = axis_size(mesh, expert_axes)
+    if backend == "dropless" and num_peers > 1:
+        # the bound is linear in the number of groups, so the global one splits evenly
+        per_peer = exchange.rows_per_peer(routing, num_peers) // batch_shards(mesh, rules)
+        logger.info("dropless expert parallelism: padded all_to_all of %d rows per peer", per_peer)
+    elif backend == "dropless":
+        logger.info("dropless data parallelism: each device sorts its own groups")
 
     def local(x_local: jax.Array, routing_local: Routing, params_local: Any) -> jax.Array:
+        expert_fn_local = _bind_rng(expert_fn, _device_rng(rng, mesh))
+        if backend == "dropless":
+            if num_peers == 1:
+                y = dispatch.dispatch_combine(
+                    x_local, routing_local, expert_fn_local, params_local, backend=backend
+                )
+            else:
+                y = exchange.dropless_exchange(
+                    x_local,
+                    routing_local,
+                    expert_fn_local,
+                    params_local,
+                    expert_axes=expert_axes,
+                    num_peers=num_peers,
+                )  # [Gl, T, M]
+            # partial sums over H shards
+            return jax.lax.psum(y, sum_axes) if sum_axes else y
         expert_in = dispatch.dispatch(x_local, routing_local, backend=backend)  # [E, Gl, C, M]
         # send expert block j to expert device j; receive my experts' slots from every device
         expert_in = jax.lax.all_to_all(
@@ -497,7 +551,7 @@ def _shard_map_dispatch_combine(
         )  # [E/X, X*Gl, C, M]
         local_experts, groups, capacity, d_model = expert_in.shape
         flat_in = expert_in.reshape(local_experts, groups * capacity, d_model)  # [E/X, N, M]
-        expert_out = expert_fn(params_local, flat_in)  # [E/X, N, M]
+        expert_out = expert_fn_local(params_local, flat_in)  # [E/X, N, M]
         if sum_axes:
             expert_out = jax.lax.psum(expert_out, sum_axes)  # partial sums over H shards
         expert_out = expert_out.reshape(local_experts, groups, capacity, -1)  # [E/X, X*Gl, C, M]
@@ -564,10 +618,12 @@ EXPERT_PARAM_AXES: tuple[tuple[str, tuple[str, ...]], ...] = (
 class ExpertParallel:
     """The `MoeFeedForward.experts_impl` hook: expert-parallel dispatch -> experts -> combine.
 
-    Called as `impl(x: [G, T, M], routing, expert_fn, expert_params, *, backend)`. At trace time
-    it looks at `mesh` (or, if None, the mesh set with `jax.set_mesh`): with an expert axis
-    larger than 1 it runs `expert_parallel_dispatch_combine`; otherwise the local
-    `dispatch.dispatch_combine`. Frozen and hashable, so it can sit in a module's static state.
+    Called as `impl(x: [G, T, M], routing, expert_fn, expert_params, *, backend, rng=None)`
+    (`rng`: the experts' dropout key, given to `expert_fn` as `dropout_rng`). At trace time it
+    looks at `mesh` (or, if None, the mesh set with `jax.set_mesh`): with an expert axis larger
+    than 1, or for the dropless backend with the groups split over devices (shard_map strategy),
+    it runs `expert_parallel_dispatch_combine`; otherwise the local `dispatch.dispatch_combine`.
+    Frozen and hashable, so it can sit in a module's static state.
 
     Attributes:
       rules: normalised logical-axis rules.
@@ -600,10 +656,20 @@ class ExpertParallel:
         expert_params: Any,
         *,
         backend: str,
+        rng: jax.Array | None = None,
     ) -> jax.Array:
         mesh = self.mesh if self.mesh is not None else current_mesh()
-        if not uses_expert_parallelism(mesh, self.rules):
-            return dispatch.dispatch_combine(x, routing, expert_fn, expert_params, backend=backend)
+        # dropless sorts each device's own groups inside shard_map, experts split or not
+        sharded_dropless = (
+            backend == "dropless"
+            and self.strategy == "shard_map"
+            and mesh is not None
+            and batch_shards(mesh, self.rules) > 1
+        )
+        if not uses_expert_parallelism(mesh, self.rules) and not sharded_dropless:
+            return dispatch.dispatch_combine(
+                x, routing, _bind_rng(expert_fn, rng), expert_params, backend=backend
+            )
         names = dict(self.param_axes)
         missing = [key for key in expert_params if key not in names]
         if missing:
@@ -620,6 +686,7 @@ class ExpertParallel:
             mesh=mesh,
             strategy=self.strategy,
             backend=backend,
+            rng=rng,
         )
 
 

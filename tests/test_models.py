@@ -307,7 +307,7 @@ def test_scan_axis_has_no_logical_name():
 def test_remat_keeps_values_and_gradients():
     config = micro_config()
     plain = models.build_model(config, rngs=nnx.Rngs(0))
-    config.model.remat = True
+    config.model.remat = "full"
     config.model.scan_layers = True
     remat_scanned = models.build_model(config, rngs=nnx.Rngs(0))
     inputs = tokens(11, (2, 16))
@@ -329,6 +329,38 @@ def test_remat_keeps_values_and_gradients():
     grads_remat = {p: v[...] for p, v in nnx.to_flat_state(grad_of(remat_scanned))}
     for path, value in _unstack(grads_remat, grads_plain).items():
         np.testing.assert_allclose(grads_plain[path][...], value, rtol=1e-4, atol=1e-6)
+
+
+def test_remat_policies_keep_gradients_and_choose_what_is_recomputed():
+    """Per policy: the gradient equals the one without remat, and the backward program
+    recomputes what the policy does not keep: 'full' re-runs matmuls and the routing's sorts,
+    'save_dots' no matmul, 'save_routing' fewer sorts than 'full'."""
+    inputs = tokens(11, (2, 16))
+
+    def grad_of(model):
+        def loss_fn(model):
+            logits, _ = model(inputs, deterministic=True)
+            return jnp.mean(logits**2)
+
+        return nnx.grad(loss_fn)(model)
+
+    counts, grads = {}, {}
+    for policy in ("none", "full", "save_dots", "save_routing"):
+        config = micro_config()
+        config.model.num_layers = 2
+        config.model.remat = policy
+        model = models.build_model(config, rngs=nnx.Rngs(0))
+        text = str(jax.make_jaxpr(grad_of)(model))
+        counts[policy] = (text.count("dot_general"), text.count("sort"))
+        if policy != "full":  # test_remat_keeps_values_and_gradients checks 'full'
+            grads[policy] = jax.tree.leaves(nnx.state(nnx.jit(grad_of)(model)))
+    assert counts["full"][0] > counts["none"][0] == counts["save_dots"][0]
+    assert counts["none"][1] < counts["save_routing"][1] < counts["full"][1]
+    for policy in ("save_dots", "save_routing"):
+        for got, want in zip(grads[policy], grads["none"], strict=True):
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7, err_msg=policy)
+    with pytest.raises(ValueError, match="save_routing"):
+        models.remat_policy("save_everything")
 
 
 def test_bfloat16_compute_keeps_float32_params_and_logits():

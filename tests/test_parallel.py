@@ -300,3 +300,141 @@ def test_per_device_groups_routes_locally_and_equals_global_routing():
     expected = route(logits, mask)
     for a, b in zip(jax.tree.leaves(actual), jax.tree.leaves(expected)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+# ------------------------------------------------------------------ dropless on a mesh (#16)
+
+
+@functools.cache
+def _dropless_layers():
+    """Dropless top-1 and top-2 layers (`(graphdef, params, rest)`), nothing ever dropped."""
+    split = []
+    for k in (1, 2):
+        config = _config("tokens_choose", k)
+        config.moe.backend = "dropless"
+        split.append(nnx.split(layers.MoeFeedForward(config, rngs=nnx.Rngs(0)), nnx.Param, ...))
+    return tuple(split)
+
+
+@functools.cache
+def _dropless_single_device():
+    x, cotangent = _inputs()
+    return jax.device_get(_outputs_and_grads(_dropless_layers(), x, cotangent))
+
+
+@pytest.mark.parametrize("mesh_shape", [(2, 2, 2), (8, 1, 1)], ids=str)
+def test_dropless_on_a_mesh_matches_single_device(mesh_shape):
+    """(2, 2, 2): experts over 2 devices, sorted rows exchanged, hidden dim over 'model';
+    (8, 1, 1): data parallelism, each device sorts its own groups. Outputs and gradients."""
+    x, cotangent = _inputs()
+    expected = _dropless_single_device()
+    assert all(float(result["dropped"]) == 0.0 for result in expected)
+    mesh = parallel.make_mesh(*mesh_shape)
+    with jax.set_mesh(mesh):
+        split_layers = [
+            (graphdef, *jax.device_put(states, parallel.state_shardings(states, mesh)))
+            for graphdef, *states in _dropless_layers()
+        ]
+        x = jax.device_put(x, parallel.batch_sharding(mesh, ndim=3))
+        actual = _outputs_and_grads(split_layers, x, cotangent)
+    _assert_close(actual, expected)
+
+
+def _forward_hlo(layer_index, mesh_shape, compiled=False):
+    graphdef, params, rest = _dropless_layers()[layer_index]
+    with jax.set_mesh(parallel.make_mesh(*mesh_shape)):
+        layer = nnx.merge(graphdef, params, rest)
+        lowered = jax.jit(lambda x: layer(x, deterministic=True)[0]).lower(
+            jnp.zeros((BATCH, LENGTH, D_MODEL))
+        )
+        return lowered.compile().as_text() if compiled else lowered.as_text()
+
+
+def test_dropless_expert_parallelism_sends_the_padded_per_peer_maximum():
+    """Top-1 on data=2 x expert=2 x model=2: each device holds G_local = 8 / 4 = 2 groups of
+    T = 8 tokens; a peer holds E_local = 4 experts, so it can get at most 2 * 8 * min(1, 4) = 16
+    rows. Each all_to_all moves [X=2, 16, M=8] (32 rows), not the [E=8, 2, C=T=8, M] (128 rows)
+    of capacity C = T; plus the [2, 4] row counts."""
+    text = _forward_hlo(0, (2, 2, 2))
+    all_to_alls = [line for line in text.splitlines() if "all_to_all" in line]
+    rows = [line for line in all_to_alls if "tensor<2x16x8xf32>" in line]
+    counts = [line for line in all_to_alls if "tensor<2x4xi32>" in line]
+    assert len(rows) == 2 and len(counts) == 1 and len(all_to_alls) == 3, all_to_alls
+
+
+def test_dropless_data_parallelism_gathers_no_tokens():
+    """On 8 data shards each device sorts its own groups: no all-gather, no all-to-all."""
+    text = _forward_hlo(1, (8, 1, 1), compiled=True)
+    assert "all-gather(" not in text and "all-to-all(" not in text
+
+
+def _key_fingerprint(params, xe, *, dropout_rng, matmul=None):
+    """An 'expert' whose every output is one uniform number drawn from its dropout key."""
+    return jnp.broadcast_to(jax.random.uniform(dropout_rng, ()), xe.shape)
+
+
+@pytest.mark.parametrize("backend", ["gather", "dropless"])
+def test_expert_shards_draw_different_dropout_keys(backend):
+    """One expert per device (1 x 8 x 1), every group identical: a token's output is the draw
+    of the device that holds its expert, and the 8 experts' draws must all differ."""
+    num_groups, tokens = 8, 8
+    logits = jnp.tile(jnp.eye(NUM_EXPERTS)[None], (num_groups, 1, 1)) * 5.0  # token t -> e = t
+    route = routing.tokens_choose(logits, k=1, capacity=None if backend == "dropless" else 1)
+    x = jnp.ones((num_groups, tokens, D_MODEL))
+    params = {"wi": jnp.zeros((NUM_EXPERTS, D_MODEL, D_FF))}
+    run = functools.partial(
+        parallel.expert_parallel_dispatch_combine,
+        param_axes={"wi": ("expert", "embed", "mlp")},
+        mesh=parallel.make_mesh(1, 8, 1),
+        backend=backend,
+    )
+    draws = jax.jit(run, static_argnums=2)(
+        x, route, _key_fingerprint, params, rng=jax.random.key(0)
+    )
+    per_expert = np.asarray(draws[0, :, 0] / route.probs[0, np.arange(tokens), np.arange(tokens)])
+    assert len(set(np.round(per_expert, 6))) == NUM_EXPERTS, per_expert
+    # every group sees the same draws: they depend on the expert's device, not the sender
+    np.testing.assert_allclose(draws / draws[:1], 1.0, rtol=1e-6)
+
+
+def test_expert_dropout_on_a_mesh_is_reproducible_per_seed():
+    config = _config("tokens_choose", 2)
+    config.moe.backend = "dropless"
+    config.moe.expert_dropout = 0.5
+    x, _ = _inputs()
+    mesh = parallel.make_mesh(2, 2, 2)
+    forward = nnx.jit(lambda layer, x: layer(x, deterministic=False)[0])
+
+    def train_output(seed):
+        with jax.set_mesh(mesh):
+            layer = layers.MoeFeedForward(config, rngs=nnx.Rngs(0, dropout=seed))
+            return np.asarray(forward(layer, x))
+
+    first, again, other = train_output(1), train_output(1), train_output(2)
+    np.testing.assert_array_equal(first, again)
+    assert not np.allclose(first, other)
+
+
+def test_dropless_expert_parallelism_exports_ragged_all_to_all_for_tpu_and_gpu():
+    """The weight-gradient program exported from this CPU host for TPU and GPU exchanges rows
+    with `ragged_all_to_all` (out, back, and the transpose of the way back) and multiplies them
+    with ragged dots. jax.export refuses `ragged_all_to_all` unless its safety check is
+    disabled: the op is a custom call without a compatibility guarantee."""
+    graphdef, params, rest = _dropless_layers()[0]
+
+    def loss(params, x):
+        y, _ = nnx.merge(graphdef, params, rest)(x, deterministic=True)
+        return jnp.sum(y**2)
+
+    with jax.set_mesh(parallel.make_mesh(2, 2, 2)):
+        exported = jax.export.export(
+            jax.jit(jax.grad(loss)),
+            platforms=("tpu", "cuda"),
+            disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("ragged_all_to_all")],
+        )(params, jnp.zeros((BATCH, LENGTH, D_MODEL)))
+    text = exported.mlir_module()
+    assert text.count("stablehlo.custom_call @ragged_all_to_all(") == 3
+    assert 'stablehlo.composite "chlo.ragged_dot"' in text
+    # the only loops are the random-bit generator's rounds (uint32 state), none over blocks
+    loops = [line for line in text.splitlines() if "stablehlo.while(" in line]
+    assert all("ui32" in line for line in loops), loops
