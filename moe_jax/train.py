@@ -9,9 +9,11 @@ the same command again resumes from the latest checkpoint; raise `train.num_step
 further (the schedule keeps its horizon; what a resume may change is in `moe_jax.run_identity`).
 A new run starts from random weights, or from a Hugging Face checkpoint with
 `--config.train.init_from=hf:DIR` (`moe_jax.hf`; `--config=configs/hf.py:DIR` sets it with the
-checkpoint's architecture). Every check of the config, mesh, parameter shardings, workdir, data
-and existing checkpoints (their run identity, and that the latest one is readable) runs before
-anything is written.
+checkpoint's architecture). With `config.distill.teacher` set (`moe_jax.distill`), the latest
+checkpoint of that run is restored, replicated over the mesh, and each train step adds its soft
+targets to the loss (`moe_jax.steps.compute_loss`). Every check of the config, mesh, parameter
+shardings, workdir, data, teacher and existing checkpoints (their run identity, and that the
+latest one is readable) runs before anything is written.
 
 Exact resume: a batch is a pure function of (seed, split, step) (`moe_jax.data`) and the dropout
 and router-jitter keys of step s are `fold_in(key(seed), s)` (`moe_jax.steps`), so a run resumed
@@ -744,6 +746,7 @@ def _cluster_detected() -> bool:
 
 
 def define_multihost_flags() -> None:
+    """The flags that start `jax.distributed` (`run_command` reads them)."""
     flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host).")
     flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host).")
     flags.DEFINE_integer("process_id", None, "This process's index (multi-host).")
