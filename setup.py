@@ -23,6 +23,7 @@ setup(
         "absl-py",
         "tqdm",
         "tensorboardX",
+        "qwix>=0.1.8",  # quantized expert weights (moe_jax.quantize; layers dequantize them)
     ],
     extras_require={
         "test": [

@@ -129,6 +129,17 @@ def default_config() -> ml_collections.ConfigDict:
         }
     )
 
+    # Knowledge distillation into this model (moe_jax.distill; Switch Sec. 5): loss =
+    # (1 - alpha) * cross-entropy on the data + alpha * temperature**2 * cross-entropy against
+    # the softmax(logits / temperature) of the frozen teacher run in eval mode
+    config.distill = ml_collections.ConfigDict(
+        {
+            "teacher": "",  # the teacher's moe_jax.train workdir; '' trains without one
+            "alpha": 0.25,  # Switch Table 6
+            "temperature": 1.0,
+        }
+    )
+
     config.mesh = ml_collections.ConfigDict(
         {
             "data": -1,  # -1 takes the devices the other axes leave

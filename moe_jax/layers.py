@@ -40,6 +40,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import qwix
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
@@ -266,6 +267,12 @@ class Router(nnx.Module):
         )
 
 
+def _float_weight(variable: nnx.Variable) -> jax.Array:
+    """A parameter's array, dequantized when it is stored as a `qwix.QArray`."""
+    value = variable.get_value()
+    return qwix.dequantize(value) if isinstance(value, qwix.QArray) else variable[...]
+
+
 class MoeFeedForward(nnx.Module):
     """Sparse MoE FFN: route, dispatch to stacked experts, combine, plus optional shared experts.
 
@@ -356,8 +363,9 @@ class MoeFeedForward(nnx.Module):
         return ("wi", "wi_gate", "wo") if experts.is_gated(self.activation) else ("wi", "wo")
 
     def expert_params(self) -> dict[str, jax.Array]:
-        """The stacked expert weights as the dict `experts.ffn` takes."""
-        return {name: getattr(self, name)[...] for name in self.expert_param_names()}
+        """The stacked expert weights as the dict `experts.ffn` takes; weights stored quantized
+        (`moe_jax.quantize`) are dequantized here."""
+        return {name: _float_weight(getattr(self, name)) for name in self.expert_param_names()}
 
     def capacity(self, tokens_per_group: int, deterministic: bool) -> int | None:
         """Slots per expert per group: `moe.expert_capacity` when set, else from the capacity

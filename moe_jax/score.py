@@ -30,6 +30,7 @@ from flax import nnx
 
 from moe_jax import data, decode, train
 from moe_jax.models import DecoderLM, sparse_layer_flags
+from moe_jax.steps import compute_loss
 
 
 def score(model, tokens: jax.Array, *, dropless: bool = False) -> tuple[jax.Array, jax.Array]:
@@ -57,6 +58,25 @@ def _score(graphdef, state, tokens):
     if aux is None:
         return loss, jnp.zeros((0, *tokens.shape, 0), jnp.float32)
     return loss, aux.token_weights
+
+
+def eval_cross_entropy(model, config, num_batches: int) -> float:
+    """Token-weighted mean cross-entropy (nats) of `model` over the first `num_batches`
+    validation batches of `config`'s data, deterministic (the eval capacity factor)."""
+    dataset = data.dataset_from_config(config, "validation")
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def metrics(state, batch):
+        _, values = compute_loss(nnx.merge(graphdef, state), batch, config, deterministic=True)
+        return values
+
+    total, weight = 0.0, 0.0
+    for index in range(num_batches):
+        values = metrics(state, dataset.batch(index))
+        total += float(values["cross_entropy"]) * float(values["weight_sum"])
+        weight += float(values["weight_sum"])
+    return total / max(weight, 1.0)
 
 
 def sparse_layers(config) -> list[tuple[str, int]]:

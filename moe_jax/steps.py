@@ -19,7 +19,7 @@ model (dropout, router jitter, GShard's random second choice), so a step's rando
 """
 
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -42,8 +42,9 @@ class TrainState(NamedTuple):
 # ------------------------------------------------------------------------------ the steps
 
 
-def compute_loss(model, batch: dict, config, *, deterministic: bool):
-    """`(loss, metrics)` of `model` on `batch`; metrics hold sums for token-weighted means."""
+def forward(model, batch: dict, config, *, deterministic: bool):
+    """`(logits f32|bf16[B, L, V], aux, targets i32[B, L], weights f32[B, L])` of `model` on
+    `batch` (decoder-only or encoder-decoder, by `config.model.kind`)."""
     if config.model.kind in DECODER_KINDS:
         logits, aux = model(
             batch["inputs"],
@@ -51,16 +52,40 @@ def compute_loss(model, batch: dict, config, *, deterministic: bool):
             segment_ids=batch["segment_ids"],
             positions=batch["positions"],
         )  # [B, L, V]
-        targets, weights = batch["targets"], batch["weights"]
-    else:
-        logits, aux = model(
-            batch["encoder_inputs"],
-            batch["decoder_inputs"],
-            deterministic=deterministic,
-            encoder_segment_ids=batch["encoder_segment_ids"],
-            decoder_segment_ids=batch["decoder_segment_ids"],
-        )  # [B, Ld, V]
-        targets, weights = batch["decoder_targets"], batch["decoder_weights"]
+        return logits, aux, batch["targets"], batch["weights"]
+    logits, aux = model(
+        batch["encoder_inputs"],
+        batch["decoder_inputs"],
+        deterministic=deterministic,
+        encoder_segment_ids=batch["encoder_segment_ids"],
+        decoder_segment_ids=batch["decoder_segment_ids"],
+    )  # [B, Ld, V]
+    return logits, aux, batch["decoder_targets"], batch["decoder_weights"]
+
+
+def soft_cross_entropy(
+    logits: jax.Array, teacher_logits: jax.Array, temperature: float
+) -> tuple[jax.Array, jax.Array]:
+    """`(cross_entropy, kl)`, each f32[B, L]: of softmax(logits / temperature) against the
+    soft targets softmax(teacher_logits / temperature), per token; kl = cross_entropy minus
+    the teacher's entropy (0 when the two distributions agree)."""
+    student = jax.nn.log_softmax(logits.astype(jnp.float32) / temperature)  # [B, L, V]
+    teacher = jax.nn.log_softmax(teacher_logits.astype(jnp.float32) / temperature)
+    teacher_probs = jnp.exp(teacher)
+    cross_entropy = -(teacher_probs * student).sum(-1)  # [B, L]
+    kl = (teacher_probs * (teacher - student)).sum(-1)  # [B, L]
+    return cross_entropy, kl
+
+
+def compute_loss(model, batch: dict, config, *, deterministic: bool, teacher_logits=None):
+    """`(loss, metrics)` of `model` on `batch`; metrics hold sums for token-weighted means.
+
+    With `teacher_logits` f32[B, L, V] (distillation, `config.distill`), the cross-entropy
+    term is `(1 - alpha) * CE(data) + alpha * temperature**2 * CE(teacher soft targets)`
+    (Hinton et al. 2015's temperature**2 keeps the soft term's gradient scale), and the
+    metrics add `distill_cross_entropy` and `distill_kl` (of the soft targets).
+    """
+    logits, aux, targets, weights = forward(model, batch, config, deterministic=deterministic)
     token_losses = optax.softmax_cross_entropy_with_integer_labels(
         logits.astype(jnp.float32), targets
     )  # [B, L]
@@ -73,6 +98,15 @@ def compute_loss(model, batch: dict, config, *, deterministic: bool):
         "weight_sum": weight_sum,
     }
     loss = cross_entropy
+    if teacher_logits is not None:
+        alpha, temperature = config.distill.alpha, config.distill.temperature
+        soft, kl = soft_cross_entropy(logits, teacher_logits, temperature)  # [B, L]
+        soft = (soft * weights).sum() / jnp.maximum(weight_sum, 1.0)
+        loss = (1.0 - alpha) * cross_entropy + alpha * temperature**2 * soft
+        step_metrics.update(
+            distill_cross_entropy=soft,
+            distill_kl=(kl * weights).sum() / jnp.maximum(weight_sum, 1.0),
+        )
     if aux is not None:
         aux_loss = aux.load_balancing_loss.sum()  # summed over the sparse layers
         z_loss = aux.router_z_loss.sum()
@@ -114,24 +148,37 @@ def make_train_step(
     optimizer: optax.GradientTransformation,
     schedule: optax.Schedule,
     config,
+    teacher: tuple[nnx.GraphDef, Any] | None = None,
 ) -> Callable:
-    """`train_step(state, batch, rng) -> (state, metrics)`, pure (jit it).
+    """`train_step(state, batch, rng, teacher_state=None) -> (state, metrics)`, pure (jit it).
 
     `graphdef` and `rng_state` come from `nnx.split(model, nnx.Param, nnx.RngState, ...)`; only
     the structure of `rng_state` is used (arrays or `jax.ShapeDtypeStruct`s). `rng` is the run's
     base key; the step's key is `fold_in(rng, state.step)`, which reseeds every random stream of
     the model (dropout, router jitter), so a step's randomness depends on (seed, step) only.
+
+    Distillation: `teacher = (teacher_graphdef, teacher_config)` of `nnx.split(teacher_model)`;
+    the step then takes the teacher's state, runs the teacher deterministically (eval mode,
+    no gradient) and adds its soft targets to the loss (`compute_loss`).
     """
     tags = _rng_stream_tags(rng_state)
 
-    def train_step(state: TrainState, batch: dict, rng: jax.Array):
+    def train_step(state: TrainState, batch: dict, rng: jax.Array, teacher_state=None):
         step_key = jax.random.fold_in(rng, state.step)
+        teacher_logits = None
+        if teacher is not None:
+            teacher_graphdef, teacher_config = teacher
+            teacher_model = nnx.merge(teacher_graphdef, teacher_state)
+            teacher_logits, *_ = forward(teacher_model, batch, teacher_config, deterministic=True)
+            teacher_logits = jax.lax.stop_gradient(teacher_logits)  # [B, L, V]
 
         def loss_fn(params):
             rngs = stand_in_rng_state(rng_state)
             model = nnx.merge(graphdef, params, rngs, state.model_state, copy=True)
             nnx.reseed(model, policy="match_shape", **dict.fromkeys(tags, step_key))
-            loss, step_metrics = compute_loss(model, batch, config, deterministic=False)
+            loss, step_metrics = compute_loss(
+                model, batch, config, deterministic=False, teacher_logits=teacher_logits
+            )
             _, _, _, model_state = nnx.split(model, nnx.Param, nnx.RngState, ...)
             return loss, (step_metrics, model_state)
 

@@ -9,9 +9,11 @@ the same command again resumes from the latest checkpoint; raise `train.num_step
 further (the schedule keeps its horizon; what a resume may change is in `moe_jax.run_identity`).
 A new run starts from random weights, or from a Hugging Face checkpoint with
 `--config.train.init_from=hf:DIR` (`moe_jax.hf`; `--config=configs/hf.py:DIR` sets it with the
-checkpoint's architecture). Every check of the config, mesh, parameter shardings, workdir, data
-and existing checkpoints (their run identity, and that the latest one is readable) runs before
-anything is written.
+checkpoint's architecture). With `config.distill.teacher` set (`moe_jax.distill`), the latest
+checkpoint of that run is restored, replicated over the mesh, and each train step adds its soft
+targets to the loss (`moe_jax.steps.compute_loss`). Every check of the config, mesh, parameter
+shardings, workdir, data, teacher and existing checkpoints (their run identity, and that the
+latest one is readable) runs before anything is written.
 
 Exact resume: a batch is a pure function of (seed, split, step) (`moe_jax.data`) and the dropout
 and router-jitter keys of step s are `fold_in(key(seed), s)` (`moe_jax.steps`), so a run resumed
@@ -98,6 +100,13 @@ def check_config(config) -> None:
         )
     if train.eval_every < 0:
         raise ValueError(f"train.eval_every={train.eval_every} must be >= 0 (0: no evaluation).")
+    distill = config.distill
+    if not 0.0 <= distill.alpha <= 1.0:
+        raise ValueError(
+            f"distill.alpha={distill.alpha} must be in [0, 1] (the soft targets' share)."
+        )
+    if distill.temperature <= 0:
+        raise ValueError(f"distill.temperature={distill.temperature} must be > 0.")
     for key in ("aux_coef", "z_coef"):
         if config.loss[key] < 0:
             raise ValueError(f"loss.{key}={config.loss[key]} must be >= 0.")
@@ -214,6 +223,47 @@ def _unreadable(
     return SetupError(f"{error}.\n{advice}")
 
 
+def _check_teacher(config, workdir: str) -> None:
+    """A `distill.teacher` is another run's workdir, with a checkpoint, whose model reads the
+    same batches and predicts the same vocabulary."""
+    teacher = config.distill.teacher
+    if not teacher:
+        return
+    if os.path.abspath(teacher) == workdir:
+        raise ValueError(
+            f"distill.teacher={teacher} is the student's own --workdir; give the teacher's."
+        )
+    try:
+        teacher_config = config_from_workdir(teacher)
+    except FileNotFoundError as error:
+        raise ValueError(f"distill.teacher={teacher}: {error}") from None
+    directory = os.path.join(teacher, checkpoint.CHECKPOINT_DIR)
+    existing = checkpoint.Checkpoints(directory, keep=1, read_only=True)
+    latest = existing.latest_step() if os.path.isdir(directory) else None
+    existing.close()
+    if latest is None:
+        raise ValueError(
+            f"distill.teacher={teacher} holds no checkpoint in {directory}; train the teacher "
+            "first."
+        )
+    for key in ("kind", "vocab_size"):
+        if teacher_config.model[key] != config.model[key]:
+            raise ValueError(
+                f"the teacher {teacher} has model.{key}={teacher_config.model[key]!r} but the "
+                f"student has {config.model[key]!r}; set --config.model.{key}="
+                f"{teacher_config.model[key]!r}."
+            )
+
+
+def _load_teacher(teacher_workdir: str, mesh) -> tuple[tuple[nnx.GraphDef, Any], nnx.State]:
+    """`((graphdef, config), state)` of the latest checkpoint of the teacher run, its state
+    replicated over `mesh`."""
+    teacher_config, teacher_model, _ = restore_for_inference(teacher_workdir)
+    graphdef, teacher_state = nnx.split(teacher_model)
+    teacher_state = jax.device_put(teacher_state, _replicated(mesh))
+    return (graphdef, teacher_config), teacher_state
+
+
 def _optimizer_shardings(abstract_opt_state, params: nnx.State, mesh):
     """A moment shaped like its parameter shares its sharding; the rest (counters, factored
     second moments) is replicated."""
@@ -253,6 +303,7 @@ def _prepare(config, workdir: str, devices) -> _Prepared:
     check_config(config)
     _check_workdir(workdir)
     hf.init_from(config)  # checks a train.init_from checkpoint against the config
+    _check_teacher(config, workdir)
     mesh = _make_mesh(config, devices)
     try:
         parallel.check_batch(config.train.batch_size, mesh, config.mesh.rules)
@@ -603,6 +654,9 @@ def run(config, workdir: str, *, devices=None) -> RunResult:
         raise SetupError(str(error)) from error
     config, mesh = prepared.config, prepared.mesh
     directory = os.path.join(workdir, checkpoint.CHECKPOINT_DIR)
+    teacher, teacher_state = None, None
+    if config.distill.teacher:  # restored outside the mesh context: it builds its own
+        teacher, teacher_state = _load_teacher(config.distill.teacher, mesh)
     with jax.set_mesh(mesh):
         # the shardings of the abstract state are the canonical ones: fresh and resumed runs
         # compile the same step (and share a persistent compilation cache)
@@ -630,19 +684,23 @@ def run(config, workdir: str, *, devices=None) -> RunResult:
         if multihost.is_main_process():
             metrics.truncate_metrics(workdir, start)
         step_fn = make_train_step(
-            graphdef, rng_state, prepared.optimizer, prepared.schedule, config
+            graphdef, rng_state, prepared.optimizer, prepared.schedule, config, teacher
         )
 
-        def constrained_step(state, batch, rng):
-            new_state, step_metrics = step_fn(state, batch, rng)
+        def constrained_step(state, batch, rng, teacher_state):
+            new_state, step_metrics = step_fn(state, batch, rng, teacher_state)
             return jax.lax.with_sharding_constraint(new_state, shardings), step_metrics
 
         batch_shardings = _batch_shardings(prepared.train_data, mesh, config)
-        train_step = jax.jit(
+        jitted_step = jax.jit(
             constrained_step,
-            in_shardings=(shardings, batch_shardings, _replicated(mesh)),
+            in_shardings=(shardings, batch_shardings, _replicated(mesh), _replicated(mesh)),
             donate_argnums=0,
         )
+
+        def train_step(state, batch, rng):
+            return jitted_step(state, batch, rng, teacher_state)
+
         eval_step = make_eval_step(graphdef, rng_state, config)
         if prepared.eval_data is not None:
             eval_shardings = _batch_shardings(prepared.eval_data, mesh, config)
@@ -698,19 +756,30 @@ def _cluster_detected() -> bool:
     )
 
 
+def define_multihost_flags() -> None:
+    """The flags that start `jax.distributed` (`run_command` reads them)."""
+    flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host).")
+    flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host).")
+    flags.DEFINE_integer("process_id", None, "This process's index (multi-host).")
+
+
 def _define_flags():
     config = config_flags.DEFINE_config_file(
         "config", None, "Config file and variant, e.g. configs/switch.py:tiny."
     )
     flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the config.")
-    flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host).")
-    flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host).")
-    flags.DEFINE_integer("process_id", None, "This process's index (multi-host).")
+    define_multihost_flags()
     flags.mark_flags_as_required(["config", "workdir"])
     return config
 
 
 def main(argv: list[str], config_flag) -> int:
+    return run_command(argv, config_flag.value, flags.FLAGS.workdir)
+
+
+def run_command(argv: list[str], config, workdir: str) -> int:
+    """The body of a training CLI (`moe_jax.train`, `moe_jax.distill`): trains `config` in
+    `workdir` and reports bad setups and divergence on stderr with status 1."""
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     options = flags.FLAGS
@@ -718,9 +787,8 @@ def main(argv: list[str], config_flag) -> int:
         logging.set_verbosity(logging.WARNING)  # orbax logs every save step at INFO
     if options.coordinator_address or _cluster_detected():
         multihost.initialize(options.coordinator_address, options.num_processes, options.process_id)
-    workdir = options.workdir
     try:
-        result = run(config_flag.value, workdir)
+        result = run(config, workdir)
     except SetupError as error:
         sys.stderr.write(f"moe_jax.train: {error}\n")
         sys.stdout.flush()
