@@ -150,7 +150,7 @@ def default_config() -> ml_collections.ConfigDict:
 
     config.data = ml_collections.ConfigDict(
         {
-            # synthetic | text:PATH | tfds:lm1b | tfds:c4 | tfds:tiny_shakespeare
+            # synthetic | text:PATH | python_stdlib | tfds:lm1b | tfds:c4 | tfds:tiny_shakespeare
             "name": "synthetic",
             "download": False,
             "data_dir": "",  # TFDS data directory; '' uses TFDS_DATA_DIR or the TFDS default
