@@ -197,7 +197,7 @@ def plot_final_eval_seeds(sweep_dir: Path) -> Path | None:
     labels = [", ".join(row[key] for key in swept) or "runs" for row in configs]
     means = [float(row["final_eval_cross_entropy_mean"]) for row in configs]
     stds = [float(row["final_eval_cross_entropy_std"] or 0.0) for row in configs]
-    figure, axis = plt.subplots(figsize=(max(5.0, 1.1 * len(configs)), 4.5))
+    figure, axis = plt.subplots(figsize=(max(7.0, 1.3 * len(configs)), 4.5))
     axis.bar(range(len(configs)), means, yerr=stds, capsize=4, color="tab:blue", alpha=0.6)
     for index, config in enumerate(configs):
         seeds = [
@@ -221,7 +221,8 @@ def plot_final_eval_seeds(sweep_dir: Path) -> Path | None:
     axis.set_ylabel("final eval cross-entropy (nats/token)")
     seed_counts = sorted({row["num_seeds"] for row in configs})
     axis.set_title(
-        f"{', '.join(swept) or 'runs'}: mean +- std over {'/'.join(seed_counts)} seeds", fontsize=9
+        f"{', '.join(swept) or 'runs'}\nmean +- std over {'/'.join(seed_counts)} seeds (dots)",
+        fontsize=8,
     )
     axis.grid(alpha=0.3, axis="y")
     return save(figure, sweep_dir / "final_eval.png")
