@@ -509,7 +509,7 @@ def test_bad_input_errors(tmp_path):
     missing = tmp_path / "no_such.txt"
     with pytest.raises(ValueError, match="no_such.txt"):
         dataset(f"text:{missing}")
-    with pytest.raises(ValueError, match="'synthetic', 'text:PATH', 'tfds:lm1b'"):
+    with pytest.raises(ValueError, match="'synthetic', 'text:PATH', 'python_stdlib', 'tfds:lm1b'"):
         dataset("wikipedia")
     with pytest.raises(ValueError, match="'tfds:tiny_shakespeare'"):
         dataset("tfds:imagenet")
