@@ -3,6 +3,11 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 WORKDIR ?= runs/switch_tiny
+# On a CPU host (no NVIDIA GPU or TPU device file), glibc's malloc keeps freed memory instead of
+# unmapping it: XLA's CPU runtime frees and reallocates every step's buffers, and each mapping
+# faults its pages in again (README, "Speed on a CPU"). A GLIBC_TUNABLES already set is kept.
+CPU_TUNABLES := glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=4294967295
+ALLOCATOR := $(if $(wildcard /dev/nvidia0 /dev/accel0 /dev/vfio/0),,GLIBC_TUNABLES=$${GLIBC_TUNABLES:-$(CPU_TUNABLES)})
 
 .PHONY: venv test lint run bench clean
 
@@ -22,11 +27,11 @@ lint: venv
 	$(VENV)/bin/ruff format --check .
 
 run: venv
-	$(PY) -m moe_jax.train --config=configs/switch.py:tiny --workdir=$(WORKDIR)
+	$(ALLOCATOR) $(PY) -m moe_jax.train --config=configs/switch.py:tiny --workdir=$(WORKDIR)
 
 # the MoE layer table of experiments/BENCHMARKS.md (about 10 minutes on 2 cores)
 bench: venv
-	$(PY) experiments/benchmark_moe.py --experts 8,32,64,128 --k 2 --backends gather,dropless
+	$(ALLOCATOR) $(PY) experiments/benchmark_moe.py --experts 8,32,64,128 --k 2 --backends gather,dropless
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

@@ -10,6 +10,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["moe_jax", "moe_jax.*"]),
+    package_data={"moe_jax": ["corpora/*.gz"]},  # data.name='tiny_shakespeare'
     install_requires=[
         "jax>=0.7",
         "flax>=0.11",
@@ -39,7 +40,7 @@ setup(
             "torch==2.13.0",
             "transformers>=5,<6",
         ],
-        "experiments": ["matplotlib", "pandas"],
+        "experiments": ["matplotlib", "pandas", "tensorboard"],
         "notebooks": ["jupyter", "nbclient", "nbformat", "ipykernel", "matplotlib"],
         "tf": ["tensorflow-cpu"],
     },

@@ -246,6 +246,9 @@ class Sweep:
             record = {"status": status, "seconds": round(elapsed, 1)}
             (self.sweep_dir / name / marker).write_text(json.dumps(record))
             print(f"[sweep] {status} {name} in {elapsed:.0f}s", flush=True)
+            if not finished:  # the trainer's last words say why
+                log = (self.sweep_dir / name / "train.log").read_text(errors="replace")
+                print(f"[sweep]   {name}/train.log ends: {log.strip()[-400:]}", flush=True)
 
     def stop(self, signum, frame) -> None:
         """Pass the signal on: each trainer saves a checkpoint on SIGTERM and exits."""

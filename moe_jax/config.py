@@ -10,6 +10,8 @@ the sweep's command lines; it imports no JAX).
 import difflib
 import importlib.util
 import os
+import sys
+from pathlib import Path
 
 import ml_collections
 
@@ -18,6 +20,7 @@ import ml_collections
 DECODER_KINDS = ("decoder", "rope_decoder")
 KINDS = (*DECODER_KINDS, "encoder_decoder")
 EVAL_FULL_PASS = -1  # train.eval_steps that evaluates on the whole validation split, once
+REPOSITORY = Path(__file__).resolve().parents[1]  # a clone's root, which holds configs/
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -150,7 +153,8 @@ def default_config() -> ml_collections.ConfigDict:
 
     config.data = ml_collections.ConfigDict(
         {
-            # synthetic | text:PATH | python_stdlib | tfds:lm1b | tfds:c4 | tfds:tiny_shakespeare
+            # synthetic | tiny_shakespeare | python_stdlib | text:PATH | tfds:lm1b | tfds:c4 |
+            # tfds:tiny_shakespeare
             "name": "synthetic",
             "download": False,
             "data_dir": "",  # TFDS data directory; '' uses TFDS_DATA_DIR or the TFDS default
@@ -171,14 +175,41 @@ def config_keys(config: ml_collections.ConfigDict, prefix: str = ""):
             yield from config_keys(value, f"{prefix}{key}.")
 
 
-def load_config_file(spec: str) -> ml_collections.ConfigDict:
-    """`get_config(VARIANT)` of `--config=PATH[:VARIANT]`."""
-    path, _, variant = spec.partition(":")
+def resolve_config_spec(spec: str) -> str:
+    """`PATH[:VARIANT]` of `--config`, made usable from any directory.
+
+    A relative PATH not found from the working directory is looked up in the repository (so
+    `configs/switch.py:tiny` works anywhere in an editable install), and the folder above a
+    `configs/` package goes on `sys.path` so that the file's `from configs import ...` works.
+    Raises ValueError (one line) when the file is in neither place.
+    """
+    path, colon, variant = spec.partition(":")
+    if not os.path.isfile(path) and os.path.isfile(REPOSITORY / path):
+        path = str(REPOSITORY / path)
     if not os.path.isfile(path):
         raise ValueError(
-            f"--config={spec}: no config file {path!r}; pass one of configs/*.py with a variant, "
-            "e.g. --config=configs/switch.py:tiny."
+            f"--config={spec}: no config file {path!r} in {os.getcwd()} or in {REPOSITORY}; pass "
+            "one of configs/*.py with a variant, e.g. --config=configs/switch.py:tiny."
         )
+    folder = Path(path).resolve().parent
+    if (folder / "__init__.py").is_file() and str(folder.parent) not in sys.path:
+        sys.path.insert(0, str(folder.parent))
+    return path + colon + variant
+
+
+def resolve_config_argv(argv: list[str]) -> list[str]:
+    """`argv` with every `--config=SPEC` passed through `resolve_config_spec`."""
+    return [
+        "--config=" + resolve_config_spec(arg.removeprefix("--config="))
+        if arg.startswith("--config=")
+        else arg
+        for arg in argv
+    ]
+
+
+def load_config_file(spec: str) -> ml_collections.ConfigDict:
+    """`get_config(VARIANT)` of `--config=PATH[:VARIANT]`."""
+    path, _, variant = resolve_config_spec(spec).partition(":")
     module_spec = importlib.util.spec_from_file_location("_moe_jax_config_check", path)
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)

@@ -4,13 +4,18 @@ Every batch is a pure function of (seed, split, step, row): `make_dataset(...).b
 row r of step s from `np.random.default_rng([seed, split_code, s, r])`, so a run resumed at step s
 sees exactly the batches an uninterrupted run would, and the checkpoint needs only the step.
 Rows are sampled with replacement (no epochs). Each process builds only its slice of the global
-batch. Evaluation may instead read a finite split once, in order (`Dataset.full_pass`): a text
+batch. (grain's samplers, packers and checkpointable iterators would change which tokens fill a
+batch, moving recorded results, and add an iterator state to checkpoints that need only the
+step.) Evaluation may instead read a finite split once, in order (`Dataset.full_pass`): a text
 stream cut into consecutive rows, TFDS documents packed in order; the synthetic corpus has no
 finite split.
 
 Sources (`data.name`):
   'synthetic'             documents from `SyntheticCorpus`, built in code (the default);
   'text:PATH'             a local file as one byte stream; the last 10% is the validation split;
+  'tiny_shakespeare'      the tiny Shakespeare text (Karpathy's char-rnn corpus, public domain,
+                          1,115,394 bytes) from the gzip copy in `moe_jax/corpora/`, read as
+                          'text:PATH' reads the plain file (the corpus of experiments/RESULTS.md);
   'python_stdlib'         the running CPython's standard library `.py` files (about 31 MB for
                           3.11), found with `sysconfig`, no download; a file-level split (see
                           `python_stdlib_files`), each split one byte stream of its files in
@@ -40,6 +45,7 @@ Tasks and batch keys (b = batch_size // process_count rows on this process):
 import bisect
 import dataclasses
 import functools
+import gzip
 import os
 import platform
 import sysconfig
@@ -61,8 +67,11 @@ VALIDATION_FRACTION = 0.1  # text files: the last 10% of the bytes (as nanoGPT s
 SPLITS = ("train", "validation")
 TASKS = ("lm", "span_corruption")
 NAME_FORMS = (
-    "'synthetic', 'text:PATH', 'python_stdlib', 'tfds:lm1b', 'tfds:c4' or 'tfds:tiny_shakespeare'"
+    "'synthetic', 'text:PATH', 'python_stdlib', 'tfds:lm1b', 'tfds:c4', 'tfds:tiny_shakespeare' "
+    "or 'tiny_shakespeare' (the copy in moe_jax/corpora)"
 )
+# corpora shipped in the package: data.name -> gzip file in moe_jax/corpora/
+BUNDLED_TEXTS = {"tiny_shakespeare": "tinyshakespeare.txt.gz"}
 PYTHON_STDLIB = "python_stdlib"
 # python_stdlib: a file goes to validation when crc32 of its path (relative to the stdlib
 # directory, '/'-separated) is 0 modulo this; about 10% of the files, and a file's split does
@@ -337,12 +346,22 @@ def _text_file_source(path: str, split: str) -> StreamSource:
             f"data.name='text:{path}': no such file {str(file.resolve())!r}; give the path of "
             "a UTF-8 (or any byte) text file."
         )
-    data = np.frombuffer(file.read_bytes(), dtype=np.uint8)
+    return _byte_stream_source(file.read_bytes(), split, f"text file {path!r}")
+
+
+def _bundled_text_source(name: str, split: str) -> StreamSource:
+    file = Path(__file__).parent / "corpora" / BUNDLED_TEXTS[name]
+    return _byte_stream_source(gzip.decompress(file.read_bytes()), split, f"corpus {name!r}")
+
+
+def _byte_stream_source(text: bytes, split: str, what: str) -> StreamSource:
+    """The byte stream of `split` of `text`: the first 90% for training, the rest validation."""
+    data = np.frombuffer(text, dtype=np.uint8)
     num_train = int(data.size * (1.0 - VALIDATION_FRACTION))
     part = data[:num_train] if split == "train" else data[num_train:]
     return StreamSource(
         tokens=part.astype(np.uint16) + BYTE_OFFSET,
-        description=f"the {split} split of text file {path!r} ({data.size} bytes in all)",
+        description=f"the {split} split of {what} ({data.size} bytes in all)",
     )
 
 
@@ -504,6 +523,8 @@ def make_source(name: str, split: str, *, seed: int, data_dir: str | None, downl
     kind, _, argument = name.partition(":")
     if name == "synthetic":
         return _synthetic_source(seed)
+    if name in BUNDLED_TEXTS:
+        return _bundled_text_source(name, split)
     if kind == "text" and argument:
         return _text_file_source(argument, split)
     if name == PYTHON_STDLIB:

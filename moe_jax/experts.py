@@ -47,24 +47,23 @@ def is_gated(activation: str) -> bool:
     return _ACTIVATIONS[activation][1]
 
 
-def truncated_normal_init(scale: float = 0.1, fan_in_axis: int = -2):
+def truncated_normal_init(scale: float = 0.1):
     """Switch Transformer init: truncated normal (2 std) with std `sqrt(scale / fan_in)`.
 
     Switch (Fedus et al. 2022, Sec. 2.3 and Table 3) uses scale 0.1, a tenth of the usual 1.0.
-    `fan_in` is the size of `fan_in_axis` (the input dim M of `wi: [E, M, H]`, H of `wo`).
+    `fan_in` is the size of the second-to-last axis (the input dim M of `wi: [E, M, H]`, H of
+    `wo`); leading axes (experts) are batch axes. This is JAX's `variance_scaling(scale,
+    'fan_in', 'truncated_normal')`, drawn in float32 and then cast to `dtype`.
     Returns `init(key, shape, dtype=float32) -> array`.
     """
     if not scale > 0:
         raise ValueError(f"init scale must be > 0, got {scale!r}; Switch uses 0.1.")
 
     def init(key: jax.Array, shape: tuple[int, ...], dtype=jnp.float32) -> jax.Array:
-        fan_in = shape[fan_in_axis]
-        std = math.sqrt(scale / fan_in)
-        # jax.random.truncated_normal has unit std only before truncation; divide by the std of
-        # a standard normal truncated to [-2, 2] so the result has exactly `std`.
-        unit_std = 0.87962566103423978
-        sample = jax.random.truncated_normal(key, -2.0, 2.0, shape, jnp.float32)
-        return (sample * (std / unit_std)).astype(dtype)
+        draw = jax.nn.initializers.variance_scaling(
+            scale, "fan_in", "truncated_normal", batch_axis=tuple(range(len(shape) - 2))
+        )
+        return draw(key, shape, jnp.float32).astype(dtype)
 
     return init
 

@@ -8,7 +8,9 @@ sparse layer's per-expert load as a histogram and as its max/mean imbalance). On
 writes; other processes get a writer that does nothing.
 
 `Progress` shows a tqdm bar with the loss and tokens/s when stderr is a terminal and plain log
-lines otherwise (CI logs, `nohup`, notebooks' captured output).
+lines otherwise (CI logs, `nohup`, notebooks' captured output), and a line per evaluation.
+(clu's metric writers write TensorBoard files through TensorFlow or PyTorch and have no JSON-lines
+writer, so the writer here uses tensorboardX.)
 """
 
 import json
@@ -136,6 +138,21 @@ class Progress:
                 file=sys.stderr,
                 flush=True,
             )
+
+    def show_eval(self, step: int, values: dict) -> None:
+        """A line with the evaluation's loss, cross-entropy and accuracy at `step`."""
+        if not self._enabled:
+            return
+        shown = "  ".join(
+            f"{key}={float(values[key]):.4f}"
+            for key in ("loss", "cross_entropy", "accuracy")
+            if key in values
+        )
+        line = f"eval at step {step}: {shown}"
+        if self._bar is not None:
+            self._bar.write(line, file=sys.stderr)
+        else:
+            print(line, file=sys.stderr, flush=True)
 
     def close(self) -> None:
         if self._bar is not None:

@@ -11,7 +11,9 @@ Schedules (`train.schedule`), each with a linear warmup from 0 to `train.learnin
   fraction).
 
 Update s (1-based) of the warmup uses `learning_rate * s / warmup_steps`, so the first update
-already moves the parameters.
+already moves the parameters. The pieces are optax's (`linear_schedule`, `constant_schedule`,
+`cosine_decay_schedule`, joined by `join_schedules`) but for the inverse square root, which
+optax lacks.
 
 Optimizers (`train.optimizer`): `'adafactor'` (the T5/Switch/ST-MoE choice: factored second
 moments, update clipping at 1.0, updates scaled by the parameter RMS, no momentum) and
@@ -57,22 +59,17 @@ def make_schedule(train_config: ml_collections.ConfigDict) -> optax.Schedule:
             f"{num_steps} (train.schedule_steps, or train.num_steps when it is 0) for the cosine "
             "schedule; lower the warmup or raise num_steps."
         )
-    warmup_length = max(warmup_steps, 1)
-
-    def schedule(count):
-        step = jnp.asarray(count, jnp.float32) + 1.0  # the update being computed, 1-based
-        warmup = jnp.minimum(step / warmup_length, 1.0)
-        if name == "constant":
-            decay = 1.0
-        elif name == "rsqrt":
-            decay = jnp.sqrt(warmup_length / jnp.maximum(step, warmup_length))
-        else:
-            progress = jnp.clip((step - warmup_steps) / (num_steps - warmup_steps), 0.0, 1.0)
-            cosine = 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
-            decay = COSINE_FINAL_FRACTION + (1.0 - COSINE_FINAL_FRACTION) * cosine
-        return peak * warmup * decay
-
-    return schedule
+    if name == "constant":
+        decay = optax.constant_schedule(peak)
+    elif name == "rsqrt":  # its argument counts the updates after the warmup
+        decay = lambda after: peak * jnp.sqrt(max(warmup_steps, 1) / (after + warmup_steps))
+    else:
+        decay = optax.cosine_decay_schedule(peak, num_steps - warmup_steps, COSINE_FINAL_FRACTION)
+    schedule = optax.join_schedules(
+        [optax.linear_schedule(0.0, peak, warmup_steps), decay], [warmup_steps]
+    )
+    # optax counts from 0 at the start of the warmup; the update being computed is count + 1
+    return lambda count: schedule(jnp.asarray(count) + 1)
 
 
 def _path_names(path) -> set[str]:

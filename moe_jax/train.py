@@ -50,7 +50,13 @@ from flax import nnx
 from ml_collections import config_flags
 
 from moe_jax import checkpoint, data, hf, metrics, multihost, optim, parallel, run_identity
-from moe_jax.config import EVAL_FULL_PASS, KINDS, check_config_overrides, default_config
+from moe_jax.config import (
+    EVAL_FULL_PASS,
+    KINDS,
+    check_config_overrides,
+    default_config,
+    resolve_config_argv,
+)
 from moe_jax.models import build_model
 from moe_jax.steps import TrainState, make_eval_step, make_train_step, stand_in_rng_state
 
@@ -416,7 +422,9 @@ class _StopSignals:
     After the first SIGINT, Ctrl-C gets its default action back, so a second one ends the
     process at once (no save). `requested(step)` is this process's flag on one process; with
     several, they agree by an all-gather every `PREEMPTION_SYNC_EVERY` steps only (an
-    all-gather per step would stall a pod), so a stop lands on a multiple of it.
+    all-gather per step would stall a pod), so a stop lands on a multiple of it. (Orbax's
+    `reached_preemption` reads JAX's distributed preemption service, which a single process
+    without `jax.distributed` lacks, and knows nothing of SIGINT.)
     """
 
     def __init__(self):
@@ -544,6 +552,7 @@ def _train_loop(config, workdir, prepared, state, train_step, eval_step, checkpo
                 if eval_now:
                     eval_values = _evaluate(eval_step, state, prepared.eval_data, mesh, config)
                     writer.write(step, "eval", eval_values)
+                    progress.show_eval(step, eval_values)
                 if save_now or preempted:
                     checkpoints.save(step, state, {"step": step}, prepared.signature)
                     last_saved = step
@@ -666,8 +675,11 @@ def save_initial_checkpoint(config, workdir: str, *, devices=None, initialize=No
 # -------------------------------------------------------------------------------- the CLI
 
 
-def _parse_flags(argv: list[str]) -> list[str]:
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, after a one-line error for a missing config file or a misspelt
+    `--config.KEY` (`moe_jax.config`); a relative `--config` path works from any directory."""
     try:
+        argv = resolve_config_argv(argv)
         check_config_overrides(argv)
     except ValueError as error:
         sys.stderr.write(f"FATAL Flags parsing error: {error}\n")
@@ -732,4 +744,4 @@ def main(argv: list[str], config_flag) -> int:
 
 if __name__ == "__main__":
     _config_flag = _define_flags()
-    app.run(functools.partial(main, config_flag=_config_flag), flags_parser=_parse_flags)
+    app.run(functools.partial(main, config_flag=_config_flag), flags_parser=parse_flags)

@@ -227,3 +227,22 @@ def test_tiny_variant_trains_forward_and_backward(family):
     norms = [jnp.abs(g).sum() for g in jax.tree.leaves(grads)]
     assert all(bool(jnp.isfinite(n)) for n in norms)
     assert all(float(n) > 0 for n in norms)
+
+
+def test_config_path_resolves_from_any_directory_and_a_missing_one_fails_in_one_line(
+    tmp_path, monkeypatch
+):
+    from moe_jax.config import REPOSITORY, load_config_file, resolve_config_argv
+
+    monkeypatch.chdir(tmp_path)  # outside the repository
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", ".", str(REPOSITORY))])
+    monkeypatch.delitem(
+        sys.modules, "configs", raising=False
+    )  # dense.py's `from configs import ...` reloads it
+    argv = resolve_config_argv(["train", "--config=configs/dense.py:tiny", "--workdir=w"])
+    assert argv == ["train", f"--config={REPOSITORY / 'configs' / 'dense.py'}:tiny", "--workdir=w"]
+    assert load_config_file("configs/dense.py:tiny").moe.num_experts == 0
+    with pytest.raises(ValueError) as error:
+        resolve_config_argv(["train", "--config=configs/swich.py:tiny"])
+    assert "no config file 'configs/swich.py'" in str(error.value)
+    assert "\n" not in str(error.value)

@@ -85,3 +85,12 @@ def test_window_mean_by_hand():
     np.testing.assert_array_equal(values["expert_load"], [[0.5, 0.5]])
     assert (values["learning_rate"], values["param_norm"]) == (0.2, 6.0)
     assert values["router_logit_max"] == 7.0
+
+
+def test_progress_shows_evaluations(capsys):
+    progress = Progress(start_step=0, num_steps=4)
+    progress.show_eval(4, {"loss": 2.5, "cross_entropy": 2.25, "accuracy": 0.5, "eval_batches": 4})
+    progress.close()
+    assert "eval at step 4: loss=2.5000  cross_entropy=2.2500  accuracy=0.5000" in (
+        capsys.readouterr().err
+    )

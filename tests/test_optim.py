@@ -19,6 +19,30 @@ def _train_config(**overrides):
     return train
 
 
+@pytest.mark.parametrize("name", optim.SCHEDULES)
+@pytest.mark.parametrize(("warmup", "horizon"), [(0, 40), (10, 100)])
+def test_schedules_follow_their_formulas_at_every_step(name, warmup, horizon):
+    # The documented formulas in float64 at every update s = count + 1, past the horizon too:
+    # warmup min(s / W, 1) (W at least 1), then 1, sqrt(W / s), or 0.1 + 0.9 * the cosine of
+    # the progress (s - W) / (N - W), clipped to [0, 1].
+    if name == "cosine" and warmup == 0:
+        warmup = 1  # the cosine needs a warmup below the horizon and counts from it
+    peak, length = 3e-3, max(warmup, 1)
+    config = _train_config(
+        schedule=name, learning_rate=peak, warmup_steps=warmup, num_steps=horizon
+    )
+    steps = np.arange(1, horizon + 30, dtype=np.float64)
+    ramp = np.minimum(steps / length, 1.0)
+    progress = np.clip((steps - warmup) / (horizon - warmup), 0.0, 1.0)
+    decay = {
+        "constant": np.ones_like(steps),
+        "rsqrt": np.sqrt(length / np.maximum(steps, length)),
+        "cosine": 0.1 + 0.9 * 0.5 * (1.0 + np.cos(np.pi * progress)),
+    }[name]
+    rates = optim.make_schedule(config)(jnp.arange(steps.size))
+    np.testing.assert_allclose(rates, peak * ramp * decay, rtol=2e-6, atol=0)
+
+
 def test_constant_schedule_warms_up_linearly():
     # warmup 4, peak 2.0: update 0 is the 1st of 4 warmup steps -> 2 * 1/4 = 0.5; update 3 -> 2.0.
     schedule = optim.make_schedule(
