@@ -10,11 +10,15 @@ it processed after capacity drops),
 `dropped_vs_capacity.png` (fraction of dropped tokens against the capacity factor, when the
 sweep varies `moe.capacity_factor_train`), `router_logits.png` (largest router logit, when the
 metrics have it, and router z-loss over training) and `final_eval.png` (each run's final eval
-cross-entropy, from results.csv).
+cross-entropy, from results.csv). When the sweep has a seed axis (`results_seeds.csv`),
+`final_eval.png` shows each configuration's mean with a +-1 standard deviation error bar and its
+seeds as dots, and `loss_curves_seeds.png` the mean eval cross-entropy of each configuration
+against step and against training seconds (from the logged tokens/s), +-1 std error bars.
 """
 
 import argparse
 import csv
+import json
 from pathlib import Path
 
 import matplotlib
@@ -23,7 +27,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
-from experiments.sweep import RESULTS_FILE, read_metrics
+from experiments.sweep import RESULTS_FILE, SEED_RESULTS_FILE, read_metrics
 
 CAPACITY_KEY = "moe.capacity_factor_train"
 
@@ -174,6 +178,109 @@ def plot_final_eval(sweep_dir: Path) -> Path | None:
     return save(figure, sweep_dir / "final_eval.png")
 
 
+def read_csv(path: Path) -> list[dict]:
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
+def plot_final_eval_seeds(sweep_dir: Path) -> Path | None:
+    """Mean final eval cross-entropy per configuration (results_seeds.csv), +-1 std error bars,
+    each seed's value (results.csv) as a dot."""
+    path = sweep_dir / SEED_RESULTS_FILE
+    if not path.exists():
+        return None
+    configs = [row for row in read_csv(path) if row.get("final_eval_cross_entropy_mean")]
+    if not configs:
+        return None
+    runs = read_csv(sweep_dir / RESULTS_FILE)
+    swept = varying_settings(configs) if len(configs) > 1 else []
+    labels = [", ".join(row[key] for key in swept) or "runs" for row in configs]
+    means = [float(row["final_eval_cross_entropy_mean"]) for row in configs]
+    stds = [float(row["final_eval_cross_entropy_std"] or 0.0) for row in configs]
+    figure, axis = plt.subplots(figsize=(max(7.0, 1.3 * len(configs)), 4.5))
+    axis.bar(range(len(configs)), means, yerr=stds, capsize=4, color="tab:blue", alpha=0.6)
+    for index, config in enumerate(configs):
+        seeds = [
+            float(run["final_eval_cross_entropy"])
+            for run in runs
+            if run.get("status") == "finished"
+            and run.get("final_eval_cross_entropy")
+            and all(run.get(key) == config[key] for key in config if "." in key)
+        ]
+        axis.plot([index] * len(seeds), seeds, "k.", markersize=5)
+        axis.text(
+            index,
+            means[index] + stds[index],
+            f"{means[index]:.3f}",
+            ha="center",
+            va="bottom",
+            fontsize=8,
+        )
+    axis.set_xticks(range(len(configs)), labels, rotation=30, ha="right", fontsize=8)
+    axis.set_ylim(min(means) - max(stds) - 0.1, max(means) + max(stds) + 0.05)
+    axis.set_ylabel("final eval cross-entropy (nats/token)")
+    seed_counts = sorted({row["num_seeds"] for row in configs})
+    axis.set_title(
+        f"{', '.join(swept) or 'runs'}\nmean +- std over {'/'.join(seed_counts)} seeds (dots)",
+        fontsize=8,
+    )
+    axis.grid(alpha=0.3, axis="y")
+    return save(figure, sweep_dir / "final_eval.png")
+
+
+def plot_loss_curves_seeds(sweep_dir: Path, runs: dict[str, list[dict]]) -> Path | None:
+    """Eval cross-entropy per configuration against step and wall-clock seconds: the mean over
+    its seeds with +-1 std error bars (wall-clock: the mean seconds at each eval step)."""
+    if not (sweep_dir / SEED_RESULTS_FILE).exists():
+        return None
+    groups: dict[str, list[dict]] = {}
+    for row in read_csv(sweep_dir / RESULTS_FILE):
+        if row.get("status") == "finished" and row["run"] in runs:
+            label = ", ".join(f"{k}={v}" for k, v in row.items() if "." in k and v != "")
+            train = json.loads((sweep_dir / row["run"] / "config.json").read_text())["train"]
+            curve = eval_points(runs[row["run"]], train["batch_size"] * train["seq_len"])
+            groups.setdefault(label, []).append(curve)
+    if not groups:
+        return None
+    figure, (step_axis, time_axis) = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    for label, curves in groups.items():
+        steps = sorted(set.intersection(*(set(curve) for curve in curves)))
+        if not steps:
+            continue
+        values = np.asarray([[curve[step][0] for step in steps] for curve in curves])  # [S, P]
+        seconds = np.asarray([[curve[step][1] for step in steps] for curve in curves])  # [S, P]
+        std = values.std(axis=0, ddof=1) if len(curves) > 1 else np.zeros(len(steps))
+        legend = f"{label} ({len(curves)} seeds)"
+        step_axis.errorbar(steps, values.mean(0), yerr=std, marker="o", capsize=3, label=legend)
+        time_axis.errorbar(seconds.mean(0), values.mean(0), yerr=std, marker="o", capsize=3)
+    step_axis.set_xlabel("step")
+    time_axis.set_xlabel("training seconds (logged tokens/s; mean over seeds)")
+    step_axis.set_ylabel("eval cross-entropy (nats/token), mean +- std over seeds")
+    for axis in (step_axis, time_axis):
+        axis.grid(alpha=0.3)
+    step_axis.legend(fontsize=6)
+    return save(figure, sweep_dir / "loss_curves_seeds.png")
+
+
+def eval_points(records: list[dict], tokens_per_step: int) -> dict[int, tuple[float, float]]:
+    """{step: (eval cross-entropy, training seconds up to that step)} of one run.
+
+    Training seconds add up each logged window's steps x `tokens_per_step` / its tokens/s: the
+    time of the train steps (the first window includes compilation), not of evaluation.
+    """
+    seconds, previous, elapsed = {}, 0, 0.0
+    for record in records:
+        if record.get("split") == "train" and record.get("tokens_per_second"):
+            elapsed += (record["step"] - previous) * tokens_per_step / record["tokens_per_second"]
+            previous = record["step"]
+            seconds[previous] = elapsed
+    return {
+        r["step"]: (r["cross_entropy"], seconds.get(r["step"], float("nan")))
+        for r in records
+        if r.get("split") == "eval" and "cross_entropy" in r
+    }
+
+
 def save(figure, path: Path) -> Path:
     figure.tight_layout()
     figure.savefig(path, dpi=110)
@@ -191,7 +298,10 @@ def make_plots(directory: Path) -> list[Path]:
     written = [plot_loss_curves(runs, directory)]
     written += [plot_expert_load(name, records, directory) for name, records in runs.items()]
     written += [plot_dropped_vs_capacity(directory), plot_router_logits(runs, directory)]
-    written.append(plot_final_eval(directory))
+    if (directory / SEED_RESULTS_FILE).exists():
+        written += [plot_final_eval_seeds(directory), plot_loss_curves_seeds(directory, runs)]
+    else:
+        written.append(plot_final_eval(directory))
     return [path for path in written if path is not None]
 
 

@@ -10,6 +10,13 @@ trains in `SWEEP_DIR/<name>/` and leaves `DONE.json` there once it has finished,
 command again skips finished runs, resumes unfinished ones from their checkpoints and retries
 failed ones (their `FAILED.json` holds the exit code; `train.log` the output).
 Final and best metrics of every run go to `SWEEP_DIR/results.csv`.
+
+Seeds: `--seeds 0,1,2` trains every run once per seed (`seed`, which draws both the weights
+and the data, set to each value; all runs of the first seed come first, so a partial sweep has
+whole seeds). `--sweep seed=...` is the same axis inside the grid. With a seed axis,
+`SWEEP_DIR/results_seeds.csv` has one row per configuration (the runs that differ only in
+`seed`): how many seeds finished, and the mean and sample standard deviation (ddof 1) of every
+figure over them. `experiments/plot.py` draws them as error bars.
 """
 
 import argparse
@@ -23,11 +30,15 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 from moe_jax.config import check_config_overrides
 
 DONE_FILE = "DONE.json"
 FAILED_FILE = "FAILED.json"
 RESULTS_FILE = "results.csv"
+SEED_RESULTS_FILE = "results_seeds.csv"
+SEED_KEY = "seed"
 
 
 def parse_axis(spec: str) -> tuple[str, list[str]]:
@@ -61,6 +72,11 @@ def expand(axes: list[tuple[str, list[str]]], zipped: bool) -> list[dict[str, st
     else:
         combos = itertools.product(*value_lists)
     return [dict(zip(keys, combo)) for combo in combos]
+
+
+def with_seeds(runs: list[dict[str, str]], seeds: list[str]) -> list[dict[str, str]]:
+    """Every run once per seed, seed-major: [{**run, 'seed': s} for s in seeds for run in runs]."""
+    return [{**run, SEED_KEY: seed} for seed in seeds for run in runs]
 
 
 def run_name(overrides: dict[str, str]) -> str:
@@ -139,10 +155,50 @@ def write_results(sweep_dir: Path, runs: list[dict[str, str]], names: list[str])
             if marker.exists():
                 status = json.loads(marker.read_text())["status"]
         rows.append({"run": name, "status": status, **overrides, **summarize(workdir)})
+    if any(SEED_KEY in overrides for overrides in runs):
+        write_csv(sweep_dir / SEED_RESULTS_FILE, aggregate_seeds(rows))
+    return write_csv(sweep_dir / RESULTS_FILE, rows)
+
+
+def aggregate_seeds(rows: list[dict]) -> list[dict]:
+    """One row per configuration of `rows` (results.csv rows as dicts of strings or numbers).
+
+    Rows with the same values in every column other than `seed`, the summary figures, `run` and
+    `status` are one configuration; only finished runs count. A row holds the configuration's
+    settings, `seeds` (the finished seeds, '/'-separated), `num_seeds`, and for every figure F
+    of `summarize` `F_mean` and `F_std` (sample standard deviation, ddof 1; empty for one seed).
+    Configurations keep the order of their first row.
+    """
+    figures = [key for row in rows for key in row if key not in ("run", "status", SEED_KEY)]
+    figures = list(dict.fromkeys(key for key in figures if "." not in key))
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        settings = tuple(
+            (key, str(value))
+            for key, value in row.items()
+            if key not in ("run", "status", SEED_KEY) and key not in figures
+        )
+        group = groups.setdefault(settings, [])
+        if row.get("status") == "finished":
+            group.append(row)
+    aggregated = []
+    for settings, finished in groups.items():
+        row = {**dict(settings), "seeds": "/".join(str(r.get(SEED_KEY, "")) for r in finished)}
+        row["num_seeds"] = len(finished)
+        for figure in figures:
+            values = [float(r[figure]) for r in finished if r.get(figure) not in (None, "")]
+            if values:
+                row[f"{figure}_mean"] = float(np.mean(values))
+                row[f"{figure}_std"] = float(np.std(values, ddof=1)) if len(values) > 1 else ""
+        aggregated.append(row)
+    return aggregated
+
+
+def write_csv(path: Path, rows: list[dict]) -> Path:
+    """`rows` as CSV with the union of their keys as columns (first-seen order)."""
     columns: list[str] = []
     for row in rows:
         columns += [key for key in row if key not in columns]
-    path = sweep_dir / RESULTS_FILE
     with path.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
@@ -218,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sweep", action="append", default=[], help="KEY=V1,V2,... (repeat)")
     parser.add_argument("--set", action="append", default=[], help="KEY=VALUE for every run")
     parser.add_argument("--zip", action="store_true", help="pair the axes instead of a grid")
+    parser.add_argument("--seeds", default="", help="S1,S2,...: every run once per seed")
     parser.add_argument("--parallel", type=int, default=1, help="runs at a time")
     args = parser.parse_args(argv)
     if args.parallel < 1:
@@ -229,6 +286,14 @@ def main(argv: list[str] | None = None) -> int:
         runs = [{**fixed, **overrides} for overrides in expand(axes, args.zip)]
     except ValueError as error:
         parser.error(str(error))
+    if args.seeds:
+        if any(key == SEED_KEY for key, _ in axes) or SEED_KEY in fixed:
+            parser.error("--seeds and a 'seed' in --sweep or --set: give the seeds once")
+        seeds = args.seeds.split(",")
+        if not all(seed.isdigit() for seed in seeds) or len(set(seeds)) != len(seeds):
+            parser.error(f"--seeds {args.seeds!r} is not distinct integers >= 0 (e.g. 0,1,2)")
+        runs = with_seeds(runs, seeds)
+        axes.append((SEED_KEY, seeds))
     keys = sorted({key for run in runs for key in run})
     try:  # every key is checked against the config before any run starts
         check_config_overrides(

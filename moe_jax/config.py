@@ -164,7 +164,8 @@ def default_config() -> ml_collections.ConfigDict:
 
     config.data = ml_collections.ConfigDict(
         {
-            # synthetic | tiny_shakespeare | text:PATH | tfds:lm1b | tfds:c4 | tfds:tiny_shakespeare
+            # synthetic | tiny_shakespeare | python_stdlib | text:PATH | tfds:lm1b | tfds:c4 |
+            # tfds:tiny_shakespeare
             "name": "synthetic",
             "download": False,
             "data_dir": "",  # TFDS data directory; '' uses TFDS_DATA_DIR or the TFDS default

@@ -16,6 +16,10 @@ Sources (`data.name`):
   'tiny_shakespeare'      the tiny Shakespeare text (Karpathy's char-rnn corpus, public domain,
                           1,115,394 bytes) from the gzip copy in `moe_jax/corpora/`, read as
                           'text:PATH' reads the plain file (the corpus of experiments/RESULTS.md);
+  'python_stdlib'         the running CPython's standard library `.py` files (about 31 MB for
+                          3.11), found with `sysconfig`, no download; a file-level split (see
+                          `python_stdlib_files`), each split one byte stream of its files in
+                          sorted order, each file followed by eos;
   'tfds:lm1b', 'tfds:c4'  TFDS documents (validation split: lm1b 'test', c4 'validation');
   'tfds:tiny_shakespeare' TFDS text as one byte stream per split.
 TFDS is imported only for 'tfds:' names and read with `as_data_source` (ArrayRecord, no
@@ -40,7 +44,12 @@ Tasks and batch keys (b = batch_size // process_count rows on this process):
 
 import bisect
 import dataclasses
+import functools
 import gzip
+import os
+import platform
+import sysconfig
+import zlib
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -58,11 +67,18 @@ VALIDATION_FRACTION = 0.1  # text files: the last 10% of the bytes (as nanoGPT s
 SPLITS = ("train", "validation")
 TASKS = ("lm", "span_corruption")
 NAME_FORMS = (
-    "'synthetic', 'text:PATH', 'tfds:lm1b', 'tfds:c4', 'tfds:tiny_shakespeare' or "
-    "'tiny_shakespeare' (the copy in moe_jax/corpora)"
+    "'synthetic', 'text:PATH', 'python_stdlib', 'tfds:lm1b', 'tfds:c4', 'tfds:tiny_shakespeare' "
+    "or 'tiny_shakespeare' (the copy in moe_jax/corpora)"
 )
 # corpora shipped in the package: data.name -> gzip file in moe_jax/corpora/
 BUNDLED_TEXTS = {"tiny_shakespeare": "tinyshakespeare.txt.gz"}
+PYTHON_STDLIB = "python_stdlib"
+# python_stdlib: a file goes to validation when crc32 of its path (relative to the stdlib
+# directory, '/'-separated) is 0 modulo this; about 10% of the files, and a file's split does
+# not move when other files come or go between Python versions.
+STDLIB_VALIDATION_MODULUS = 10
+# third-party packages installed beside the stdlib, which differ between machines
+STDLIB_EXCLUDED_DIRS = ("site-packages", "dist-packages", "__pycache__")
 _CORPUS_STREAM = 1_000_003  # keeps the corpus's own random draws apart from the row streams
 _FULL_PASS_STREAM = 1_000_033  # and a full pass's span-corruption draws (in place of a step)
 
@@ -349,6 +365,72 @@ def _byte_stream_source(text: bytes, split: str, what: str) -> StreamSource:
     )
 
 
+def python_stdlib_files(root: str | Path | None = None) -> dict[str, list[Path]]:
+    """{'train': [...], 'validation': [...]}: the `.py` files under `root` in sorted order.
+
+    `root` defaults to the running interpreter's stdlib directory
+    (`sysconfig.get_paths()['stdlib']`); directories named in `STDLIB_EXCLUDED_DIRS` are skipped.
+    A file is in validation when `zlib.crc32` of its '/'-separated path relative to `root` is 0
+    modulo `STDLIB_VALIDATION_MODULUS`, otherwise in train.
+    """
+    root = Path(sysconfig.get_paths()["stdlib"] if root is None else root)
+    if not root.is_dir():
+        raise ValueError(
+            f"data.name='{PYTHON_STDLIB}': the standard library directory {str(root)!r} does not "
+            "exist; this Python was installed without its library sources."
+        )
+    relative_paths = []
+    for directory, subdirectories, files in os.walk(root):
+        subdirectories[:] = [name for name in subdirectories if name not in STDLIB_EXCLUDED_DIRS]
+        relative = Path(directory).relative_to(root)
+        relative_paths += [(relative / name).as_posix() for name in files if name.endswith(".py")]
+    splits: dict[str, list[Path]] = {split: [] for split in SPLITS}
+    for relative in sorted(relative_paths):
+        is_validation = zlib.crc32(relative.encode()) % STDLIB_VALIDATION_MODULUS == 0
+        splits["validation" if is_validation else "train"].append(root / relative)
+    if not splits["train"] or not splits["validation"]:
+        raise ValueError(
+            f"data.name='{PYTHON_STDLIB}': {str(root)!r} holds too few .py files for a train and "
+            f"a validation split ({len(splits['train'])} and {len(splits['validation'])})."
+        )
+    return splits
+
+
+@functools.cache
+def python_stdlib_facts() -> dict:
+    """What `data.name='python_stdlib'` reads here: the Python version and the number of files
+    and bytes per split (train.py records them in the run's config as `data.corpus`)."""
+    facts: dict = {"python_version": platform.python_version()}
+    for split, files in python_stdlib_files().items():
+        facts[f"{split}_files"] = len(files)
+        facts[f"{split}_bytes"] = sum(path.stat().st_size for path in files)
+    return facts
+
+
+@functools.cache
+def _python_stdlib_tokens(split: str) -> np.ndarray:
+    """u16[N]: the split's files in order as byte ids, each followed by eos."""
+    ids = []
+    for path in python_stdlib_files()[split]:
+        ids.append(np.frombuffer(path.read_bytes(), dtype=np.uint8).astype(np.uint16) + BYTE_OFFSET)
+        ids.append(np.array([EOS_ID], np.uint16))
+    return np.concatenate(ids)
+
+
+def _python_stdlib_source(split: str) -> StreamSource:
+    facts = python_stdlib_facts()
+    description = (
+        f"the {split} split of the Python {facts['python_version']} standard library "
+        f"({facts[f'{split}_files']} files, {facts[f'{split}_bytes']} bytes)"
+    )
+    return StreamSource(tokens=_python_stdlib_tokens(split), description=description)
+
+
+def corpus_facts(name: str) -> dict | None:
+    """Facts that identify the corpus `name` (a `data.name`) beyond its name, or None."""
+    return python_stdlib_facts() if name == PYTHON_STDLIB else None
+
+
 @dataclasses.dataclass(frozen=True)
 class _TfdsSpec:
     builder: str
@@ -445,6 +527,8 @@ def make_source(name: str, split: str, *, seed: int, data_dir: str | None, downl
         return _bundled_text_source(name, split)
     if kind == "text" and argument:
         return _text_file_source(argument, split)
+    if name == PYTHON_STDLIB:
+        return _python_stdlib_source(split)
     if kind == "tfds" and argument in TFDS_DATASETS:
         return _tfds_source(argument, split, data_dir=data_dir, download=download)
     raise ValueError(f"Unknown data.name {name!r}; valid forms are {NAME_FORMS}.")

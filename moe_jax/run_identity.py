@@ -25,7 +25,7 @@ import os
 
 import ml_collections
 
-from moe_jax import checkpoint
+from moe_jax import checkpoint, data
 
 HISTORY_FILE = "run_history.jsonl"
 RESUMABLE_KEYS = frozenset(
@@ -44,10 +44,17 @@ RESUMABLE_PREFIXES = ("mesh.",)
 
 
 def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """A copy of `config` with `train.schedule_steps` resolved (0 -> `train.num_steps`)."""
+    """A copy of `config` with `train.schedule_steps` resolved (0 -> `train.num_steps`), and
+    `data.corpus` set to what identifies a corpus beyond its name (`data.corpus_facts`: for
+    'python_stdlib' the Python version and the files and bytes per split), so that config.json
+    records it and a resume on another Python's standard library is refused."""
     config = config.copy_and_resolve_references()
     if not config.train.schedule_steps:
         config.train.schedule_steps = config.train.num_steps
+    corpus = data.corpus_facts(config.data.name)
+    if corpus is not None:
+        with config.unlocked():
+            config.data.corpus = corpus
     return config
 
 

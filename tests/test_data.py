@@ -1,8 +1,12 @@
 """Tests of moe_jax.data and moe_jax.spans: sources, token layout, packing, span corruption,
 determinism and resume. No test touches the network (see `no_network`)."""
 
+import binascii
 import socket
+import sys
+import sysconfig
 import time
+from pathlib import Path
 
 import ml_collections
 import numpy as np
@@ -10,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from moe_jax import data, spans
+from moe_jax import data, run_identity, spans
 from moe_jax.config import default_config
 
 VOCAB = 384
@@ -505,7 +509,7 @@ def test_bad_input_errors(tmp_path):
     missing = tmp_path / "no_such.txt"
     with pytest.raises(ValueError, match="no_such.txt"):
         dataset(f"text:{missing}")
-    with pytest.raises(ValueError, match="'synthetic', 'text:PATH', 'tfds:lm1b'"):
+    with pytest.raises(ValueError, match="'synthetic', 'text:PATH', 'python_stdlib', 'tfds:lm1b'"):
         dataset("wikipedia")
     with pytest.raises(ValueError, match="'tfds:tiny_shakespeare'"):
         dataset("tfds:imagenet")
@@ -631,3 +635,54 @@ def test_tfds_tiny_shakespeare_is_a_stream(tmp_path, no_network):
     ).batch(0)
     restored = restore_spans(span["encoder_inputs"][1], span["decoder_targets"][1])
     assert data.ByteTokenizer().decode(restored) in splits["validation"][0]
+
+
+# ---------------------------------------------------------------- python_stdlib
+
+
+def test_python_stdlib_split_is_sorted_disjoint_and_follows_the_path_hash(tmp_path):
+    names = [f"pkg{i % 3}/mod_{i}.py" for i in range(60)] + ["top.py", "notes.txt"]
+    names += ["site-packages/third.py", "pkg0/__pycache__/cached.py", "dist-packages/x.py"]
+    for name in names:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(f"# {name}\n")
+    splits = data.python_stdlib_files(tmp_path)
+    assert splits == data.python_stdlib_files(tmp_path)  # deterministic
+    relative = {
+        s: [p.relative_to(tmp_path).as_posix() for p in files] for s, files in splits.items()
+    }
+    kept = sorted(n for n in names[:61])  # the .py files outside the excluded directories
+    assert sorted(relative["train"] + relative["validation"]) == kept
+    assert not set(relative["train"]) & set(relative["validation"])
+    for split, files in relative.items():
+        assert files == sorted(files)
+        for name in files:  # binascii's crc32 as the oracle of the rule
+            assert (binascii.crc32(name.encode()) % 10 == 0) == (split == "validation"), name
+    assert 1 <= len(relative["validation"]) <= 20
+    with pytest.raises(ValueError, match="does not exist"):
+        data.python_stdlib_files(tmp_path / "missing")
+    (tmp_path / "lonely").mkdir()
+    (tmp_path / "lonely" / "a.py").write_text("")
+    with pytest.raises(ValueError, match="too few .py files"):
+        data.python_stdlib_files(tmp_path / "lonely")
+
+
+def test_python_stdlib_loads_without_network_and_is_recorded(no_network):
+    splits = data.python_stdlib_files()
+    assert Path(sysconfig.get_paths()["stdlib"]) / "os.py" in splits["train"] + splits["validation"]
+    assert not set(splits["train"]) & set(splits["validation"])
+    facts = data.python_stdlib_facts()
+    assert facts["python_version"] == "{}.{}.{}".format(*sys.version_info[:3])
+    assert facts["train_files"] == len(splits["train"]) > 1000
+    assert 0.05 < facts["validation_bytes"] / (facts["train_bytes"] + facts["validation_bytes"])
+    assert facts["validation_bytes"] / facts["train_bytes"] < 0.25
+    for split in data.SPLITS:
+        raw = b"".join(path.read_bytes() + b"\0" for path in splits[split])  # eos as NUL
+        batch = dataset("python_stdlib", split=split, seq_len=64, batch_size=3).batch(5)
+        check_lm_batch(batch, 3, 64)
+        for row in batch["targets"]:
+            assert (np.where(row == data.EOS_ID, 0, row - 3).astype(np.uint8).tobytes()) in raw
+    config = default_config()
+    config.data.name = "python_stdlib"
+    assert run_identity.resolve(config).data.corpus.to_dict() == facts
+    assert "corpus" not in run_identity.resolve(default_config()).data

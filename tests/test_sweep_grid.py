@@ -1,8 +1,12 @@
-"""The sweep's grid expansion and run naming (experiments/sweep.py), without training."""
+"""The sweep's grid expansion, run naming and seed aggregation (experiments/sweep.py) and its
+error-bar plots (experiments/plot.py), on hand-written run directories, without training."""
+
+import csv
+import json
 
 import pytest
 
-from experiments import sweep
+from experiments import plot, sweep
 
 
 def test_grid_is_the_product_of_the_axes_in_order():
@@ -39,3 +43,97 @@ def test_run_names_are_distinct_paths():
     }
     assert names == {"data.name-a_b", "data.name-a_c"}
     assert all("/" not in name for name in names)
+
+
+def test_seeds_multiply_the_runs_seed_major():
+    runs = [{"moe.k": "1"}, {"moe.k": "2"}]
+    assert sweep.with_seeds(runs, ["0", "1"]) == [
+        {"moe.k": "1", "seed": "0"},
+        {"moe.k": "2", "seed": "0"},
+        {"moe.k": "1", "seed": "1"},
+        {"moe.k": "2", "seed": "1"},
+    ]
+
+
+def seed_rows():
+    """results.csv rows of 2 configurations x 3 seeds; one run failed, one has no eval."""
+    rows = []
+    values = {("1", "0"): 2.0, ("1", "1"): 2.2, ("1", "2"): 2.6, ("2", "0"): 1.5, ("2", "1"): 9.0}
+    for (k, seed), ce in values.items():
+        status = "failed (exit 1)" if ce == 9.0 else "finished"
+        rows.append({"run": f"k{k}s{seed}", "status": status, "moe.k": k, "seed": seed})
+        rows[-1].update(final_eval_cross_entropy=ce, final_step=100)
+    rows.append({"run": "k2s2", "status": "finished", "moe.k": "2", "seed": "2", "final_step": 50})
+    return rows
+
+
+def test_aggregate_seeds_means_and_sample_stds_by_hand():
+    first, second = sweep.aggregate_seeds(seed_rows())
+    assert first["moe.k"] == "1" and first["seeds"] == "0/1/2" and first["num_seeds"] == 3
+    # mean(2.0, 2.2, 2.6) = 2.2667; sample variance ((-.2667)^2 + (-.0667)^2 + .3333^2) / 2
+    assert first["final_eval_cross_entropy_mean"] == pytest.approx(6.8 / 3)
+    assert first["final_eval_cross_entropy_std"] == pytest.approx((0.186667 / 2) ** 0.5, 1e-4)
+    assert first["final_step_mean"] == 100 and first["final_step_std"] == 0.0
+    # the failed seed is left out; one eval value gives a mean and no std
+    assert second["seeds"] == "0/2" and second["num_seeds"] == 2
+    assert second["final_eval_cross_entropy_mean"] == 1.5
+    assert second["final_eval_cross_entropy_std"] == ""
+    assert second["final_step_mean"] == 75
+
+
+def test_seed_results_and_error_bar_plots_from_run_directories(tmp_path):
+    runs = sweep.with_seeds([{"moe.k": "1"}, {"moe.k": "2"}], ["0", "1"])
+    names = [sweep.run_name(run) for run in runs]
+    for index, name in enumerate(names):
+        workdir = tmp_path / name
+        workdir.mkdir()
+        (workdir / sweep.DONE_FILE).write_text(json.dumps({"status": "finished"}))
+        config = {"train": {"num_steps": 20, "batch_size": 2, "seq_len": 5}}
+        (workdir / "config.json").write_text(json.dumps(config))
+        records = [
+            {
+                "step": 10,
+                "split": "train",
+                "loss": 3.0,
+                "cross_entropy": 3.0,
+                "tokens_per_second": 10,
+            },
+            {"step": 10, "split": "eval", "loss": 3.0, "cross_entropy": 3.0 - 0.1 * index},
+            {
+                "step": 20,
+                "split": "train",
+                "loss": 2.0,
+                "cross_entropy": 2.0,
+                "tokens_per_second": 20,
+            },
+            {"step": 20, "split": "eval", "loss": 2.0, "cross_entropy": 2.0 - 0.1 * index},
+        ]
+        (workdir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    sweep.write_results(tmp_path, runs, names)
+    with (tmp_path / sweep.SEED_RESULTS_FILE).open() as f:
+        rows = list(csv.DictReader(f))
+    assert [(row["moe.k"], row["seeds"]) for row in rows] == [("1", "0/1"), ("2", "0/1")]
+    # k=1 runs are indices 0 and 2: final eval 2.0 and 1.8
+    assert float(rows[0]["final_eval_cross_entropy_mean"]) == pytest.approx(1.9)
+    assert float(rows[0]["final_eval_cross_entropy_std"]) == pytest.approx(0.02**0.5)
+    # 10 steps x 10 tokens at 10 tokens/s, then 10 steps x 10 tokens at 20 tokens/s
+    assert plot.eval_points(records, 10) == {10: (3.0 - 0.3, 10.0), 20: (2.0 - 0.3, 15.0)}
+    written = {path.name for path in plot.make_plots(tmp_path)}
+    assert {"final_eval.png", "loss_curves_seeds.png", "loss_curves.png"} <= written
+    assert (tmp_path / "final_eval.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (["--seeds=0,0"], "is not distinct integers"),
+        (["--seeds=a"], "is not distinct integers"),
+        (["--seeds=0,1", "--sweep=seed=2,3"], "give the seeds once"),
+    ],
+)
+def test_bad_seeds_are_refused_before_any_run(tmp_path, capsys, bad, message):
+    with pytest.raises(SystemExit) as error:
+        sweep.main(["--config=configs/switch.py:tiny", f"--sweep_dir={tmp_path / 's'}", *bad])
+    assert error.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()
