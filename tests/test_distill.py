@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from tiny_training import TINY_TRAINING
+from xla_flags import flags_with_devices
 
 from moe_jax import data, distill, train
 from moe_jax.config import default_config
@@ -143,7 +144,7 @@ def test_cli_distils_and_a_resume_must_keep_the_distillation(teacher_dir, tmp_pa
         "--config.train.eval_every=0",
         "--config.train.num_steps=3",
     ]
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    env = {**os.environ, "XLA_FLAGS": flags_with_devices(1)}
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr
     with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as file:

@@ -188,8 +188,11 @@ def _single_device_reference():
 
 
 def _assert_close(actual, expected):
+    # sums split over devices round differently in float32: the absolute tolerance follows the
+    # leaf's largest magnitude
     for a, b in zip(jax.tree.leaves(actual), jax.tree.leaves(expected)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+        scale = max(1.0, float(np.max(np.abs(b), initial=0.0)))
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6 * scale)
 
 
 def _check_mesh(mesh_shape, strategy):
