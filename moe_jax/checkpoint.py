@@ -112,10 +112,12 @@ class _DropRecords(logging.Filter):
 def _reads(step: int, path: str):
     """Runs an orbax read of checkpoint `step`; a failure raises UnreadableCheckpoint.
 
-    While the read runs, `sys.stderr` and the `asyncio` logger are held back: on success what
-    they caught is written out unchanged; on failure it is the noise of reads that finished
-    after orbax closed their event loop ("Event loop is closed", "Task exception was never
-    retrieved"), and it is dropped once no more has come for `_SETTLE_SECONDS`.
+    While the read runs, `sys.stderr` is held back and the `asyncio` logger is silenced (a
+    successful read logs nothing there). On success what stderr caught is written out
+    unchanged; on failure it is the noise of reads that finished after orbax closed their event
+    loop ("Event loop is closed"), and it is dropped once no more has come for
+    `_SETTLE_SECONDS`; the orphaned tasks' "Task exception was never retrieved" goes to the
+    silenced logger.
     """
     held_back = io.StringIO()
     stderr, sys.stderr = sys.stderr, held_back
