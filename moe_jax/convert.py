@@ -21,11 +21,11 @@ import sys
 import jax
 import jax.numpy as jnp
 import ml_collections
-from absl import app, flags, logging
+from absl import app, flags
 from flax import nnx
 from ml_collections import config_flags
 
-from moe_jax import checkpoint, hf, optim, train
+from moe_jax import checkpoint, cli, hf, optim, train
 from moe_jax.config import default_config
 from moe_jax.hf.family import family_of
 from moe_jax.hf.loading import model_without_weights
@@ -116,10 +116,7 @@ def _define_flags():
 def run_tool(name: str, argv, write) -> int:
     """A checkpoint-writing CLI's body: `write()` returns what it wrote; bad input (ValueError)
     is reported as `name: message` with status 1."""
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if not flags.FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint step at INFO
+    cli.flag_values(argv)
     try:
         written = write()
     except ValueError as error:

@@ -18,9 +18,9 @@ import sys
 
 import jax
 import numpy as np
-from absl import app, flags, logging
+from absl import app, flags
 
-from moe_jax import data, decode, train
+from moe_jax import cli, data, decode, train
 
 
 def _hf_model(directory: str, prompt: str, prompt_ids: list[int]):
@@ -62,11 +62,7 @@ def _workdir_model(workdir: str, prompt: str, prompt_ids: list[int]):
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    options = flags.FLAGS
-    if not options["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)  # orbax logs its restores at INFO
+    options = cli.flag_values(argv)
     if bool(options.workdir) == bool(options.hf):
         raise app.UsageError("pass exactly one of --workdir (a training run) or --hf (a HF dir).")
     prompt_ids = [int(i) for i in options.prompt_ids.split(",")] if options.prompt_ids else []

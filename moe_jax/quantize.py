@@ -34,10 +34,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import qwix
-from absl import app, flags, logging
+from absl import app, flags
 from flax import nnx
 
-from moe_jax import train
+from moe_jax import cli, train
 from moe_jax.score import eval_cross_entropy
 
 INTEGER_TYPES = {8: jnp.int8, 4: jnp.int4}
@@ -125,11 +125,7 @@ def compare_formats(workdir: str, formats, *, group_size: int = 0, eval_batches:
 
 
 def main(argv) -> int:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    options = flags.FLAGS
-    if not options["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)
+    options = cli.flag_values(argv)
     try:
         rows = compare_formats(
             options.workdir,

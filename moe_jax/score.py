@@ -25,10 +25,10 @@ from collections.abc import Iterator
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags, logging
+from absl import app, flags
 from flax import nnx
 
-from moe_jax import data, decode, train
+from moe_jax import cli, data, decode, train
 from moe_jax.models import DecoderLM, sparse_layer_flags
 from moe_jax.steps import compute_loss
 
@@ -139,11 +139,7 @@ def text_rows(path: str, length: int) -> np.ndarray:
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    options = flags.FLAGS
-    if not options["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)  # orbax logs its restores at INFO
+    options = cli.flag_values(argv)
     try:
         config, model, step = train.restore_for_inference(options.workdir)
         tokens = text_rows(options.text, options.length or config.train.seq_len)

@@ -47,11 +47,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from absl import app, flags, logging
+from absl import app, flags
 from flax import nnx
 from ml_collections import config_flags
 
-from moe_jax import checkpoint, data, hf, metrics, multihost, optim, parallel, run_identity
+from moe_jax import checkpoint, cli, data, hf, metrics, multihost, optim, parallel, run_identity
 from moe_jax.config import (
     EVAL_FULL_PASS,
     KINDS,
@@ -780,11 +780,7 @@ def main(argv: list[str], config_flag) -> int:
 def run_command(argv: list[str], config, workdir: str) -> int:
     """The body of a training CLI (`moe_jax.train`, `moe_jax.distill`): trains `config` in
     `workdir` and reports bad setups and divergence on stderr with status 1."""
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    options = flags.FLAGS
-    if not options["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)  # orbax logs every save step at INFO
+    options = cli.flag_values(argv)
     if options.coordinator_address or _cluster_detected():
         multihost.initialize(options.coordinator_address, options.num_processes, options.process_id)
     try:
