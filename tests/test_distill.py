@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from tiny_training import TINY_TRAINING
+from tiny_training import TINY_TRAINING, configured
 from xla_flags import flags_with_devices
 
 from moe_jax import data, distill, train
@@ -24,18 +24,13 @@ DEVICES = jax.devices()[:1]
 
 def tiny(**overrides):
     """A tiny decoder-only config; `overrides` use '__' for '.' in keys."""
-    config = default_config()
     settings = {
         **TINY_TRAINING,
         "train.num_steps": 8,
         "train.eval_every": 0,
         "train.checkpoint_every": 100,
-        **{key.replace("__", "."): value for key, value in overrides.items()},
     }
-    for key, value in settings.items():
-        section, name = key.split(".")
-        config[section][name] = value
-    return config
+    return configured(default_config(), settings, overrides)
 
 
 def student(**overrides):

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.experimental.compilation_cache import compilation_cache
-from tiny_training import TINY_TRAINING
+from tiny_training import TINY_TRAINING, configured
 from xla_flags import flags_with_devices
 
 from moe_jax import checkpoint, metrics, optim, run_identity, train
@@ -40,12 +40,7 @@ SUBPROCESS_TIMEOUT = 300
 
 def small_config(**overrides):
     """The tiny Switch config shrunk further; `overrides` use '__' for '.' in keys."""
-    config = load_config_file(CONFIG)
-    settings = dict(SMALL, **{key.replace("__", "."): value for key, value in overrides.items()})
-    for key, value in settings.items():
-        section, name = key.split(".")
-        config[section][name] = value
-    return config
+    return configured(load_config_file(CONFIG), SMALL, overrides)
 
 
 def train_records(workdir):

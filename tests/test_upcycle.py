@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from tiny_training import TINY_TRAINING
+from tiny_training import TINY_TRAINING, configured
 
 from moe_jax import convert, train, upcycle
 from moe_jax.config import default_config
@@ -20,7 +20,6 @@ TOKENS = jax.random.randint(jax.random.key(1), (2, 16), 1, 300)
 
 def tiny(**overrides):
     """A tiny decoder-only config; `overrides` use '__' for '.' in keys."""
-    config = default_config()
     settings = {
         **TINY_TRAINING,
         "model.num_layers": 4,
@@ -28,12 +27,8 @@ def tiny(**overrides):
         "train.warmup_steps": 1,
         "train.eval_every": 0,
         "train.checkpoint_every": 3,
-        **{key.replace("__", "."): value for key, value in overrides.items()},
     }
-    for key, value in settings.items():
-        section, name = key.split(".")
-        config[section][name] = value
-    return config
+    return configured(default_config(), settings, overrides)
 
 
 def dense_config(**overrides):

@@ -14,3 +14,13 @@ TINY_TRAINING = {
     "train.log_every": 1,
     "mesh.data": 1,
 }
+
+
+def configured(config, settings: dict, overrides: dict):
+    """`config` with `settings` (keys 'section.name') and then `overrides` (keys
+    'section__name', as keyword arguments spell them) set in it."""
+    dotted = {key.replace("__", "."): value for key, value in overrides.items()}
+    for key, value in {**settings, **dotted}.items():
+        section, name = key.split(".")
+        config[section][name] = value
+    return config
