@@ -103,42 +103,50 @@ def _short(error: BaseException) -> str:
     return text if len(text) <= _ERROR_CHARS else text[:_ERROR_CHARS] + " ..."
 
 
-class _DropRecords(logging.Filter):
+class _DropOrphanedReads(logging.Filter):
+    """Drops asyncio's "Task exception was never retrieved" for orbax's orphaned reads only.
+
+    The orphaned tasks report when they are garbage collected, which can be long after the
+    failed restore returned, so this filter stays on the `asyncio` logger once installed.
+    """
+
     def filter(self, record: logging.LogRecord) -> bool:
-        return False
+        message = record.getMessage()
+        return not (
+            message.startswith("Task exception was never retrieved") and "orbax" in message
+        )
+
+
+_DROP_ORPHANED_READS = _DropOrphanedReads()
 
 
 @contextlib.contextmanager
 def _reads(step: int, path: str):
     """Runs an orbax read of checkpoint `step`; a failure raises UnreadableCheckpoint.
 
-    While the read runs, `sys.stderr` is held back and the `asyncio` logger is silenced (a
-    successful read logs nothing there). On success what stderr caught is written out
+    While the read runs, `sys.stderr` is held back. On success what it caught is written out
     unchanged; on failure it is the noise of reads that finished after orbax closed their event
     loop ("Event loop is closed"), and it is dropped once no more has come for
-    `_SETTLE_SECONDS`; the orphaned tasks' "Task exception was never retrieved" goes to the
-    silenced logger.
+    `_SETTLE_SECONDS`. The orphaned tasks' "Task exception was never retrieved", logged whenever
+    they are collected, is dropped by `_DROP_ORPHANED_READS`.
     """
     held_back = io.StringIO()
     stderr, sys.stderr = sys.stderr, held_back
-    asyncio_logger = logging.getLogger("asyncio")
-    drop = _DropRecords()
-    asyncio_logger.addFilter(drop)
     try:
         yield
     except Exception as error:  # any storage error: name the step
-        gc.collect()  # the failed read's orphaned tasks report now, not at some later collection
+        logging.getLogger("asyncio").addFilter(_DROP_ORPHANED_READS)  # adding twice adds once
         deadline = time.monotonic() + _SETTLE_LIMIT_SECONDS
         written = -1
         while len(held_back.getvalue()) != written and time.monotonic() < deadline:
             written = len(held_back.getvalue())
+            gc.collect()  # orphaned tasks report now rather than at some later collection
             time.sleep(_SETTLE_SECONDS)
         raise UnreadableCheckpoint(step, path, f"is unreadable: {_short(error)}") from None
     else:
         stderr.write(held_back.getvalue())
     finally:
         sys.stderr = stderr
-        asyncio_logger.removeFilter(drop)
 
 
 class Checkpoints:
