@@ -112,9 +112,7 @@ class _DropOrphanedReads(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        return not (
-            message.startswith("Task exception was never retrieved") and "orbax" in message
-        )
+        return not (message.startswith("Task exception was never retrieved") and "orbax" in message)
 
 
 _DROP_ORPHANED_READS = _DropOrphanedReads()
