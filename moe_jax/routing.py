@@ -571,14 +571,18 @@ def update_expert_bias(
 
 @jax.jit
 def _bias_step(bias: jax.Array, load: jax.Array, rate: jax.Array) -> jax.Array:
-    """f32[E] bias + rate * sign(mean(load) - load)."""
+    """f32[E] bias + rate * sign(mean(load) - load), the sign taken of sum(load) - E * load.
+
+    That form is exact for token counts, so an expert exactly at the mean keeps its bias
+    whatever rounding the backend gives the mean's division.
+    """
     bias = jnp.asarray(bias).astype(jnp.float32)
     load = jnp.asarray(load).astype(jnp.float32)
     if bias.ndim != 1 or load.shape != bias.shape:
         raise ValueError(
             f"bias and load must both be f32[E], got bias {bias.shape} and load {load.shape}."
         )
-    return bias + rate * jnp.sign(jnp.mean(load) - load)
+    return bias + rate * jnp.sign(jnp.sum(load) - load.shape[0] * load)
 
 
 def slots_per_token(routing: Routing) -> jax.Array:
