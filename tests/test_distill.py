@@ -92,12 +92,14 @@ def test_soft_targets_alone_move_the_student_toward_the_teacher(teacher_dir, pla
     assert logged[-1] == pytest.approx(soft_kl, rel=0.5)  # the logged KL is the one measured here
 
 
-def test_alpha_zero_is_plain_training_bit_for_bit(teacher_dir, plain_run, tmp_path):
+def test_alpha_zero_is_plain_training(teacher_dir, plain_run, tmp_path):
+    # The two programs differ (one also runs the teacher), so XLA may round their shared part
+    # differently: equal to float32 rounding, not bit for bit.
     plain = plain_run[1].state
     config = distill.distill_config(student(), teacher_dir, alpha=0.0, temperature=2.0)
     hard = train.run(config, str(tmp_path / "hard"), devices=DEVICES).state
     for want, got in zip(jax.tree.leaves(plain.params), jax.tree.leaves(hard.params)):
-        np.testing.assert_array_equal(got, want)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize(
