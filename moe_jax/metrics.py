@@ -71,6 +71,25 @@ def truncate_metrics(workdir: str, last_step: int) -> None:
         os.replace(path + ".tmp", path)
 
 
+def _summary_writer_class():
+    """tensorboardX's `SummaryWriter`, imported without importing PyTorch.
+
+    tensorboardX's writer module imports torch whenever it is installed (3.4 s on this 2-core
+    host, in every training process) only to accept torch tensors, which nothing here passes; a
+    `None` entry in `sys.modules` makes that import fail for the moment tensorboardX is imported.
+    """
+    if "torch" in sys.modules or "tensorboardX" in sys.modules:
+        from tensorboardX import SummaryWriter
+
+        return SummaryWriter
+    sys.modules["torch"] = None
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        del sys.modules["torch"]
+    return SummaryWriter
+
+
 class MetricsWriter:
     """Appends metrics to `metrics.jsonl` and TensorBoard; a no-op unless `enabled`."""
 
@@ -78,10 +97,8 @@ class MetricsWriter:
         self._enabled = enabled
         if not enabled:
             return
-        from tensorboardX import SummaryWriter
-
         self._file = open(os.path.join(workdir, METRICS_FILE), "a", encoding="utf-8")
-        self._tensorboard = SummaryWriter(os.path.join(workdir, TENSORBOARD_DIR))
+        self._tensorboard = _summary_writer_class()(os.path.join(workdir, TENSORBOARD_DIR))
 
     def write(self, step: int, split: str, values: dict) -> None:
         """Logs `values` (scalars; `expert_load` may be `f32[num_sparse_layers, E]`) at `step`."""

@@ -2,6 +2,8 @@
 
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 
@@ -36,6 +38,21 @@ def test_writes_json_lines_and_event_files(tmp_path):
     assert records[1] == {"step": 10, "split": "eval", "loss": "nan"}
     event_files = os.listdir(os.path.join(tmp_path, TENSORBOARD_DIR))
     assert any(name.startswith("events.out.tfevents") for name in event_files)
+
+
+def test_writer_does_not_import_pytorch_and_pytorch_still_imports(tmp_path):
+    # tensorboardX imports torch whenever it is installed, seconds per training process.
+    script = (
+        "import sys\n"
+        "from moe_jax.metrics import MetricsWriter\n"
+        f"MetricsWriter({str(tmp_path)!r}).close()\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+        "import torch\n"
+        "print(torch.ones(2).sum().item())\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "2.0"
 
 
 def test_disabled_writer_writes_nothing(tmp_path):
