@@ -14,8 +14,8 @@ differ; `moe_jax.train` refuses to resume when any of them is not in its list of
 change. A step directory that cannot be read raises `UnreadableCheckpoint`, a short message
 naming the step and why (empty, not a moe_jax checkpoint, or the storage error's first line).
 When orbax's concurrent reads fail, the reads still in flight report to an event loop orbax has
-already closed, and each prints a traceback; `_reads` holds that output back and, on failure,
-drops it once the reads have settled, so the short message is all a user sees.
+already closed, each printing a traceback, during the read or seconds later; `_reads` drops
+that noise, so the short message is all a user sees.
 
 Orbax writes each checkpoint into a temporary directory and renames it when complete, so a
 process killed mid-save leaves the previous checkpoint as the latest one. Saves are
@@ -23,13 +23,11 @@ asynchronous; `wait` blocks until the last one is on disk.
 """
 
 import contextlib
-import gc
 import io
 import json
 import logging
 import os
 import sys
-import time
 
 import jax
 import ml_collections
@@ -40,8 +38,6 @@ CHECKPOINT_DIR = "checkpoints"
 ITEMS = ("state", "data", "signature")
 ABSENT = "<absent>"  # the value `config_changes` reports for a key one side lacks
 _ERROR_CHARS = 300  # storage errors quote whole tensorstore specs; the start says what failed
-_SETTLE_SECONDS = 0.2  # a failed read's stragglers have settled after this long without output
-_SETTLE_LIMIT_SECONDS = 5.0
 
 
 class UnreadableCheckpoint(ValueError):
@@ -118,15 +114,35 @@ class _DropOrphanedReads(logging.Filter):
 _DROP_ORPHANED_READS = _DropOrphanedReads()
 
 
+def _drop_closed_loop_reports() -> None:
+    """Makes `sys.unraisablehook` drop "Event loop is closed" from here on (the hook is kept).
+
+    Orbax's orphaned reads finish on tensorstore's threads and schedule their results on the
+    event loop orbax closed; Python reports each such RuntimeError through the hook. Nothing
+    says which loop a report came from, so this is installed only once a read has failed.
+    """
+    previous = sys.unraisablehook
+    if getattr(previous, "drops_closed_loop_reports", False):
+        return
+
+    def hook(unraisable) -> None:
+        error = unraisable.exc_value
+        if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
+            previous(unraisable)
+
+    hook.drops_closed_loop_reports = True
+    sys.unraisablehook = hook
+
+
 @contextlib.contextmanager
 def _reads(step: int, path: str):
     """Runs an orbax read of checkpoint `step`; a failure raises UnreadableCheckpoint.
 
     While the read runs, `sys.stderr` is held back. On success what it caught is written out
     unchanged; on failure it is the noise of reads that finished after orbax closed their event
-    loop ("Event loop is closed"), and it is dropped once no more has come for
-    `_SETTLE_SECONDS`. The orphaned tasks' "Task exception was never retrieved", logged whenever
-    they are collected, is dropped by `_DROP_ORPHANED_READS`.
+    loop and is dropped, and so are the reports still to come: "Event loop is closed" by
+    `_drop_closed_loop_reports`, and the orphaned tasks' "Task exception was never retrieved",
+    logged whenever they are collected, by `_DROP_ORPHANED_READS`.
     """
     held_back = io.StringIO()
     stderr, sys.stderr = sys.stderr, held_back
@@ -134,12 +150,7 @@ def _reads(step: int, path: str):
         yield
     except Exception as error:  # any storage error: name the step
         logging.getLogger("asyncio").addFilter(_DROP_ORPHANED_READS)  # adding twice adds once
-        deadline = time.monotonic() + _SETTLE_LIMIT_SECONDS
-        written = -1
-        while len(held_back.getvalue()) != written and time.monotonic() < deadline:
-            written = len(held_back.getvalue())
-            gc.collect()  # orphaned tasks report now rather than at some later collection
-            time.sleep(_SETTLE_SECONDS)
+        _drop_closed_loop_reports()
         raise UnreadableCheckpoint(step, path, f"is unreadable: {_short(error)}") from None
     else:
         stderr.write(held_back.getvalue())
