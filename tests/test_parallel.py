@@ -140,8 +140,8 @@ def test_state_shardings_reject_uneven_dims():
 def _layers(strategy="shard_map"):
     """One MoE layer per variant as `(graphdef, params, rest)`.
 
-    Layers are expert-parallel by default: the hook computes locally when there is no mesh, so
-    the same layers give the reference.
+    Every layer's hook is built from its config, and nothing else sets it: the hook computes
+    locally when there is no mesh, so the same layers give the reference.
     """
     split = []
     for router, k, capacity_factor in VARIANTS:
@@ -239,11 +239,10 @@ def _routing_arrays(num_groups, num_experts, capacity=2, tokens=8):
 def test_uneven_experts_or_groups_fail_before_compiling(strategy):
     x = np.zeros((8, 8, D_MODEL), np.float32)
     params = {"wi": np.zeros((6, D_MODEL, D_FF)), "wo": np.zeros((6, D_FF, D_MODEL))}
-    axes = dict(parallel.EXPERT_PARAM_AXES)
     run = functools.partial(
         parallel.expert_parallel_dispatch_combine,
         expert_fn=functools.partial(experts.ffn, activation="relu"),
-        param_axes={"wi": axes["wi"], "wo": axes["wo"]},
+        param_axes={"wi": ("expert", "embed", "mlp"), "wo": ("expert", "mlp", "embed")},
         mesh=parallel.make_mesh(2, 4, 1),
         strategy=strategy,
     )
