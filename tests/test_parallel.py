@@ -262,6 +262,41 @@ def test_layer_rejects_batch_that_splits_groups():
             jax.jit(lambda x: layer(x, deterministic=True)).lower(jnp.zeros((6, LENGTH, D_MODEL)))
 
 
+def _lower_forward(layer, mesh_shape):
+    with jax.set_mesh(parallel.make_mesh(*mesh_shape)):
+        forward = jax.jit(lambda x: layer(x, deterministic=True)[0])
+        return forward.lower(jnp.zeros((BATCH, LENGTH, D_MODEL))).as_text()
+
+
+def test_expert_weights_split_as_their_metadata_names_them():
+    """The hook reads the expert weights' logical names from their `out_sharding` metadata: on
+    data=2 x expert=2 x model=2 the hidden dim named 'mlp' splits over 'model' (one psum after
+    wo); renamed to None it stays whole on each device (no psum), and the output is unchanged."""
+    config = _config()
+    layer = layers.MoeFeedForward(config, rngs=nnx.Rngs(0))
+    axes = layer.expert_param_axes()
+    assert axes["wi"] == ("expert", "embed", "mlp") and axes["wo"] == ("expert", "mlp", "embed")
+    x, _ = _inputs()
+    expected = jax.jit(lambda x: layer(x, deterministic=True)[0])(x)  # no mesh: local
+    assert _lower_forward(layer, (2, 2, 2)).count("stablehlo.all_reduce") == 1
+    for name, names in axes.items():
+        getattr(layer, name).set_metadata(
+            out_sharding=tuple(n if n != "mlp" else None for n in names)
+        )
+    assert "stablehlo.all_reduce" not in _lower_forward(layer, (2, 2, 2))
+    with jax.set_mesh(parallel.make_mesh(2, 2, 2)):
+        actual = jax.jit(lambda x: layer(x, deterministic=True)[0])(x)
+    np.testing.assert_allclose(np.asarray(actual), np.asarray(expected), rtol=1e-5, atol=1e-6)
+
+
+def test_expert_weight_without_names_fails_on_an_expert_mesh():
+    layer = layers.MoeFeedForward(_config(), rngs=nnx.Rngs(0))
+    layer.wo.del_metadata("out_sharding")
+    jax.jit(lambda x: layer(x)[0]).lower(jnp.zeros((BATCH, LENGTH, D_MODEL)))  # no mesh: local
+    with pytest.raises(ValueError, match=r"expert weights \['wo'\] carry no logical axis names"):
+        _lower_forward(layer, (2, 4, 1))
+
+
 def test_shard_map_sends_two_all_to_alls_of_the_dispatched_slots():
     """Forward pass on data=2 x expert=4: one all_to_all out, one back, each of the local
     `[E, G_local, C, M]` slots: E=8, G_local = 8 groups / 8 devices = 1, C = 1, M = 8."""
