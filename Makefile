@@ -9,7 +9,7 @@ WORKDIR ?= runs/switch_tiny
 CPU_TUNABLES := glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=4294967295
 ALLOCATOR := $(if $(wildcard /dev/nvidia0 /dev/accel0 /dev/vfio/0),,GLIBC_TUNABLES=$${GLIBC_TUNABLES:-$(CPU_TUNABLES)})
 
-.PHONY: venv test lint run bench clean
+.PHONY: venv test lint run bench bench-accel clean
 
 $(VENV)/.installed: setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,17 @@ run: venv
 # the MoE layer table of experiments/BENCHMARKS.md (about 10 minutes on 2 cores)
 bench: venv
 	$(ALLOCATOR) $(PY) experiments/benchmark_moe.py --experts 8,32,64,128 --k 2 --backends gather,dropless
+
+# on a GPU or TPU host, with JAX installed for it (README): the MoE layer table in bfloat16, then
+# GLaM 0.1B/64E's training step and its MFU; it stops at once on a host with only a CPU.
+# PEAK_TFLOPS=<the chip's bf16 peak> adds MFU against the datasheet peak.
+bench-accel: venv
+	$(PY) -m experiments.benchmark_moe --platform accelerator --dtype bfloat16 --tokens 65536 \
+		--seq-len 2048 --d-model 1024 --d-ff 4096 --experts 8,64 --k 2 \
+		--backends gather,dropless,einsum --group-size 4096
+	$(PY) -m experiments.benchmark_train --platform accelerator --config configs/glam.py:0.1b_64e \
+		--dtype bfloat16 --ceiling-size 8192 --steps 10 --set train.batch_size=8 \
+		--set train.seq_len=1024 $(if $(PEAK_TFLOPS),--peak-tflops $(PEAK_TFLOPS))
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

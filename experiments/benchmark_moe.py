@@ -13,6 +13,12 @@ once, in turn, so that a slow spell of a shared machine falls on all of them ali
 Markdown table row per configuration (median ms per step, tokens/s, achieved GFLOP/s of the
 active FLOPs, the ratio to the dense FFN, XLA's peak-memory estimate), then for each activation
 and K the best backend per E, its ratio to dense and its time relative to the smallest E.
+
+`--platform` (default `any`: JAX's default backend) names the backend to run on, `cpu`, `gpu`
+or `tpu`, or `accelerator` for whichever GPU or TPU is present; it fails at once when that
+backend is not there. The header says what the platform changes: `dropless` lowers to the
+blocked sort on a CPU and to `jax.lax.ragged_dot` on a GPU or TPU (`moe_jax.ragged`), and the
+allocator of "Speed on a CPU" (README) matters on a CPU only.
 """
 
 from __future__ import annotations
@@ -34,6 +40,42 @@ from moe_jax.config import default_config
 
 # not a dispatch backend: the stacked expert FFN alone, on the rows the experts would receive
 EXPERTS_ONLY = "experts-only"
+PLATFORMS = ("any", "accelerator", "cpu", "gpu", "tpu")
+_PLATFORM_NOTES = {
+    "cpu": "dropless = blocked sort (moe_jax.blocked); the allocator matters (README)",
+    "gpu": "dropless = jax.lax.ragged_dot (moe_jax.ragged)",
+    "tpu": "dropless = jax.lax.ragged_dot (moe_jax.ragged)",
+}
+
+
+def add_platform_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--platform",
+        default="any",
+        choices=PLATFORMS,
+        help="backend to run on; 'accelerator': the GPU or TPU present (default: JAX's)",
+    )
+
+
+def select_platform(parser: argparse.ArgumentParser, platform: str) -> str:
+    """Makes `platform` JAX's default backend, or exits with a message when it is absent.
+
+    Returns the backend's platform and what it changes for MoE layers, for the header line.
+    """
+    present = jax.default_backend()
+    if platform == "accelerator" and present == "cpu":
+        parser.error(
+            "--platform accelerator: JAX finds only a CPU; on a GPU host install "
+            "'jax[cuda12]', on a Cloud TPU VM 'jax[tpu]' (README, 'Installing for a GPU or TPU')."
+        )
+    if platform in ("cpu", "gpu", "tpu"):
+        try:
+            jax.devices(platform)
+        except RuntimeError:
+            parser.error(f"--platform {platform}: JAX has no {platform} backend here ({present}).")
+        jax.config.update("jax_default_device", jax.devices(platform)[0])
+        present = platform
+    return f"platform {present}: {_PLATFORM_NOTES.get(present, 'no notes')}"
 
 
 class Case(NamedTuple):
@@ -220,9 +262,11 @@ def main() -> None:
     parser.add_argument("--capacity-factor", type=float, default=1.25)
     parser.add_argument("--group-size", type=int, default=2048)
     parser.add_argument("--rounds", type=int, default=5, help="timed calls per configuration")
+    add_platform_argument(parser)
     args = parser.parse_args()
     if args.tokens % args.seq_len:
         parser.error(f"--tokens {args.tokens} is not a multiple of --seq-len {args.seq_len}.")
+    platform_line = select_platform(parser, args.platform)
 
     batch = args.tokens // args.seq_len
     x = jax.random.normal(jax.random.PRNGKey(0), (batch, args.seq_len, args.d_model))
@@ -232,7 +276,7 @@ def main() -> None:
         f"CF {args.capacity_factor} over the balanced load, group {args.group_size}, "
         f"median of {args.rounds} round-robin rounds, {jax.devices()[0].device_kind}, "
         f"LD_PRELOAD={os.environ.get('LD_PRELOAD', '')!r}, "
-        f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}"
+        f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}; {platform_line}"
     )
     cases = _cases(args, x)
     _report(args, cases, *_measure(cases, args.rounds))

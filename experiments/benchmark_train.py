@@ -1,7 +1,7 @@
 """Training throughput of a config: tokens/s, the step split into its parts, and model FLOP use.
 
-    python experiments/benchmark_train.py --config=configs/dense.py:small --steps 5
-    python experiments/benchmark_train.py --config=configs/dense.py:small --dtype bfloat16
+    python -m experiments.benchmark_train --config=configs/dense.py:small --steps 5
+    python -m experiments.benchmark_train --config=configs/dense.py:small --dtype bfloat16
 
 Five compiled functions are timed round-robin (`benchmark_moe`'s helpers), `--steps` calls each:
 
@@ -15,7 +15,10 @@ Backward is `fwd+bwd - forward` and the optimizer `step - fwd+bwd`. Model FLOPs 
 counted from the config (decoder-only): 2 per multiply-add of every active matmul (attention
 projections, scores and context, the dense or top-K expert FFN, router, logits; causal scores
 counted in full), three times that for forward + backward. MFU is those FLOPs per step over
-the step time, against the f32 (and bf16) matmul rate measured here.
+the step time, against the f32 (and bf16) matmul rate measured here, and against
+`--peak-tflops` when given (the chip's datasheet peak for the dtype, which a measured square
+matmul of `--ceiling-size` may not reach on an accelerator). `--platform` is
+`benchmark_moe`'s.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from experiments.benchmark_moe import _measure
+from experiments.benchmark_moe import _measure, add_platform_argument, select_platform
 from moe_jax import experts, optim, steps
 from moe_jax.config import DECODER_KINDS, load_config_file
 from moe_jax.models import build_model, sparse_layer_flags
@@ -121,7 +124,12 @@ def main() -> None:
     parser.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="config override"
     )
+    parser.add_argument(
+        "--peak-tflops", type=float, default=None, help="the chip's peak TFLOP/s, for MFU"
+    )
+    add_platform_argument(parser)
     args = parser.parse_args()
+    platform_line = select_platform(parser, args.platform)
     config = load_config_file(args.config)
     if config.model.kind not in DECODER_KINDS:
         parser.error(f"--config {args.config}: model.kind {config.model.kind!r} is not one of "
@@ -140,12 +148,14 @@ def main() -> None:
     print(
         f"{args.config}, model.dtype {config.model.dtype}, {tokens} tokens a step, median of "
         f"{args.steps} round-robin calls, {jax.devices()[0].device_kind}, "
-        f"load average {os.getloadavg()[0]:.1f}"
+        f"load average {os.getloadavg()[0]:.1f}; {platform_line}"
     )
     seconds, _ = _measure(_cases(config, args.ceiling_size), args.steps)
     times = dict(zip(PARTS, seconds, strict=True))
     ceiling_flops = 2 * args.ceiling_size**3
     rates = {name: ceiling_flops / times[name] for name in ("f32 matmul", "bf16 matmul")}
+    if args.peak_tflops:
+        rates[f"the peak of {args.peak_tflops:g} TFLOP/s"] = args.peak_tflops * 1e12
     step_flops = 3 * model_flops_per_token(config) * tokens
     model_rate = step_flops / times["step"]
     parts = {
@@ -155,8 +165,8 @@ def main() -> None:
     }
     print("| quantity | value |")
     print("|---|---|")
-    for name, rate in rates.items():
-        print(f"| {name} ceiling GFLOP/s | {rate / 1e9:.1f} |")
+    for name in ("f32 matmul", "bf16 matmul"):
+        print(f"| {name} ceiling GFLOP/s | {rates[name] / 1e9:.1f} |")
     print(f"| step ms | {times['step'] * 1e3:.3f} |")
     for name, part_s in parts.items():
         print(f"| {name} ms | {part_s * 1e3:.3f} |")
