@@ -75,7 +75,6 @@ def run_mesh(args, mesh_shape, strategy, x_host, cotangent_host):
     layer = parallel.create_sharded(
         lambda: layers.MoeFeedForward(config, rngs=nnx.Rngs(0)), mesh, config
     )
-    parallel.enable_expert_parallelism(layer, config, mesh)
     graphdef, params, rest = nnx.split(layer, nnx.Param, ...)
     x = jax.device_put(x_host, parallel.batch_sharding(mesh, config, ndim=3))
     cotangent = jax.device_put(cotangent_host, parallel.batch_sharding(mesh, config, ndim=3))

@@ -22,14 +22,16 @@ carry the model's whole state out of the step (use `nnx.jit`, or `nnx.split`/`nn
 return the non-Param state), and must not run the training forward pass twice per step.
 
 Expert-parallel hook. `MoeFeedForward.experts_impl` is the function that runs dispatch, experts
-and combine, with the signature of `dispatch.dispatch_combine`
-`(x: [G, T, M], routing, expert_fn, expert_params, *, backend, rng) -> f32[G, T, M]`, where `rng`
-is the expert-dropout key (None without dropout) that the hook gives `expert_fn` as
-`dropout_rng`, per device under `shard_map`. It defaults to
-`parallel.ExpertParallel`, which runs expert parallelism (shard_map + all_to_all, or GSPMD, by
-`config.mesh.expert_parallelism`) when the mesh set with `jax.set_mesh` has an expert axis larger
-than 1, and the local `dispatch.dispatch_combine` otherwise. It is a static attribute: a layer may
-be given another function (`layer.experts_impl = fn`), and jit retraces when it changes.
+and combine: `(x: [G, T, M], routing, expert_fn, expert_params, *, param_axes, backend, rng)
+-> f32[G, T, M]`, where `param_axes` maps each expert weight to its logical axis names (read
+from the weights' `out_sharding` metadata, the one place they are written) and `rng` is the
+expert-dropout key (None without dropout) that the hook gives `expert_fn` as `dropout_rng`, per
+device under `shard_map`. Every layer builds it from its config: `parallel.ExpertParallel`,
+which runs expert parallelism (shard_map + all_to_all, or GSPMD, by
+`config.mesh.expert_parallelism`) when the mesh set with `jax.set_mesh` at trace time has an
+expert axis larger than 1, and the local `dispatch.dispatch_combine` otherwise. It is a static
+attribute: a layer may be given another function (`layer.experts_impl = fn`), and jit retraces
+when it changes.
 """
 
 from __future__ import annotations
@@ -362,6 +364,14 @@ class MoeFeedForward(nnx.Module):
         """Attribute names of the stacked expert weights, as `experts.ffn` keys them."""
         return ("wi", "wi_gate", "wo") if experts.is_gated(self.activation) else ("wi", "wo")
 
+    def expert_param_axes(self) -> dict[str, tuple[str | None, ...] | None]:
+        """Logical axis names of each stacked expert weight, from its `out_sharding` metadata
+        (None for a weight that has none)."""
+        return {
+            name: getattr(self, name).get_metadata().get("out_sharding")
+            for name in self.expert_param_names()
+        }
+
     def expert_params(self) -> dict[str, jax.Array]:
         """The stacked expert weights as the dict `experts.ffn` takes; weights stored quantized
         (`moe_jax.quantize`) are dequantized here."""
@@ -424,6 +434,7 @@ class MoeFeedForward(nnx.Module):
             route,
             expert_fn,
             self.expert_params(),
+            param_axes=self.expert_param_axes(),
             backend=self.backend,
             rng=self.rngs() if rate > 0 else None,
         )  # [G, T, M]

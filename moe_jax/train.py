@@ -378,7 +378,6 @@ def _abstract_state(
 ) -> tuple[TrainState, nnx.GraphDef, nnx.State]:
     """`(state, graphdef, rng_state)` from an abstract `model` (`nnx.eval_shape`): the state as
     `jax.ShapeDtypeStruct`s with their shardings, what a checkpoint is restored onto."""
-    parallel.enable_expert_parallelism(model, config, mesh)
     graphdef, params, rng_state, model_state = nnx.split(model, nnx.Param, nnx.RngState, ...)
 
     def with_shardings(tree, shardings):

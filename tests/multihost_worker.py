@@ -56,7 +56,6 @@ def compute() -> dict[str, np.ndarray]:
     layer = parallel.create_sharded(
         lambda: layers.MoeFeedForward(config, rngs=nnx.Rngs(0)), mesh, config
     )
-    parallel.enable_expert_parallelism(layer, config, mesh)
     graphdef, params, rest = nnx.split(layer, nnx.Param, ...)
 
     x, cotangent = global_inputs()

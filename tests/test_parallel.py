@@ -140,8 +140,8 @@ def test_state_shardings_reject_uneven_dims():
 def _layers(strategy="shard_map"):
     """One MoE layer per variant as `(graphdef, params, rest)`.
 
-    Layers are expert-parallel by default: the hook computes locally when there is no mesh, so
-    the same layers give the reference.
+    Every layer's hook is built from its config, and nothing else sets it: the hook computes
+    locally when there is no mesh, so the same layers give the reference.
     """
     split = []
     for router, k, capacity_factor in VARIANTS:
@@ -239,11 +239,10 @@ def _routing_arrays(num_groups, num_experts, capacity=2, tokens=8):
 def test_uneven_experts_or_groups_fail_before_compiling(strategy):
     x = np.zeros((8, 8, D_MODEL), np.float32)
     params = {"wi": np.zeros((6, D_MODEL, D_FF)), "wo": np.zeros((6, D_FF, D_MODEL))}
-    axes = dict(parallel.EXPERT_PARAM_AXES)
     run = functools.partial(
         parallel.expert_parallel_dispatch_combine,
         expert_fn=functools.partial(experts.ffn, activation="relu"),
-        param_axes={"wi": axes["wi"], "wo": axes["wo"]},
+        param_axes={"wi": ("expert", "embed", "mlp"), "wo": ("expert", "mlp", "embed")},
         mesh=parallel.make_mesh(2, 4, 1),
         strategy=strategy,
     )
@@ -261,6 +260,41 @@ def test_layer_rejects_batch_that_splits_groups():
         layer = nnx.merge(graphdef, params, rest)
         with pytest.raises(ValueError, match="6 routing groups do not divide by 8"):
             jax.jit(lambda x: layer(x, deterministic=True)).lower(jnp.zeros((6, LENGTH, D_MODEL)))
+
+
+def _lower_forward(layer, mesh_shape):
+    with jax.set_mesh(parallel.make_mesh(*mesh_shape)):
+        forward = jax.jit(lambda x: layer(x, deterministic=True)[0])
+        return forward.lower(jnp.zeros((BATCH, LENGTH, D_MODEL))).as_text()
+
+
+def test_expert_weights_split_as_their_metadata_names_them():
+    """The hook reads the expert weights' logical names from their `out_sharding` metadata: on
+    data=2 x expert=2 x model=2 the hidden dim named 'mlp' splits over 'model' (one psum after
+    wo); renamed to None it stays whole on each device (no psum), and the output is unchanged."""
+    config = _config()
+    layer = layers.MoeFeedForward(config, rngs=nnx.Rngs(0))
+    axes = layer.expert_param_axes()
+    assert axes["wi"] == ("expert", "embed", "mlp") and axes["wo"] == ("expert", "mlp", "embed")
+    x, _ = _inputs()
+    expected = jax.jit(lambda x: layer(x, deterministic=True)[0])(x)  # no mesh: local
+    assert _lower_forward(layer, (2, 2, 2)).count("stablehlo.all_reduce") == 1
+    for name, names in axes.items():
+        getattr(layer, name).set_metadata(
+            out_sharding=tuple(n if n != "mlp" else None for n in names)
+        )
+    assert "stablehlo.all_reduce" not in _lower_forward(layer, (2, 2, 2))
+    with jax.set_mesh(parallel.make_mesh(2, 2, 2)):
+        actual = jax.jit(lambda x: layer(x, deterministic=True)[0])(x)
+    np.testing.assert_allclose(np.asarray(actual), np.asarray(expected), rtol=1e-5, atol=1e-6)
+
+
+def test_expert_weight_without_names_fails_on_an_expert_mesh():
+    layer = layers.MoeFeedForward(_config(), rngs=nnx.Rngs(0))
+    layer.wo.del_metadata("out_sharding")
+    jax.jit(lambda x: layer(x)[0]).lower(jnp.zeros((BATCH, LENGTH, D_MODEL)))  # no mesh: local
+    with pytest.raises(ValueError, match=r"expert weights \['wo'\] carry no logical axis names"):
+        _lower_forward(layer, (2, 4, 1))
 
 
 def test_shard_map_sends_two_all_to_alls_of_the_dispatched_slots():
