@@ -100,15 +100,18 @@ def _short(error: BaseException) -> str:
 
 
 class _DropOrphanedReads(logging.Filter):
-    """Drops asyncio's "Task exception was never retrieved" for orbax's orphaned reads only.
+    """Drops asyncio's reports of orbax's orphaned reads, and only those.
 
-    The orphaned tasks report when they are garbage collected, which can be long after the
-    failed restore returned, so this filter stays on the `asyncio` logger once installed.
+    The orphaned reads are asyncio tasks and futures; asyncio logs "Task exception was never
+    retrieved", "Future exception was never retrieved" or "Task was destroyed but it is
+    pending!" for them, naming an orbax coroutine or quoting a tensorstore spec. They report
+    when they are garbage collected, which can be long after the failed restore returned, so
+    this filter stays on the `asyncio` logger once installed.
     """
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        return not (message.startswith("Task exception was never retrieved") and "orbax" in message)
+        return not ("orbax" in message or "tensorstore_spec" in message)
 
 
 _DROP_ORPHANED_READS = _DropOrphanedReads()
@@ -141,8 +144,8 @@ def _reads(step: int, path: str):
     While the read runs, `sys.stderr` is held back. On success what it caught is written out
     unchanged; on failure it is the noise of reads that finished after orbax closed their event
     loop and is dropped, and so are the reports still to come: "Event loop is closed" by
-    `_drop_closed_loop_reports`, and the orphaned tasks' "Task exception was never retrieved",
-    logged whenever they are collected, by `_DROP_ORPHANED_READS`.
+    `_drop_closed_loop_reports`, and what asyncio logs of the orphaned tasks and futures
+    whenever they are collected, by `_DROP_ORPHANED_READS`.
     """
     held_back = io.StringIO()
     stderr, sys.stderr = sys.stderr, held_back

@@ -1,5 +1,6 @@
 """Checkpoint round trips, retention, incomplete saves, the stored run identity, damaged steps."""
 
+import asyncio
 import gc
 import os
 import sys
@@ -121,7 +122,7 @@ class _RaisesWhenDeleted:
 def test_failed_concurrent_reads_print_nothing(tmp_path, capfd, caplog, monkeypatch):
     # orbax reads the leaves concurrently; when one read fails it closes its event loop while
     # the others are in flight, and those used to print "Event loop is closed" tracebacks and
-    # "Task exception was never retrieved" errors, a different number each time. The
+    # "Task/Future exception was never retrieved" errors, a different number each time. The
     # tracebacks go through sys.unraisablehook, which pytest replaces: put Python's back.
     monkeypatch.setattr(sys, "unraisablehook", sys.__unraisablehook__)
     state = {f"leaf_{index}": jnp.full((8, 8), float(index)) for index in range(200)}
@@ -146,3 +147,22 @@ def test_failed_concurrent_reads_print_nothing(tmp_path, capfd, caplog, monkeypa
     assert capfd.readouterr().err == ""
     _RaisesWhenDeleted(ValueError("a bug of someone else"))
     assert "ValueError: a bug of someone else" in capfd.readouterr().err
+    # Orphaned futures report too, quoting the failed read's tensorstore spec; others still log.
+    caplog.clear()
+    _unretrieved_future(ValueError("DATA_LOSS: Error reading [tensorstore_spec='{}']"))
+    assert not [record for record in caplog.records if record.name == "asyncio"]
+    _unretrieved_future(ValueError("a future of someone else"))
+    assert [record.getMessage() for record in caplog.records] == [
+        "Future exception was never retrieved\nfuture: <Future finished exception="
+        "ValueError('a future of someone else')>"
+    ]
+
+
+def _unretrieved_future(error: Exception) -> None:
+    """Makes asyncio log "Future exception was never retrieved" for `error`, as orbax's do."""
+    loop = asyncio.new_event_loop()
+    future = loop.create_future()
+    future.set_exception(error)
+    loop.close()
+    del future
+    gc.collect()
