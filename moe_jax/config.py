@@ -117,6 +117,8 @@ def default_config() -> ml_collections.ConfigDict:
             "warmup_steps": 20,
             "weight_decay": 0.0,
             "grad_clip_norm": 1.0,
+            # multiplies the router weights' learning rate (moe_jax.optim)
+            "router_learning_rate_scale": 1.0,
             "checkpoint_every": 100,
             "keep_checkpoints": 3,
             "eval_every": 100,

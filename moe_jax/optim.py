@@ -22,6 +22,9 @@ from its path: kernels, embeddings and expert weights decay; norm scales (`scale
 (`bias`) and relative position bias tables (under `position_bias`) do not, whatever their rank
 (`model.scan_layers` stacks a leading layer axis onto every parameter).
 `train.grad_clip_norm > 0` clips the global gradient norm before the optimizer sees it.
+`train.router_learning_rate_scale` multiplies the updates of the router weights (parameters
+under a `router` module), which for both optimizers is the same as multiplying their learning
+rate (and, for AdamW, their decoupled weight decay) by it; 1.0 leaves the optimizer as it is.
 """
 
 import jax
@@ -34,6 +37,7 @@ SCHEDULES = ("constant", "rsqrt", "cosine")
 # path entries that mark a parameter weight decay leaves alone (see the module docstring)
 NO_DECAY_NAMES = frozenset({"scale", "bias", "position_bias"})
 OPTIMIZERS = ("adamw", "adafactor")
+ROUTER_NAME = "router"  # the path entry of the router modules' parameters
 
 
 def make_schedule(train_config: ml_collections.ConfigDict) -> optax.Schedule:
@@ -85,6 +89,13 @@ def _decay_mask(params):
     )
 
 
+def _router_mask(params):
+    """True for the router weights (see the module docstring)."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: ROUTER_NAME in _path_names(path), params
+    )
+
+
 def make_optimizer(
     train_config: ml_collections.ConfigDict,
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
@@ -104,6 +115,14 @@ def make_optimizer(
         raise ValueError(
             f"train.optimizer={name!r} is not an optimizer; use one of {', '.join(OPTIMIZERS)}."
         )
+    router_scale = float(train_config.router_learning_rate_scale)
+    if not router_scale > 0:
+        raise ValueError(
+            f"train.router_learning_rate_scale={router_scale} must be > 0 (1.0: the router "
+            "learns at train.learning_rate like every other weight)."
+        )
+    if router_scale != 1.0:
+        optimizer = optax.chain(optimizer, optax.masked(optax.scale(router_scale), _router_mask))
     if train_config.grad_clip_norm < 0:
         raise ValueError(
             f"train.grad_clip_norm={train_config.grad_clip_norm} must be >= 0 (0 disables it)."

@@ -154,3 +154,39 @@ def test_weight_decay_follows_what_a_parameter_is(scan_layers):
             seen.add("decayed")
             np.testing.assert_allclose(update[...], -0.1 * param, rtol=1e-6, err_msg=name)
     assert seen == {"kept", "decayed"}
+
+
+@pytest.mark.parametrize("router_scale", [0.25, 4.0])
+def test_router_learning_rate_scale_moves_the_router_weights_only(router_scale):
+    # Adam's first step on a gradient of ones is -lr * 1 / (1 + eps) = -1 at lr 1 on every
+    # weight (to float32 rounding of the bias corrections, 7e-6); the router kernels (one per
+    # sparse layer) move by -router_scale instead.
+    config = default_config()
+    model = config.model
+    model.d_model, model.num_heads, model.head_dim, model.d_ff, model.num_layers = 16, 2, 8, 32, 4
+    model.vocab_size = 32
+    config.moe.num_experts = 2
+    train = _train_config(
+        schedule="constant",
+        learning_rate=1.0,
+        warmup_steps=0,
+        grad_clip_norm=0.0,
+        router_learning_rate_scale=router_scale,
+    )
+    optimizer, _ = optim.make_optimizer(train)
+    abstract = nnx.state(nnx.eval_shape(lambda: build_model(config, rngs=nnx.Rngs(0))), nnx.Param)
+    params = jax.tree.map(lambda leaf: jnp.full(leaf.shape, 3.0), abstract)
+    ones = jax.tree.map(jnp.ones_like, params)
+    updates, _ = jax.jit(optimizer.update)(ones, optimizer.init(params), params)
+    routers = []
+    for path, update in nnx.to_flat_state(updates):
+        name = "/".join(str(key) for key in path)
+        expected = -router_scale if "router" in path else -1.0
+        routers += [name] if "router" in path else []
+        np.testing.assert_allclose(update[...], expected, rtol=2e-5, err_msg=name)
+    assert len(routers) == 2 and all(name.endswith("router/kernel") for name in routers)
+
+
+def test_router_learning_rate_scale_must_be_positive():
+    with pytest.raises(ValueError, match=r"train\.router_learning_rate_scale=0\.0 must be > 0"):
+        optim.make_optimizer(_train_config(router_learning_rate_scale=0.0))
