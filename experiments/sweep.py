@@ -17,6 +17,12 @@ whole seeds). `--sweep seed=...` is the same axis inside the grid. With a seed a
 `SWEEP_DIR/results_seeds.csv` has one row per configuration (the runs that differ only in
 `seed`): how many seeds finished, and the mean and sample standard deviation (ddof 1) of every
 figure over them. `experiments/plot.py` draws them as error bars.
+
+Paired by seed: since `seed` also fixes the data order, runs with the same seed see the same
+batches, and much of the seed noise is shared. `--baseline KEY=VALUE[,KEY=VALUE...]` names one
+configuration (e.g. `moe.num_experts=0`, the dense model); every row of `results_seeds.csv` then
+also has `delta_final_eval_cross_entropy_{mean,std}` over `delta_seeds`, the seeds both it and
+the baseline finished: a run's final eval cross-entropy minus the baseline's at the same seed.
 """
 
 import argparse
@@ -39,6 +45,7 @@ FAILED_FILE = "FAILED.json"
 RESULTS_FILE = "results.csv"
 SEED_RESULTS_FILE = "results_seeds.csv"
 SEED_KEY = "seed"
+PAIRED_FIGURE = "final_eval_cross_entropy"  # the figure `--baseline` pairs by seed
 
 
 def parse_axis(spec: str) -> tuple[str, list[str]]:
@@ -145,7 +152,12 @@ def summarize(workdir: Path) -> dict[str, float]:
     return summary
 
 
-def write_results(sweep_dir: Path, runs: list[dict[str, str]], names: list[str]) -> Path:
+def write_results(
+    sweep_dir: Path,
+    runs: list[dict[str, str]],
+    names: list[str],
+    baseline: dict[str, str] | None = None,
+) -> Path:
     """One row per run: its overrides, its status and its summary; missing values left empty."""
     rows = []
     for overrides, name in zip(runs, names):
@@ -156,18 +168,20 @@ def write_results(sweep_dir: Path, runs: list[dict[str, str]], names: list[str])
                 status = json.loads(marker.read_text())["status"]
         rows.append({"run": name, "status": status, **overrides, **summarize(workdir)})
     if any(SEED_KEY in overrides for overrides in runs):
-        write_csv(sweep_dir / SEED_RESULTS_FILE, aggregate_seeds(rows))
+        write_csv(sweep_dir / SEED_RESULTS_FILE, aggregate_seeds(rows, baseline))
     return write_csv(sweep_dir / RESULTS_FILE, rows)
 
 
-def aggregate_seeds(rows: list[dict]) -> list[dict]:
+def aggregate_seeds(rows: list[dict], baseline: dict[str, str] | None = None) -> list[dict]:
     """One row per configuration of `rows` (results.csv rows as dicts of strings or numbers).
 
     Rows with the same values in every column other than `seed`, the summary figures, `run` and
     `status` are one configuration; only finished runs count. A row holds the configuration's
     settings, `seeds` (the finished seeds, '/'-separated), `num_seeds`, and for every figure F
     of `summarize` `F_mean` and `F_std` (sample standard deviation, ddof 1; empty for one seed).
-    Configurations keep the order of their first row.
+    Configurations keep the order of their first row. With `baseline` (settings that pick out
+    one configuration), each row also has the seed-paired deltas of `PAIRED_FIGURE` (see the
+    module docstring).
     """
     figures = [key for row in rows for key in row if key not in ("run", "status", SEED_KEY)]
     figures = list(dict.fromkeys(key for key in figures if "." not in key))
@@ -191,7 +205,40 @@ def aggregate_seeds(rows: list[dict]) -> list[dict]:
                 row[f"{figure}_mean"] = float(np.mean(values))
                 row[f"{figure}_std"] = float(np.std(values, ddof=1)) if len(values) > 1 else ""
         aggregated.append(row)
+    if baseline:
+        _add_paired_deltas(aggregated, list(groups.values()), baseline)
     return aggregated
+
+
+def _by_seed(finished: list[dict]) -> dict[str, float]:
+    return {
+        str(row[SEED_KEY]): float(row[PAIRED_FIGURE])
+        for row in finished
+        if row.get(PAIRED_FIGURE) not in (None, "")
+    }
+
+
+def _add_paired_deltas(aggregated: list[dict], groups: list[list[dict]], baseline: dict) -> None:
+    """Adds `delta_seeds` and the `PAIRED_FIGURE` deltas' mean and std to each aggregated row."""
+    matches = [
+        index
+        for index, row in enumerate(aggregated)
+        if all(str(row.get(key)) == value for key, value in baseline.items())
+    ]
+    if len(matches) != 1:
+        found = "no configuration" if not matches else f"{len(matches)} configurations"
+        raise ValueError(
+            f"--baseline {baseline} matches {found}; name settings that pick out exactly one"
+        )
+    reference = _by_seed(groups[matches[0]])
+    name = f"delta_{PAIRED_FIGURE}"
+    for row, finished in zip(aggregated, groups):
+        values = _by_seed(finished)
+        seeds = [seed for seed in values if seed in reference]
+        deltas = [values[seed] - reference[seed] for seed in seeds]
+        row["delta_seeds"] = "/".join(seeds)
+        row[f"{name}_mean"] = float(np.mean(deltas)) if deltas else ""
+        row[f"{name}_std"] = float(np.std(deltas, ddof=1)) if len(deltas) > 1 else ""
 
 
 def write_csv(path: Path, rows: list[dict]) -> Path:
@@ -276,6 +323,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--zip", action="store_true", help="pair the axes instead of a grid")
     parser.add_argument("--seeds", default="", help="S1,S2,...: every run once per seed")
     parser.add_argument("--parallel", type=int, default=1, help="runs at a time")
+    parser.add_argument(
+        "--baseline", default="", help="KEY=VALUE,...: the configuration seeds are paired with"
+    )
     args = parser.parse_args(argv)
     if args.parallel < 1:
         parser.error(f"--parallel must be >= 1, got {args.parallel}")
@@ -284,6 +334,7 @@ def main(argv: list[str] | None = None) -> int:
         axes = [parse_axis(spec) for spec in args.sweep]
         fixed = dict(parse_setting(spec) for spec in args.set)
         runs = [{**fixed, **overrides} for overrides in expand(axes, args.zip)]
+        baseline = dict(parse_setting(spec) for spec in args.baseline.split(",") if spec)
     except ValueError as error:
         parser.error(str(error))
     if args.seeds:
@@ -301,6 +352,17 @@ def main(argv: list[str] | None = None) -> int:
         )
     except ValueError as error:
         parser.error(str(error))
+    if baseline:
+        configurations = {
+            tuple(sorted((key, value) for key, value in run.items() if key != SEED_KEY))
+            for run in runs
+            if all(run.get(key) == value for key, value in baseline.items())
+        }
+        if len(configurations) != 1:
+            parser.error(
+                f"--baseline {args.baseline!r} matches {len(configurations)} configurations of "
+                "the sweep; name settings that pick out exactly one (e.g. moe.num_experts=0)"
+            )
     names = [run_name({key: run[key] for key, _ in axes}) for run in runs]
     if len(set(names)) != len(names):
         parser.error(f"two runs would share a directory: {sorted(names)}; use distinct values")
@@ -315,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[sweep] {len(runs)} runs, {skipped} already done, {len(pending)} to run", flush=True)
     sweep = Sweep(args.config, args.sweep_dir, args.parallel)
     sweep.run(pending)
-    path = write_results(args.sweep_dir, runs, names)
+    path = write_results(args.sweep_dir, runs, names, baseline)
     print(f"[sweep] results: {path}", flush=True)
     if sweep.stopping:
         return 130

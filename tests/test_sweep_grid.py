@@ -81,6 +81,26 @@ def test_aggregate_seeds_means_and_sample_stds_by_hand():
     assert second["final_step_mean"] == 75
 
 
+def test_paired_deltas_subtract_the_baseline_of_the_same_seed_by_hand():
+    rows = seed_rows()
+    rows.append({"run": "k3s1", "status": "finished", "moe.k": "3", "seed": "1"})
+    rows[-1].update(final_eval_cross_entropy=2.1, final_step=100)
+    rows.append({"run": "k3s2", "status": "finished", "moe.k": "3", "seed": "2"})
+    rows[-1].update(final_eval_cross_entropy=2.4, final_step=100)
+    first, second, third = sweep.aggregate_seeds(rows, baseline={"moe.k": "1"})
+    assert first["delta_seeds"] == "0/1/2" and first["delta_final_eval_cross_entropy_mean"] == 0
+    # k=2 has an eval value at seed 0 only (seed 1 failed, seed 2 has none): 1.5 - 2.0
+    assert second["delta_seeds"] == "0"
+    assert second["delta_final_eval_cross_entropy_mean"] == pytest.approx(-0.5)
+    assert second["delta_final_eval_cross_entropy_std"] == ""
+    # k=3 at seeds 1 and 2: 2.1 - 2.2 = -0.1 and 2.4 - 2.6 = -0.2; std of the two is 0.0707
+    assert third["delta_seeds"] == "1/2"
+    assert third["delta_final_eval_cross_entropy_mean"] == pytest.approx(-0.15)
+    assert third["delta_final_eval_cross_entropy_std"] == pytest.approx(0.005**0.5)
+    # unpaired, k=3 and k=1 differ by less than k=1's own seed spread (std 0.306)
+    assert third["final_eval_cross_entropy_mean"] - first["final_eval_cross_entropy_mean"] > -0.02
+
+
 def test_seed_results_and_error_bar_plots_from_run_directories(tmp_path):
     runs = sweep.with_seeds([{"moe.k": "1"}, {"moe.k": "2"}], ["0", "1"])
     names = [sweep.run_name(run) for run in runs]
@@ -129,6 +149,11 @@ def test_seed_results_and_error_bar_plots_from_run_directories(tmp_path):
         (["--seeds=0,0"], "is not distinct integers"),
         (["--seeds=a"], "is not distinct integers"),
         (["--seeds=0,1", "--sweep=seed=2,3"], "give the seeds once"),
+        (["--seeds=0,1", "--sweep=moe.k=1,2", "--baseline=moe.k=4"], "matches 0 configurations"),
+        (
+            ["--seeds=0", "--sweep=moe.k=1,2", "--sweep=moe.num_experts=4,8", "--baseline=moe.k=1"],
+            "matches 2 configurations",
+        ),
     ],
 )
 def test_bad_seeds_are_refused_before_any_run(tmp_path, capsys, bad, message):
