@@ -14,6 +14,9 @@ cross-entropy, from results.csv). When the sweep has a seed axis (`results_seeds
 `final_eval.png` shows each configuration's mean with a +-1 standard deviation error bar and its
 seeds as dots, and `loss_curves_seeds.png` the mean eval cross-entropy of each configuration
 against step and against training seconds (from the logged tokens/s), +-1 std error bars.
+With `--baseline KEY=VALUE[,...]` (as for `experiments.sweep`), `paired_deltas.png` shows each
+configuration's eval cross-entropy minus the baseline's at the same seed and step, against step:
+the mean over seeds with +-1 std error bars.
 """
 
 import argparse
@@ -27,7 +30,13 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
-from experiments.sweep import RESULTS_FILE, SEED_RESULTS_FILE, read_metrics
+from experiments.sweep import (
+    RESULTS_FILE,
+    SEED_KEY,
+    SEED_RESULTS_FILE,
+    parse_setting,
+    read_metrics,
+)
 
 CAPACITY_KEY = "moe.capacity_factor_train"
 
@@ -234,9 +243,11 @@ def plot_loss_curves_seeds(sweep_dir: Path, runs: dict[str, list[dict]]) -> Path
     if not (sweep_dir / SEED_RESULTS_FILE).exists():
         return None
     groups: dict[str, list[dict]] = {}
-    for row in read_csv(sweep_dir / RESULTS_FILE):
+    rows = read_csv(sweep_dir / RESULTS_FILE)
+    keys = varying_settings(rows)
+    for row in rows:
         if row.get("status") == "finished" and row["run"] in runs:
-            label = ", ".join(f"{k}={v}" for k, v in row.items() if "." in k and v != "")
+            label = settings_label(row, keys)
             train = json.loads((sweep_dir / row["run"] / "config.json").read_text())["train"]
             curve = eval_points(runs[row["run"]], train["batch_size"] * train["seq_len"])
             groups.setdefault(label, []).append(curve)
@@ -260,6 +271,69 @@ def plot_loss_curves_seeds(sweep_dir: Path, runs: dict[str, list[dict]]) -> Path
         axis.grid(alpha=0.3)
     step_axis.legend(fontsize=6)
     return save(figure, sweep_dir / "loss_curves_seeds.png")
+
+
+def settings_label(row: dict, keys: list[str]) -> str:
+    """'moe.k=2, moe.num_experts=8': the settings `keys` of a results.csv row."""
+    return ", ".join(f"{key}={row[key]}" for key in keys) or "runs"
+
+
+def paired_delta_curves(
+    sweep_dir: Path, runs: dict[str, list[dict]], baseline: dict[str, str]
+) -> dict[str, tuple[list[int], np.ndarray, np.ndarray, int]]:
+    """{label: (steps, mean, std, seeds)} of eval cross-entropy minus the baseline's.
+
+    For each configuration other than the baseline (the finished runs matching every
+    `baseline` setting), the difference at every eval step that it and the baseline run of the
+    same seed both have; mean and sample std (0 for one seed) over the seeds both finished.
+    """
+    reference: dict[str, dict[int, float]] = {}
+    curves: dict[str, dict[str, dict[int, float]]] = {}
+    rows = read_csv(sweep_dir / RESULTS_FILE)
+    keys = varying_settings(rows)
+    for row in rows:
+        if row.get("status") != "finished" or row["run"] not in runs:
+            continue
+        # eval_points' seconds are not used here, so any tokens-per-step will do
+        points = {step: ce for step, (ce, _) in eval_points(runs[row["run"]], 1).items()}
+        if all(row.get(key) == value for key, value in baseline.items()):
+            reference[row[SEED_KEY]] = points
+        else:
+            label = settings_label(row, keys)
+            curves.setdefault(label, {})[row[SEED_KEY]] = points
+    result = {}
+    for label, by_seed in curves.items():
+        seeds = [seed for seed in by_seed if seed in reference]
+        if not seeds:
+            continue
+        steps = sorted(set.intersection(*(set(by_seed[s]) & set(reference[s]) for s in seeds)))
+        deltas = np.asarray(
+            [[by_seed[seed][step] - reference[seed][step] for step in steps] for seed in seeds]
+        )  # [S, P]
+        std = deltas.std(axis=0, ddof=1) if len(seeds) > 1 else np.zeros(len(steps))
+        result[label] = (steps, deltas.mean(axis=0), std, len(seeds))
+    return result
+
+
+def plot_paired_deltas(
+    sweep_dir: Path, runs: dict[str, list[dict]], baseline: dict[str, str]
+) -> Path | None:
+    """`paired_delta_curves` against step, one line per configuration, 0 = the baseline."""
+    curves = paired_delta_curves(sweep_dir, runs, baseline)
+    if not curves:
+        return None
+    figure, axis = plt.subplots(figsize=(8, 4.5))
+    for label, (steps, mean, std, seeds) in curves.items():
+        axis.errorbar(
+            steps, mean, yerr=std, marker="o", capsize=3, label=f"{label} ({seeds} seeds)"
+        )
+    axis.axhline(0.0, color="k", linewidth=0.8)
+    axis.set_xlabel("step")
+    names = ", ".join(f"{key}={value}" for key, value in baseline.items())
+    axis.set_ylabel(f"eval CE minus {names} (same seed)")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=6)
+    return save(figure, sweep_dir / "paired_deltas.png")
 
 
 def eval_points(records: list[dict], tokens_per_step: int) -> dict[int, tuple[float, float]]:
@@ -288,7 +362,7 @@ def save(figure, path: Path) -> Path:
     return path
 
 
-def make_plots(directory: Path) -> list[Path]:
+def make_plots(directory: Path, baseline: dict[str, str] | None = None) -> list[Path]:
     runs = find_runs(directory)
     if not runs:
         raise FileNotFoundError(
@@ -300,6 +374,8 @@ def make_plots(directory: Path) -> list[Path]:
     written += [plot_dropped_vs_capacity(directory), plot_router_logits(runs, directory)]
     if (directory / SEED_RESULTS_FILE).exists():
         written += [plot_final_eval_seeds(directory), plot_loss_curves_seeds(directory, runs)]
+        if baseline:
+            written.append(plot_paired_deltas(directory, runs, baseline))
     else:
         written.append(plot_final_eval(directory))
     return [path for path in written if path is not None]
@@ -308,8 +384,15 @@ def make_plots(directory: Path) -> list[Path]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("directory", type=Path, help="a sweep directory or a training workdir")
+    parser.add_argument(
+        "--baseline", default="", help="KEY=VALUE,...: plot deltas to this configuration by seed"
+    )
     args = parser.parse_args(argv)
-    for path in make_plots(args.directory):
+    try:
+        baseline = dict(parse_setting(spec) for spec in args.baseline.split(",") if spec)
+    except ValueError as error:
+        parser.error(str(error))
+    for path in make_plots(args.directory, baseline):
         print(path)
 
 

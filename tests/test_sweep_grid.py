@@ -4,6 +4,7 @@ error-bar plots (experiments/plot.py), on hand-written run directories, without 
 import csv
 import json
 
+import numpy as np
 import pytest
 
 from experiments import plot, sweep
@@ -138,8 +139,16 @@ def test_seed_results_and_error_bar_plots_from_run_directories(tmp_path):
     assert float(rows[0]["final_eval_cross_entropy_std"]) == pytest.approx(0.02**0.5)
     # 10 steps x 10 tokens at 10 tokens/s, then 10 steps x 10 tokens at 20 tokens/s
     assert plot.eval_points(records, 10) == {10: (3.0 - 0.3, 10.0), 20: (2.0 - 0.3, 15.0)}
-    written = {path.name for path in plot.make_plots(tmp_path)}
+    # k=2 minus k=1 at the same seed: runs 1 - 0 and 3 - 2, -0.1 at both eval steps
+    ((label, (steps, mean, std, seeds)),) = plot.paired_delta_curves(
+        tmp_path, plot.find_runs(tmp_path), {"moe.k": "1"}
+    ).items()
+    assert label == "moe.k=2" and steps == [10, 20] and seeds == 2
+    np.testing.assert_allclose(mean, [-0.1, -0.1])
+    np.testing.assert_allclose(std, 0.0, atol=1e-12)
+    written = {path.name for path in plot.make_plots(tmp_path, baseline={"moe.k": "1"})}
     assert {"final_eval.png", "loss_curves_seeds.png", "loss_curves.png"} <= written
+    assert "paired_deltas.png" in written
     assert (tmp_path / "final_eval.png").stat().st_size > 1000
 
 
