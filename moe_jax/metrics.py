@@ -57,6 +57,22 @@ def window_mean(window: list[dict]) -> dict:
     return values
 
 
+def weighted_means(results: list[dict]) -> dict:
+    """Token-weighted means of per-batch metrics (host values; each batch weighs its
+    `weight_sum`): `sum_b value_b * weight_b / max(sum_b weight_b, 1)` in float64, without
+    `weight_sum` itself."""
+    weights = [float(result["weight_sum"]) for result in results]
+    total = max(sum(weights), 1.0)
+    return {
+        key: sum(
+            np.asarray(result[key], np.float64) * weight for result, weight in zip(results, weights)
+        )
+        / total
+        for key in results[0]
+        if key != "weight_sum"
+    }
+
+
 def truncate_metrics(workdir: str, last_step: int) -> None:
     """Drops lines logged after `last_step` (a resumed run logs those steps again)."""
     path = os.path.join(workdir, METRICS_FILE)

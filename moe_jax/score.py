@@ -29,6 +29,7 @@ from absl import app, flags
 from flax import nnx
 
 from moe_jax import cli, data, decode, train
+from moe_jax.metrics import weighted_means
 from moe_jax.models import DecoderLM, sparse_layer_flags
 from moe_jax.steps import compute_loss
 
@@ -71,12 +72,8 @@ def eval_cross_entropy(model, config, num_batches: int) -> float:
         _, values = compute_loss(nnx.merge(graphdef, state), batch, config, deterministic=True)
         return values
 
-    total, weight = 0.0, 0.0
-    for index in range(num_batches):
-        values = metrics(state, dataset.batch(index))
-        total += float(values["cross_entropy"]) * float(values["weight_sum"])
-        weight += float(values["weight_sum"])
-    return total / max(weight, 1.0)
+    results = [jax.device_get(metrics(state, dataset.batch(index))) for index in range(num_batches)]
+    return float(weighted_means(results)["cross_entropy"])
 
 
 def sparse_layers(config) -> list[tuple[str, int]]:

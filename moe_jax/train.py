@@ -544,14 +544,7 @@ def _evaluate(eval_step, state, dataset: data.Dataset, mesh, config) -> dict:
     results = []
     for batch in batches:
         results.append(eval_step(state, multihost.global_batch(batch, mesh, config.mesh.rules)))
-    results = jax.device_get(results)
-    weights = [float(result.pop("weight_sum")) for result in results]
-    total = max(sum(weights), 1.0)
-    means = {
-        key: sum(np.asarray(result[key]) * weight for result, weight in zip(results, weights))
-        / total
-        for key in results[0]
-    }
+    means = metrics.weighted_means(jax.device_get(results))
     return {**means, "eval_batches": len(results), "eval_full_pass": int(full_pass)}
 
 

@@ -13,8 +13,22 @@ from moe_jax.metrics import (
     MetricsWriter,
     Progress,
     truncate_metrics,
+    weighted_means,
     window_mean,
 )
+
+
+def test_weighted_means_weigh_each_batch_by_its_tokens_by_hand():
+    # (1.0 * 3 + 2.0 * 1) / 4 = 1.25; per-expert vectors average elementwise the same way
+    results = [
+        {"cross_entropy": np.float32(1.0), "load": np.array([0.5, 0.5]), "weight_sum": 3.0},
+        {"cross_entropy": np.float32(2.0), "load": np.array([1.0, 0.0]), "weight_sum": 1.0},
+    ]
+    means = weighted_means(results)
+    assert set(means) == {"cross_entropy", "load"} and means["cross_entropy"] == 1.25
+    np.testing.assert_allclose(means["load"], [0.625, 0.375])
+    # batches without a real token (all padding) divide by 1, not by 0
+    assert weighted_means([{"cross_entropy": 0.0, "weight_sum": 0.0}])["cross_entropy"] == 0.0
 
 
 def _read(workdir):
