@@ -17,7 +17,7 @@ from moe_jax.config import DECODER_KINDS
 
 FAMILIES = {
     "dense": ("t5_base", "t5_large", "t5_xxl", "tiny", "small"),
-    "switch": ("base", "large", "xxl", "c", "tiny", "small"),
+    "switch": ("base", "large", "xxl", "c", "tiny", "stdlib", "small"),
     "st_moe": ("base", "l", "32b", "tiny"),
     "glam": ("0.1b_64e", "1.7b_64e", "8b_64e", "64b_64e", "tiny"),
     "mixtral": ("8x7b", "tiny"),
@@ -227,6 +227,30 @@ def test_tiny_variant_trains_forward_and_backward(family):
     norms = [jnp.abs(g).sum() for g in jax.tree.leaves(grads)]
     assert all(bool(jnp.isfinite(n)) for n in norms)
     assert all(float(n) > 0 for n in norms)
+
+
+def test_switch_stdlib_is_the_tiny_config_with_the_overrides_results_md_ran():
+    # RESULTS.md (m) ran `configs/switch.py:tiny` with these --set overrides; the variant must
+    # be that run, key for key, but for mesh.data=1, which on a one-device CPU is what the
+    # default -1 (every device) gives.
+    overrides = {
+        "data.name": "python_stdlib",
+        "model.d_model": 64,
+        "model.num_heads": 2,
+        "model.d_ff": 256,
+        "train.num_steps": 2000,
+        "train.warmup_steps": 100,
+        "train.eval_every": 500,
+        "train.eval_steps": 8,
+        "train.checkpoint_every": 500,
+        "train.log_every": 50,
+    }
+    tiny = get_config("switch", "tiny")
+    for key, value in overrides.items():
+        section, name = key.split(".")
+        tiny[section][name] = value
+    assert get_config("switch", "stdlib").to_dict() == tiny.to_dict()
+    assert get_config("switch", "stdlib-32").moe.num_experts == 32
 
 
 def test_config_path_resolves_from_any_directory_and_a_missing_one_fails_in_one_line(
