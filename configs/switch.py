@@ -42,7 +42,9 @@ standard library corpus (`data.name=python_stdlib`) for 2000 steps (100 warmup, 
 1e-2, jitter 1e-2, router init 0.1x, every other FFN sparse); the departures of `tiny` (AdamW
 and a cosine schedule instead of Adafactor/rsqrt, groups of one 128-token sequence instead of
 2048-8192 tokens) stay. The dense baseline is `--config.moe.num_experts=0`; `stdlib-32` has
-32 experts. About 10-13 min a run on 2 cores.
+32 experts. About 10-13 min a run on 2 cores. The study's largest gain departs from the paper
+(one learning rate for every weight) and is left as an option:
+`--config.train.router_learning_rate_scale=10` beat dense by 0.033 nats instead of 0.014.
 
 `small` (d_model 512, 8 heads, d_ff 2048, 8 layers, seq 512, batch 8) is the throughput model
 of `experiments/benchmark_train.py`: large enough that matmuls dominate a CPU step.
