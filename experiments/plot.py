@@ -34,7 +34,8 @@ from experiments.sweep import (
     RESULTS_FILE,
     SEED_KEY,
     SEED_RESULTS_FILE,
-    parse_setting,
+    matches,
+    parse_baseline,
     read_metrics,
 )
 
@@ -296,7 +297,7 @@ def paired_delta_curves(
             continue
         # eval_points' seconds are not used here, so any tokens-per-step will do
         points = {step: ce for step, (ce, _) in eval_points(runs[row["run"]], 1).items()}
-        if all(row.get(key) == value for key, value in baseline.items()):
+        if matches(row, baseline):
             reference[row[SEED_KEY]] = points
         else:
             label = settings_label(row, keys)
@@ -389,7 +390,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     try:
-        baseline = dict(parse_setting(spec) for spec in args.baseline.split(",") if spec)
+        baseline = parse_baseline(args.baseline)
     except ValueError as error:
         parser.error(str(error))
     for path in make_plots(args.directory, baseline):

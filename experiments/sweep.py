@@ -64,6 +64,16 @@ def parse_setting(spec: str) -> tuple[str, str]:
     return key, value
 
 
+def parse_baseline(spec: str) -> dict[str, str]:
+    """'moe.num_experts=0,moe.k=1' -> {'moe.num_experts': '0', 'moe.k': '1'}; '' -> {}."""
+    return dict(parse_setting(setting) for setting in spec.split(",") if setting)
+
+
+def matches(row: dict, settings: dict[str, str]) -> bool:
+    """Whether `row` (a run's overrides or a results row) has every one of `settings`."""
+    return all(str(row.get(key)) == value for key, value in settings.items())
+
+
 def expand(axes: list[tuple[str, list[str]]], zipped: bool) -> list[dict[str, str]]:
     """The runs of a sweep: one dict of overrides per run, in a stable order."""
     if not axes:
@@ -220,17 +230,13 @@ def _by_seed(finished: list[dict]) -> dict[str, float]:
 
 def _add_paired_deltas(aggregated: list[dict], groups: list[list[dict]], baseline: dict) -> None:
     """Adds `delta_seeds` and the `PAIRED_FIGURE` deltas' mean and std to each aggregated row."""
-    matches = [
-        index
-        for index, row in enumerate(aggregated)
-        if all(str(row.get(key)) == value for key, value in baseline.items())
-    ]
-    if len(matches) != 1:
-        found = "no configuration" if not matches else f"{len(matches)} configurations"
+    found_at = [index for index, row in enumerate(aggregated) if matches(row, baseline)]
+    if len(found_at) != 1:
+        found = "no configuration" if not found_at else f"{len(found_at)} configurations"
         raise ValueError(
             f"--baseline {baseline} matches {found}; name settings that pick out exactly one"
         )
-    reference = _by_seed(groups[matches[0]])
+    reference = _by_seed(groups[found_at[0]])
     name = f"delta_{PAIRED_FIGURE}"
     for row, finished in zip(aggregated, groups):
         values = _by_seed(finished)
@@ -334,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
         axes = [parse_axis(spec) for spec in args.sweep]
         fixed = dict(parse_setting(spec) for spec in args.set)
         runs = [{**fixed, **overrides} for overrides in expand(axes, args.zip)]
-        baseline = dict(parse_setting(spec) for spec in args.baseline.split(",") if spec)
+        baseline = parse_baseline(args.baseline)
     except ValueError as error:
         parser.error(str(error))
     if args.seeds:
@@ -356,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
         configurations = {
             tuple(sorted((key, value) for key, value in run.items() if key != SEED_KEY))
             for run in runs
-            if all(run.get(key) == value for key, value in baseline.items())
+            if matches(run, baseline)
         }
         if len(configurations) != 1:
             parser.error(
