@@ -33,6 +33,7 @@ import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from flax.traverse_util import flatten_dict
 
 CHECKPOINT_DIR = "checkpoints"
 ITEMS = ("state", "data", "signature")
@@ -58,17 +59,6 @@ def config_dict(config: ml_collections.ConfigDict) -> dict:
     return json.loads(config.to_json_best_effort())
 
 
-def flatten(tree: dict, prefix: str = "") -> dict:
-    """`{'moe.k': 1, 'mesh.rules.batch': [...], ...}` of a nested dict."""
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{prefix}{key}."))
-        else:
-            flat[prefix + key] = value
-    return flat
-
-
 def make_signature(config: ml_collections.ConfigDict, abstract_state) -> dict:
     """The run's identity a checkpoint stores: the resolved config and the state's shapes."""
     leaves = jax.tree_util.tree_flatten_with_path(abstract_state)[0]
@@ -84,7 +74,7 @@ def config_changes(stored: dict, current: dict) -> dict[str, tuple]:
     Checkpoints written before whole configs were stored hold some sections only; the keys of
     the other sections are not compared.
     """
-    old, new = flatten(stored["config"]), flatten(current["config"])
+    old, new = (flatten_dict(side["config"], sep=".") for side in (stored, current))
     sections = {key.split(".")[0] for key in old}
     keys = sorted(key for key in set(old) | set(new) if key.split(".")[0] in sections)
     return {

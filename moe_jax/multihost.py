@@ -93,13 +93,9 @@ def global_batch(local_batch: Any, mesh: jax.sharding.Mesh, rules: Any = None) -
     global_size = local_size * jax.process_count()
     parallel.check_batch(global_size, mesh, rules)
 
-    def to_global(leaf: Any) -> jax.Array:
-        leaf = np.asarray(leaf)
-        sharding = parallel.batch_sharding(mesh, rules, leaf.ndim)
-        global_shape = (global_size, *leaf.shape[1:])
-        return jax.make_array_from_process_local_data(sharding, leaf, global_shape)
-
-    return jax.tree.map(to_global, local_batch)
+    return multihost_utils.host_local_array_to_global_array(
+        jax.tree.map(np.asarray, local_batch), mesh, parallel.batch_spec(1, rules)
+    )
 
 
 def to_host(tree: Any) -> Any:

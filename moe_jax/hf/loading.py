@@ -14,7 +14,6 @@ parameter is built or any file is written.
 from __future__ import annotations
 
 import os
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -34,15 +33,6 @@ def _family_and_reader(path: str):
     return get_family(model_type), reader
 
 
-def _apply(config: ml_collections.ConfigDict, overrides: dict[str, Any]) -> None:
-    for key, value in overrides.items():
-        section, _, field = key.rpartition(".")
-        target = config
-        for part in section.split(".") if section else ():
-            target = target[part]
-        target[field] = value
-
-
 def load_config(
     path: str, base: ml_collections.ConfigDict | None = None
 ) -> ml_collections.ConfigDict:
@@ -51,7 +41,7 @@ def load_config(
     family, reader = _family_and_reader(path)
     reader.close()
     config = (base or default_config()).copy_and_resolve_references()
-    _apply(config, family.to_moe_config(reader.config, frozenset(reader.shapes)))
+    config.update_from_flattened_dict(family.to_moe_config(reader.config, frozenset(reader.shapes)))
     config.model.hf_model_type = family.model_type
     config.model.scan_layers = False
     return config
