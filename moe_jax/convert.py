@@ -14,44 +14,19 @@ checkpoint of step 0 with `moe_jax.train.save_initial_checkpoint`; resume with t
 it with `moe_jax.hf.save` in the family `config.model.hf_model_type` (or `--model_type`).
 """
 
-import json
 import os
 import sys
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 from absl import app, flags
 from flax import nnx
 from ml_collections import config_flags
 
 from moe_jax import checkpoint, cli, hf, optim, train
-from moe_jax.config import default_config
 from moe_jax.hf.family import family_of
 from moe_jax.hf.loading import model_without_weights
 from moe_jax.steps import TrainState
-
-
-def run_config(workdir: str) -> ml_collections.ConfigDict:
-    """The config a run recorded in `workdir/config.json`, over `default_config()`."""
-    path = os.path.join(workdir, "config.json")
-    if not os.path.isfile(path):
-        raise ValueError(f"{workdir} holds no config.json; is it a moe_jax.train --workdir?")
-    with open(path, encoding="utf-8") as file:
-        stored = json.load(file)
-    config = default_config()
-
-    def update(target: ml_collections.ConfigDict, values: dict, prefix: str) -> None:
-        for key, value in values.items():
-            if key not in target:
-                raise ValueError(f"{path}: unknown config key {prefix}{key}.")
-            if isinstance(target[key], ml_collections.ConfigDict):
-                update(target[key], value, f"{prefix}{key}.")
-            else:
-                target[key] = tuple(value) if isinstance(value, list) else value
-
-    update(config, stored, "")
-    return config
 
 
 def restore_model(workdir: str, config) -> tuple[nnx.Module, int]:
@@ -92,7 +67,7 @@ def hf_to_run(hf_dir: str, workdir: str, config=None, *, devices=None) -> str:
 
 def run_to_hf(workdir: str, hf_dir: str, model_type: str = "", **save_options) -> list[str]:
     """Writes the latest checkpoint of the run in `workdir` as a Hugging Face checkpoint."""
-    config = run_config(workdir)
+    config = train.config_from_workdir(workdir)
     if model_type:
         config.model.hf_model_type = model_type
     family_of(config)  # refuses an unknown or unset family before restoring anything
@@ -114,12 +89,12 @@ def _define_flags():
 
 
 def run_tool(name: str, argv, write) -> int:
-    """A checkpoint-writing CLI's body: `write()` returns what it wrote; bad input (ValueError)
-    is reported as `name: message` with status 1."""
+    """A checkpoint-writing CLI's body: `write()` returns what it wrote; bad input (ValueError,
+    or FileNotFoundError for a workdir without a run) is reported as `name: message`, status 1."""
     cli.flag_values(argv)
     try:
         written = write()
-    except ValueError as error:
+    except (ValueError, FileNotFoundError) as error:
         sys.stderr.write(f"{name}: {error}\n")
         return 1
     print(f"wrote {written}", file=sys.stderr)

@@ -184,7 +184,7 @@ def merge_run(
         raise ValueError("the hash router has no router rows to group or merge experts by.")
     if usage_batches < 0:
         raise ValueError(f"--usage_batches={usage_batches} must be >= 0 (0: uniform usage).")
-    stored = convert.run_config(source)  # the run's own mesh settings, for the new run
+    stored = train.config_from_workdir(source)  # the run's own mesh settings, for the new run
     usage = measure_usage(model, config, usage_batches) if usage_batches else None
     params = flat_params(model)
     stored.moe.num_experts = new_num_experts

@@ -264,23 +264,17 @@ def _load_teacher(teacher_workdir: str, mesh) -> tuple[tuple[nnx.GraphDef, Any],
     return (graphdef, teacher_config), teacher_state
 
 
-def _optimizer_shardings(abstract_opt_state, params: nnx.State, mesh):
+def _optimizer_shardings(optimizer, abstract_opt_state, params: nnx.State, mesh):
     """A moment shaped like its parameter shares its sharding; the rest (counters, factored
     second moments) is replicated."""
-    by_path = {
-        jax.tree_util.keystr(path): (leaf.shape, leaf.sharding)
-        for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]
-    }
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-
-    def sharding(path, leaf):
-        name = jax.tree_util.keystr(path)
-        for param_path, (shape, param_sharding) in by_path.items():
-            if name.endswith(param_path) and leaf.shape == shape:
-                return param_sharding
-        return replicated
-
-    return jax.tree_util.tree_map_with_path(sharding, abstract_opt_state)
+    replicated = _replicated(mesh)
+    return optax.tree_utils.tree_map_params(
+        optimizer,
+        lambda leaf, param: param.sharding if leaf.shape == param.shape else replicated,
+        abstract_opt_state,
+        params,
+        transform_non_params=lambda _: replicated,
+    )
 
 
 class _Prepared(NamedTuple):
@@ -367,7 +361,9 @@ def _create_state(config, mesh, optimizer, initialize=None) -> TrainState:
     if initialize is not None:
         initialize(model)
     _, params, _, model_state = nnx.split(model, nnx.Param, nnx.RngState, ...)
-    opt_shardings = _optimizer_shardings(jax.eval_shape(optimizer.init, params), params, mesh)
+    opt_shardings = _optimizer_shardings(
+        optimizer, jax.eval_shape(optimizer.init, params), params, mesh
+    )
     opt_state = jax.jit(optimizer.init, out_shardings=opt_shardings)(params)
     step = jax.device_put(jnp.zeros((), jnp.int32), _replicated(mesh))
     return TrainState(step, params, model_state, opt_state)
@@ -392,13 +388,15 @@ def _abstract_state(
         model_state, parallel.state_shardings(model_state, mesh, config.mesh.rules)
     )
     opt_state = jax.eval_shape(optimizer.init, params)
-    opt_state = with_shardings(opt_state, _optimizer_shardings(opt_state, params, mesh))
+    opt_state = with_shardings(opt_state, _optimizer_shardings(optimizer, opt_state, params, mesh))
     step = jax.ShapeDtypeStruct((), jnp.int32, sharding=_replicated(mesh))
     return TrainState(step, params, model_state, opt_state), graphdef, rng_state
 
 
 def config_from_workdir(workdir: str) -> ml_collections.ConfigDict:
-    """The resolved config a run wrote to `WORKDIR/config.json`, as a locked ConfigDict."""
+    """The resolved config a run wrote to `WORKDIR/config.json`, as a locked ConfigDict (with the
+    `data.corpus` facts the run recorded, if any). Raises FileNotFoundError without the file and
+    ValueError for a key this version's `default_config()` lacks."""
     path = os.path.join(workdir, "config.json")
     if not os.path.isfile(path):
         raise FileNotFoundError(
@@ -407,16 +405,15 @@ def config_from_workdir(workdir: str) -> ml_collections.ConfigDict:
         )
     with open(path, encoding="utf-8") as file:
         stored = json.load(file)
+    corpus = stored.get("data", {}).pop("corpus", None)  # added by run_identity.resolve
     config = default_config()
-
-    def assign(section: ml_collections.ConfigDict, values: dict) -> None:
-        for key, value in values.items():
-            if isinstance(section[key], ml_collections.ConfigDict):
-                assign(section[key], value)
-            else:  # JSON turns tuples into lists
-                section[key] = tuple(value) if isinstance(section[key], tuple) else value
-
-    assign(config, stored)
+    try:
+        config.update(stored)  # ConfigDict casts JSON's lists back to tuples
+    except KeyError as error:
+        raise ValueError(f"{path}: {error}") from None
+    if corpus is not None:
+        with config.unlocked():
+            config.data.corpus = corpus
     return config
 
 

@@ -219,7 +219,7 @@ def load_dense(source: str):
     kind, _, path = source.partition(":")
     if kind == "hf" and path:
         return hf.load(path)
-    config = convert.run_config(source)
+    config = train.config_from_workdir(source)
     model, _ = convert.restore_model(source, config)
     return config, model
 
@@ -229,7 +229,7 @@ def dense_config_of(source: str):
     kind, _, path = source.partition(":")
     if kind == "hf" and path:
         return hf.load_config(path)
-    return convert.run_config(source)
+    return train.config_from_workdir(source)
 
 
 def upcycle_run(source: str, config, workdir: str, *, drop_ratio: float = 0.0, devices=None) -> str:

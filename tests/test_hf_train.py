@@ -70,7 +70,7 @@ def test_init_from_starts_from_the_transformers_loss_and_converts_back(tmp_path)
         tmp_path / "out", output_loading_info=True
     )
     assert not info["missing_keys"] and not info["unexpected_keys"], info
-    run_config = convert.run_config(str(tmp_path / "run"))
+    run_config = train.config_from_workdir(str(tmp_path / "run"))
     # config.json holds the resolved config (the schedule's horizon filled in)
     assert run_config.to_dict() == run_identity.resolve(config).to_dict()
     model, step = convert.restore_model(str(tmp_path / "run"), run_config)
@@ -92,7 +92,7 @@ def test_converted_run_holds_the_checkpoint_at_step_0(tmp_path):
     )
     assert checkpoint.Checkpoints(directory, keep=1, read_only=True).all_steps() == [0]
     model, step = convert.restore_model(
-        str(tmp_path / "run"), convert.run_config(str(tmp_path / "run"))
+        str(tmp_path / "run"), train.config_from_workdir(str(tmp_path / "run"))
     )
     assert step == 0
     encoder, decoder = batch_of_ids(seed=6)

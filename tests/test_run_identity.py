@@ -1,8 +1,10 @@
 """What a resume may change (moe_jax.run_identity), on identities built from the default config."""
 
+import json
+
 import pytest
 
-from moe_jax import checkpoint, run_identity
+from moe_jax import checkpoint, run_identity, train
 from moe_jax.config import default_config
 
 
@@ -46,3 +48,24 @@ def test_a_key_added_to_the_config_since_the_checkpoint_does_not_refuse():
     current = _identity(run_identity.resolve(default_config()))
     changes = run_identity.check_resume(stored, current, 100, "ckpt")
     assert changes == {"moe.bias_update_rate": (checkpoint.ABSENT, 0.001)}
+
+
+@pytest.mark.parametrize("name", ["tiny_shakespeare", "python_stdlib"])
+def test_config_json_loads_back_as_the_resolved_config(tmp_path, name):
+    # python_stdlib records its corpus facts in data.corpus, a key default_config() lacks
+    config = default_config()
+    config.data.name = name
+    config.mesh.rules.batch = ("data",)
+    resolved = run_identity.resolve(config)
+    (tmp_path / "config.json").write_text(resolved.to_json_best_effort(indent=2))
+    loaded = train.config_from_workdir(str(tmp_path))
+    assert loaded.to_dict() == resolved.to_dict()
+    assert loaded.mesh.rules.batch == ("data",)  # JSON's list is a tuple again
+
+
+def test_config_json_with_a_key_this_version_lacks_is_refused_by_name(tmp_path):
+    stored = checkpoint.config_dict(run_identity.resolve(default_config()))
+    stored["moe"]["expert_colour"] = "blue"
+    (tmp_path / "config.json").write_text(json.dumps(stored))
+    with pytest.raises(ValueError, match="config.json.*expert_colour"):
+        train.config_from_workdir(str(tmp_path))

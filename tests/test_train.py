@@ -498,3 +498,34 @@ def test_stop_signal_is_agreed_across_processes_every_few_steps(monkeypatch):
     stop_signals.received = "SIGTERM"
     stops = [step for step in range(2 * every + 1, 4 * every + 1) if stop_signals.requested(step)]
     assert stops == [3 * every, 4 * every]
+
+
+@pytest.mark.parametrize("name", ["adamw", "adafactor"])
+def test_optimizer_moments_take_their_parameters_sharding(name):
+    # Adam's moments are split like their parameter; Adafactor's factored second moments (a
+    # row and a column, ranks below the parameter's) and the step counters are replicated
+    from flax import nnx
+    from jax.sharding import AbstractMesh, AxisType, PartitionSpec
+
+    from moe_jax import parallel
+    from moe_jax.models import build_model
+
+    config = load_config_file("configs/switch.py:tiny")
+    config.train.optimizer = name
+    mesh = AbstractMesh((2, 2, 2), parallel.MESH_AXES, axis_types=(AxisType.Auto,) * 3)
+    optimizer, _ = optim.make_optimizer(config.train)
+    model = nnx.eval_shape(lambda: build_model(config, rngs=nnx.Rngs(0)))
+    with jax.sharding.use_abstract_mesh(mesh):
+        state, _, _ = train._abstract_state(model, config, mesh, optimizer)
+    specs = {
+        jax.tree_util.keystr(path): (leaf.shape, leaf.sharding.spec)
+        for path, leaf in jax.tree_util.tree_flatten_with_path(state.opt_state)[0]
+    }
+    experts_wi = {path: v for path, v in specs.items() if "['layers'][1]['ffn']['wi']" in path}
+    # per moment, two scanned segments of two layers; Adafactor keeps an unused `v` of size 1
+    moments = ["mu", "nu"] if name == "adamw" else ["v", "v_col", "v_row"]
+    found = sorted(re.search(r"\.(\w+)\['decoder'\]", path).group(1) for path in experts_wi)
+    assert found == sorted(moments * 2)
+    expected = PartitionSpec("expert", None, "model") if name == "adamw" else PartitionSpec()
+    assert all(spec == expected for _, spec in experts_wi.values()), experts_wi
+    assert all(spec == PartitionSpec() for shape, spec in specs.values() if shape == ())

@@ -145,8 +145,8 @@ def test_upcycled_run_starts_at_the_dense_function_then_trains(dense_dir, tmp_pa
     devices = jax.devices()[:1]
     moe_dir = str(tmp_path / "moe")
     upcycle.upcycle_run(dense_dir, moe_config(), moe_dir, devices=devices)
-    dense, _ = convert.restore_model(dense_dir, convert.run_config(dense_dir))
-    moe, moe_step = convert.restore_model(moe_dir, convert.run_config(moe_dir))
+    dense, _ = convert.restore_model(dense_dir, train.config_from_workdir(dense_dir))
+    moe, moe_step = convert.restore_model(moe_dir, train.config_from_workdir(moe_dir))
     assert moe_step == 0
     want, _ = dense(TOKENS, deterministic=True)
     got, _ = moe(TOKENS, deterministic=True)
