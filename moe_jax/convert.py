@@ -14,45 +14,13 @@ checkpoint of step 0 with `moe_jax.train.save_initial_checkpoint`; resume with t
 it with `moe_jax.hf.save` in the family `config.model.hf_model_type` (or `--model_type`).
 """
 
-import os
 import sys
 
-import jax
-import jax.numpy as jnp
 from absl import app, flags
-from flax import nnx
 from ml_collections import config_flags
 
-from moe_jax import checkpoint, cli, hf, optim, train
+from moe_jax import cli, hf, train
 from moe_jax.hf.family import family_of
-from moe_jax.hf.loading import model_without_weights
-from moe_jax.steps import TrainState
-
-
-def restore_model(workdir: str, config) -> tuple[nnx.Module, int]:
-    """(model of `config` with the parameters of the latest checkpoint in `workdir`, its step)."""
-    directory = os.path.join(workdir, checkpoint.CHECKPOINT_DIR)
-    checkpoints = checkpoint.Checkpoints(directory, keep=1, read_only=True)
-    step = checkpoints.latest_step()
-    if step is None:
-        raise ValueError(f"{directory} holds no checkpoint to convert.")
-    model = model_without_weights(config)
-    _, params, _, model_state = nnx.split(model, nnx.Param, nnx.RngState, ...)
-    optimizer, _ = optim.make_optimizer(config.train)
-    on_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = jax.tree.map(
-        lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=on_device),
-        TrainState(
-            jax.ShapeDtypeStruct((), jnp.int32),
-            params,
-            model_state,
-            jax.eval_shape(optimizer.init, params),
-        ),
-    )
-    state, _ = checkpoints.restore(step, target)
-    checkpoints.close()
-    nnx.update(model, state.params, state.model_state)
-    return model, step
 
 
 def hf_to_run(hf_dir: str, workdir: str, config=None, *, devices=None) -> str:
@@ -71,7 +39,7 @@ def run_to_hf(workdir: str, hf_dir: str, model_type: str = "", **save_options) -
     if model_type:
         config.model.hf_model_type = model_type
     family_of(config)  # refuses an unknown or unset family before restoring anything
-    model, _ = restore_model(workdir, config)
+    _, model, _ = train.restore_for_inference(workdir)
     return hf.save(config, model, hf_dir, **save_options)
 
 

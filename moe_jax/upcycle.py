@@ -219,8 +219,7 @@ def load_dense(source: str):
     kind, _, path = source.partition(":")
     if kind == "hf" and path:
         return hf.load(path)
-    config = train.config_from_workdir(source)
-    model, _ = convert.restore_model(source, config)
+    config, model, _ = train.restore_for_inference(source)
     return config, model
 
 

@@ -73,7 +73,7 @@ def test_init_from_starts_from_the_transformers_loss_and_converts_back(tmp_path)
     run_config = train.config_from_workdir(str(tmp_path / "run"))
     # config.json holds the resolved config (the schedule's horizon filled in)
     assert run_config.to_dict() == run_identity.resolve(config).to_dict()
-    model, step = convert.restore_model(str(tmp_path / "run"), run_config)
+    _, model, step = train.restore_for_inference(str(tmp_path / "run"))
     assert step == 1
     encoder, decoder = batch["encoder_inputs"][:3], batch["decoder_inputs"][:3]
     ours, _ = ours_logits(model, encoder, decoder)
@@ -91,9 +91,7 @@ def test_converted_run_holds_the_checkpoint_at_step_0(tmp_path):
         str(tmp_path / "hf"), str(tmp_path / "run"), config, devices=jax.devices()[:1]
     )
     assert checkpoint.Checkpoints(directory, keep=1, read_only=True).all_steps() == [0]
-    model, step = convert.restore_model(
-        str(tmp_path / "run"), train.config_from_workdir(str(tmp_path / "run"))
-    )
+    _, model, step = train.restore_for_inference(str(tmp_path / "run"))
     assert step == 0
     encoder, decoder = batch_of_ids(seed=6)
     assert_close(

@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 from tiny_training import TINY_TRAINING, configured
 
-from moe_jax import convert, train, upcycle
+from moe_jax import train, upcycle
 from moe_jax.config import default_config
 from moe_jax.models import build_model
 
@@ -145,8 +145,8 @@ def test_upcycled_run_starts_at_the_dense_function_then_trains(dense_dir, tmp_pa
     devices = jax.devices()[:1]
     moe_dir = str(tmp_path / "moe")
     upcycle.upcycle_run(dense_dir, moe_config(), moe_dir, devices=devices)
-    dense, _ = convert.restore_model(dense_dir, train.config_from_workdir(dense_dir))
-    moe, moe_step = convert.restore_model(moe_dir, train.config_from_workdir(moe_dir))
+    _, dense, _ = train.restore_for_inference(dense_dir)
+    _, moe, moe_step = train.restore_for_inference(moe_dir)
     assert moe_step == 0
     want, _ = dense(TOKENS, deterministic=True)
     got, _ = moe(TOKENS, deterministic=True)
