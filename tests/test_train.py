@@ -19,12 +19,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 from jax.experimental.compilation_cache import compilation_cache
+from jax.sharding import AbstractMesh, AxisType, PartitionSpec
 from tiny_training import TINY_TRAINING, configured
 from xla_flags import flags_with_devices
 
-from moe_jax import checkpoint, metrics, optim, run_identity, train
+from moe_jax import checkpoint, metrics, optim, parallel, run_identity, train
 from moe_jax.config import load_config_file
+from moe_jax.models import build_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "switch.py") + ":tiny"
@@ -504,12 +507,6 @@ def test_stop_signal_is_agreed_across_processes_every_few_steps(monkeypatch):
 def test_optimizer_moments_take_their_parameters_sharding(name):
     # Adam's moments are split like their parameter; Adafactor's factored second moments (a
     # row and a column, ranks below the parameter's) and the step counters are replicated
-    from flax import nnx
-    from jax.sharding import AbstractMesh, AxisType, PartitionSpec
-
-    from moe_jax import parallel
-    from moe_jax.models import build_model
-
     config = load_config_file("configs/switch.py:tiny")
     config.train.optimizer = name
     mesh = AbstractMesh((2, 2, 2), parallel.MESH_AXES, axis_types=(AxisType.Auto,) * 3)
