@@ -9,12 +9,17 @@ WORKDIR ?= runs/switch_tiny
 CPU_TUNABLES := glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=4294967295
 ALLOCATOR := $(if $(wildcard /dev/nvidia0 /dev/accel0 /dev/vfio/0),,GLIBC_TUNABLES=$${GLIBC_TUNABLES:-$(CPU_TUNABLES)})
 
-.PHONY: venv test lint run bench bench-accel clean
+# pip constraints: the versions the suite passed with (README, "Pinned versions"); CONSTRAINTS=
+# (empty) installs the newest versions setup.py allows
+CONSTRAINTS ?= constraints.txt
+PIP_CONSTRAINTS := $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 
-$(VENV)/.installed: setup.py
+.PHONY: venv test lint run bench bench-accel constraints clean
+
+$(VENV)/.installed: setup.py $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q $(PIP_CONSTRAINTS) -e '.[test]'
 	touch $@
 
 venv: $(VENV)/.installed
@@ -43,6 +48,11 @@ bench-accel: venv
 	$(PY) -m experiments.benchmark_train --platform accelerator --config configs/glam.py:0.1b_64e \
 		--dtype bfloat16 --ceiling-size 8192 --steps 10 --set train.batch_size=8 \
 		--set train.seq_len=1024 $(if $(PEAK_TFLOPS),--peak-tflops $(PEAK_TFLOPS))
+
+# writes constraints.txt from the venv's installed versions (after `make test` passed on them)
+constraints: venv
+	{ sed -n '1,2p' constraints.txt; $(PY) -m pip freeze --exclude-editable | grep -v '^#' \
+		| sed 's/+cpu$$//'; } > constraints.txt.new && mv constraints.txt.new constraints.txt
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache
