@@ -26,6 +26,10 @@ Training (Sec. 4-5): top-2 GShard gating with random second-expert routing, capa
 about 1M tokens per batch (1024 sequences); Adafactor, learning rate 0.01 for 10k steps then
 inverse square root decay; vocabulary 256K SentencePiece; dropout 0; routing groups of one
 sequence (1024 tokens; the paper does not state a group size).
+Slot order: GShard's Algorithm 1 places every first choice of a group before any second choice,
+which in this decoder lets later tokens decide whether a token keeps its second expert. The
+config keeps moe_jax's causal default (`moe.fill_order=''`, token by token in a causal stack);
+`--config.moe.fill_order=choice` is the paper's order, leak included.
 
 `tiny`: 4 layers, d_model 128, 8 experts at every other FFN, GShard top-2, AdamW.
 """
@@ -54,6 +58,7 @@ def set_glam_routing(config: ml_collections.ConfigDict) -> None:
     moe.k = 2
     moe.second_policy = "random"
     moe.second_threshold = 0.5
+    moe.fill_order = ""  # causal in this decoder; 'choice' is Algorithm 1's order (see above)
     moe.capacity_factor_train = 2.0
     moe.capacity_factor_eval = 2.0
     moe.router_jitter = 0.0

@@ -19,6 +19,10 @@ Training (the paper's Sec. 3 stability study and T5X's gins): top-2 tokens-choos
 batch-prioritized routing (T5X's ST-MoE leaves BPR off), train/eval capacity factors 1.25 / 2.0,
 load-balancing coefficient 1e-2, router z-loss 1e-3 (32B and L; 1e-4 in T5X's base gin), no
 router jitter (T5X), router init scale 0.1, groups of 4096 tokens; T5's Adafactor/rsqrt recipe.
+Slot order: T5X fills capacity choice-major (every first choice before any second) in both
+stacks. The encoder keeps that order; the decoder fills token by token (`moe.fill_order=''`),
+since choice-major top-2 there lets later tokens decide which of a token's choices keep their
+slot. `--config.moe.fill_order=choice` is T5X's order in the decoder too, leak included.
 
 `tiny`: a 4 + 4 layer encoder-decoder, d_model 128, 8 experts at every 4th FFN with the extra
 dense FFN (so one sparse layer per stack), span corruption on the synthetic corpus, AdamW.
@@ -45,6 +49,7 @@ def set_st_moe_routing(config: ml_collections.ConfigDict) -> None:
     moe.k = 2
     moe.normalize = "none"
     moe.batch_prioritized = False
+    moe.fill_order = ""  # choice-major in the encoder, token by token in the decoder (above)
     moe.capacity_factor_train = 1.25
     moe.capacity_factor_eval = 2.0
     moe.router_jitter = 0.0

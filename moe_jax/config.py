@@ -84,6 +84,13 @@ def default_config() -> ml_collections.ConfigDict:
             "group_size": 1024,  # tokens per routing group; 0: each sequence is one group
             "backend": "einsum",  # einsum | gather | dropless
             "batch_prioritized": False,
+            # order in which a group's k * T choices take capacity slots: 'choice' (GShard,
+            # T5X: every first choice before any second) or 'token' (each token's k choices
+            # together, in position order). '' picks 'token' in causal stacks, where 'choice'
+            # lets later tokens decide whether a token keeps its second expert (for k >= 2 with
+            # capacity), and 'choice' in encoders. Set 'choice' in a decoder only to match a
+            # paper's code and accept that leak. k = 1 and dropless routing fill alike.
+            "fill_order": "",
             # none | topk, for tokens_choose and noisy_top_k; aux_free always renormalises its
             # k affinities (DeepSeek-V3)
             "normalize": "none",

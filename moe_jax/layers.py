@@ -155,7 +155,9 @@ class Router(nnx.Module):
     Training (`deterministic=False`) multiplies the router input by uniform noise in
     `[1 - eps, 1 + eps]` (Switch, Table 11; eps = `config.moe.router_jitter`), draws the noise of
     noisy top-k gating and GShard's random second choice. Evaluation does none of these: it uses
-    clean logits and GShard's second_policy 'all' (every second choice that fits).
+    clean logits and GShard's second_policy 'all' (every second choice that fits). Choices
+    take capacity slots in `config.moe.fill_order` ('choice' | 'token'; '' is 'choice' here,
+    and `models.TransformerStack` makes it 'token' in causal stacks).
     """
 
     def __init__(self, config, rngs: nnx.Rngs):
@@ -168,6 +170,9 @@ class Router(nnx.Module):
             raise ValueError(f"router 'gshard_top2' routes k=2 experts; set moe.k=2, not {self.k}.")
         self.jitter = float(moe.router_jitter)
         self.batch_prioritized = bool(moe.batch_prioritized)
+        # '' outside a stack: TransformerStack resolves it by the stack's causality
+        self.fill_order = moe.fill_order or "choice"
+        _check_choice("fill_order", self.fill_order, routing.FILL_ORDERS)
         # aux_free always renormalises its k affinities (DeepSeek-V3, Sec. 2.1.2); moe.normalize
         # is the setting of the tokens-choose routers only
         self.normalize = "topk" if self.kind == "aux_free" else moe.normalize
@@ -241,6 +246,8 @@ class Router(nnx.Module):
     ) -> routing.Routing:
         """The router kind's slot assignment for f32[G, T, E] logits."""
         common = dict(capacity=capacity, padding_mask=padding_mask)
+        if self.kind != "experts_choose":
+            common["fill_order"] = self.fill_order
         if self.kind in ("tokens_choose", "noisy_top_k"):
             return routing.tokens_choose(
                 logits,

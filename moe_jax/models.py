@@ -40,7 +40,10 @@ With `moe.extra_dense_ffn` (ST-MoE) a sparse layer has a second, dense FFN subla
 sparse one. Expert Choice (`moe.router == 'experts_choose'`) sees future tokens, so a causal
 stack (the decoder-only model, the encoder-decoder's decoder) with sparse layers refuses it; so
 does batch-prioritized routing (`moe.batch_prioritized`), whose slot order depends on later
-tokens' scores.
+tokens' scores. For the same reason a causal stack fills capacity slots token by token
+(`moe.fill_order=''` resolves to 'token' there, to GShard's choice-major 'choice' in an
+encoder): with choice-major filling and k >= 2, whether a token keeps its second expert
+depends on later tokens' first choices.
 
 Padding. A token is padding where its segment id is 0 (when segment ids are given), else, in an
 encoder, where its id is 0. Without segment ids a decoder treats every token as real: its inputs
@@ -375,9 +378,11 @@ class TransformerStack(nnx.Module):
         self.scan = bool(model.scan_layers)
         self.remat_policy = remat_policy(model.remat)
         self.plan = layer_plan(num_layers, config.moe)
+        config = config.copy_and_resolve_references()  # this stack's router settings
         if causal and config.moe.decoder_router:
-            config = config.copy_and_resolve_references()
             config.moe.router = config.moe.decoder_router
+        # a causal stack fills slots token by token, so no token's slots depend on later ones
+        config.moe.fill_order = config.moe.fill_order or ("token" if causal else "choice")
         if (
             causal
             and config.moe.router == "experts_choose"

@@ -76,6 +76,8 @@ def _check_int(name: str, value: int, low: int, high: int | None = None) -> int:
 
 
 _NORMALIZE = ("none", "topk")
+# The order in which a group's k * T choices take slots (see `_route_choices`).
+FILL_ORDERS = ("choice", "token")
 _SECOND_POLICIES = ("random", "all", "sampling")
 _SCORES = ("softmax", "sigmoid")
 
@@ -173,14 +175,21 @@ def _route_choices(
     *,
     num_experts: int,
     capacity: int,
+    fill_order: str = "choice",
     token_order: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-    """Fills slots choice-major: every first choice, then every second choice, and so on.
+    """Fills slots with a group's choices in priority order.
+
+    fill_order 'choice' (GShard, T5X): every token's first choice, then every token's second,
+    and so on, so whether a token keeps its second expert depends on later tokens' first
+    choices. 'token': token by token, each token's k choices together in rank order, so a
+    token's slots depend only on the tokens ranked before it (causal in position order).
 
     Args:
       expert_index: i32[G, T, K] experts chosen; weight: f32[G, T, K] their combine weights;
         keep: bool[G, T, K] which choices may take a slot.
-      token_order: i32[G, T] token priority within one choice (default: position order).
+      fill_order: 'choice' | 'token'.
+      token_order: i32[G, T] token priority (default: position order).
     Returns:
       token_index i32[G, E, C] and weight f32[G, E, C].
     """
@@ -190,8 +199,12 @@ def _route_choices(
         token = token_order.astype(jnp.int32)
         take = lambda a: jnp.take_along_axis(a, token_order[..., None], axis=1)  # [G, T, K]
         expert_index, weight, keep = take(expert_index), take(weight), take(keep)
-    flat = lambda a: jnp.swapaxes(a, 1, 2).reshape(num_groups, k * num_tokens)  # [G, K*T]
-    token = jnp.tile(token, (1, k))  # [G, K*T]
+    if fill_order == "choice":
+        flat = lambda a: jnp.swapaxes(a, 1, 2).reshape(num_groups, k * num_tokens)  # [G, K*T]
+        token = jnp.tile(token, (1, k))  # [G, K*T]
+    else:
+        flat = lambda a: a.reshape(num_groups, num_tokens * k)  # [G, T*K]
+        token = jnp.repeat(token, k, axis=1)  # [G, T*K]
     fill = lambda e, t, w, m: _fill_slots(e, t, w, m, num_experts=num_experts, capacity=capacity)
     return jax.vmap(fill)(flat(expert_index), token, flat(weight), flat(keep))
 
@@ -204,6 +217,7 @@ def _choose_top_k(
     capacity: int | None,
     batch_prioritized: bool,
     normalize: str,
+    fill_order: str,
     padding_mask: jax.Array | None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Top-k by `selection_scores` f32[G, T, E], weighted by `scores` f32[G, T, E].
@@ -214,6 +228,7 @@ def _choose_top_k(
     k = _check_int("k", k, 1, num_experts)
     capacity = _static_capacity(capacity, num_tokens)
     _check_choice("normalize", normalize, _NORMALIZE)
+    _check_choice("fill_order", fill_order, FILL_ORDERS)
     real = real_token_mask(padding_mask, (num_groups, num_tokens))
     _, expert_index = jax.lax.top_k(selection_scores, k)  # [G, T, K]
     top_scores = jnp.take_along_axis(scores, expert_index, axis=-1)  # [G, T, K]
@@ -231,12 +246,15 @@ def _choose_top_k(
         keep,
         num_experts=num_experts,
         capacity=capacity,
+        fill_order=fill_order,
         token_order=token_order,
     )
     return expert_index, token_index, weight
 
 
-@functools.partial(jax.jit, static_argnames=("k", "capacity", "batch_prioritized", "normalize"))
+@functools.partial(
+    jax.jit, static_argnames=("k", "capacity", "batch_prioritized", "normalize", "fill_order")
+)
 def tokens_choose(
     logits: jax.Array,
     *,
@@ -244,14 +262,18 @@ def tokens_choose(
     capacity: int | None,
     batch_prioritized: bool = False,
     normalize: str = "none",
+    fill_order: str = "choice",
     padding_mask: jax.Array | None = None,
 ) -> Routing:
     """Each token picks its top-k experts by router probability (Switch k=1, ST-MoE k=2).
 
-    Slots fill in priority order: every first choice in the group before any second choice;
-    within one choice by token position, or with `batch_prioritized` by descending top-1
-    probability (ties by position; Riquelme et al. 2021, ST-MoE). A choice that finds its expert
-    full is dropped. Padding tokens take no slot and use no capacity.
+    Slots fill in priority order. With fill_order 'choice' (GShard, T5X) every first choice in
+    the group goes before any second choice, within one choice by token position, or with
+    `batch_prioritized` by descending top-1 probability (ties by position; Riquelme et al. 2021,
+    ST-MoE). With 'token' each token places its k choices together, tokens in that same order:
+    in position order this is causal (a token's slots never depend on later tokens), which
+    'choice' is not for k >= 2. A choice that finds its expert full is dropped. Padding tokens
+    take no slot and use no capacity. For k = 1 the two orders are the same.
 
     Args:
       logits: f32[G, T, E] router logits (any float dtype; routed in float32).
@@ -260,6 +282,7 @@ def tokens_choose(
       batch_prioritized: rank tokens within a choice by top-1 probability.
       normalize: 'none' weights by the raw probability (T5X); 'topk' renormalises the top-k
         probabilities to sum to 1 (Mixtral/GShard), before drops.
+      fill_order: 'choice' | 'token', see above.
       padding_mask: f32|bool[G, T], 0 for padding tokens.
     Returns:
       Routing with probs = softmax(logits) f32[G, T, E] (padding included) and
@@ -274,6 +297,7 @@ def tokens_choose(
         capacity=capacity,
         batch_prioritized=batch_prioritized,
         normalize=normalize,
+        fill_order=fill_order,
         padding_mask=padding_mask,
     )
     return Routing(token_index, weight, probs, expert_index)
@@ -286,12 +310,15 @@ def gshard_top2(
     rng: jax.Array | None,
     second_policy: str = "random",
     threshold: float = 0.5,
+    fill_order: str = "choice",
     padding_mask: jax.Array | None = None,
 ) -> Routing:
     """GShard top-2 gating (Lepikhin et al. 2020, Algorithm 1).
 
-    The top-1 and second gates are renormalised, g / (g1 + g2). All first choices take slots
-    before any second choice (each in position order). Second-choice policies:
+    The top-1 and second gates are renormalised, g / (g1 + g2). As in the paper, all first
+    choices take slots before any second choice, each in position order (fill_order 'choice');
+    fill_order 'token' places each token's two choices together, token by token in position
+    order, which is causal (see `tokens_choose`). Second-choice policies:
     'random' keeps it iff u < g2 / threshold, u ~ U[0, 1), decided before it takes a slot
     (threshold 0.5 is the paper's 2 * g2 > u); 'all' keeps every second choice; 'sampling' draws
     the second expert from the router distribution without the first and keeps it.
@@ -303,11 +330,13 @@ def gshard_top2(
       second_policy: 'random' | 'all' | 'sampling'.
       threshold: > 0, see 'random'; a Python number or a traced scalar (not static, so
         changing it does not recompile).
+      fill_order: 'choice' | 'token'.
       padding_mask: f32|bool[G, T], 0 for padding tokens.
     Returns:
       Routing with expert_index i32[G, T, 2] holding both choices before any drop.
     """
     _check_choice("second_policy", second_policy, _SECOND_POLICIES)
+    _check_choice("fill_order", fill_order, FILL_ORDERS)
     if isinstance(threshold, (int, float)) and not threshold > 0:
         raise ValueError(f"threshold must be > 0, got {threshold!r}; the paper uses 0.5.")
     if rng is None and second_policy != "all":
@@ -319,10 +348,11 @@ def gshard_top2(
         padding_mask,
         capacity=capacity,
         second_policy=second_policy,
+        fill_order=fill_order,
     )
 
 
-@functools.partial(jax.jit, static_argnames=("capacity", "second_policy"))
+@functools.partial(jax.jit, static_argnames=("capacity", "second_policy", "fill_order"))
 def _gshard_top2(
     logits: jax.Array,
     rng: jax.Array | None,
@@ -331,6 +361,7 @@ def _gshard_top2(
     *,
     capacity: int | None,
     second_policy: str,
+    fill_order: str,
 ) -> Routing:
     """`gshard_top2` after its argument checks; see there."""
     logits = _float_logits(logits)
@@ -355,7 +386,12 @@ def _gshard_top2(
         keep_second = real & (uniform < gates[..., 1] / threshold)
     keep = jnp.stack([real, keep_second], axis=-1)  # [G, T, 2]
     token_index, weight = _route_choices(
-        expert_index, gates, keep, num_experts=num_experts, capacity=capacity
+        expert_index,
+        gates,
+        keep,
+        num_experts=num_experts,
+        capacity=capacity,
+        fill_order=fill_order,
     )
     return Routing(token_index, weight, probs, expert_index)
 
@@ -484,7 +520,8 @@ def noisy_logits(
 
 
 @functools.partial(
-    jax.jit, static_argnames=("k", "capacity", "score", "normalize", "batch_prioritized")
+    jax.jit,
+    static_argnames=("k", "capacity", "score", "normalize", "batch_prioritized", "fill_order"),
 )
 def biased_top_k(
     logits: jax.Array,
@@ -495,6 +532,7 @@ def biased_top_k(
     score: str = "sigmoid",
     normalize: str = "topk",
     batch_prioritized: bool = False,
+    fill_order: str = "choice",
     padding_mask: jax.Array | None = None,
 ) -> Routing:
     """Aux-loss-free balancing (DeepSeek-V3, Sec. 2.1.2): select by score + bias, weight by score.
@@ -506,7 +544,8 @@ def biased_top_k(
 
     Args:
       logits: f32[G, T, E]; bias: f32[E], updated by `update_expert_bias` outside the gradient.
-      k, capacity, normalize, batch_prioritized, padding_mask: as in `tokens_choose`.
+      k, capacity, normalize, batch_prioritized, fill_order, padding_mask: as in
+        `tokens_choose`.
       score: 'sigmoid' | 'softmax'.
     Returns:
       Routing with probs = scores renormalised to sum to 1 over experts f32[G, T, E] (for the
@@ -525,6 +564,7 @@ def biased_top_k(
         capacity=capacity,
         batch_prioritized=batch_prioritized,
         normalize=normalize,
+        fill_order=fill_order,
         padding_mask=padding_mask,
     )
     probs = scores / jnp.sum(scores, axis=-1, keepdims=True)  # [G, T, E]

@@ -229,6 +229,44 @@ def test_decoder_is_causal():
     assert not np.allclose(logits[:, 10:], logits_changed[:, 10:], atol=1e-3)
 
 
+@pytest.mark.parametrize("router", ["tokens_choose", "gshard_top2", "aux_free"])
+def test_top2_capacity_routing_in_a_decoder_does_not_see_later_tokens(router):
+    # k=2 with capacity (4 slots per expert for 32 choices per group) drops choices. Filled
+    # choice-major (GShard), token t's second choice competes with later tokens' first choices,
+    # so changing tokens 8-15 moves the logits of positions 0-7; a causal stack's default
+    # fills token by token, and the earlier positions stay as they were.
+    inputs = tokens(2, (2, 16))
+    changed = inputs.at[:, 8:].set(tokens(3, (2, 8)))
+
+    def logits_of(fill_order):
+        config = micro_config(router=router, k=2, capacity_factor_eval=1.0, fill_order=fill_order)
+        model = models.build_model(config, rngs=nnx.Rngs(0))
+        (logits, aux), (logits_changed, _) = apply(model, inputs), apply(model, changed)
+        assert float(aux.fraction_assignments_dropped.max()) > 0.1  # capacity does drop
+        return logits, logits_changed
+
+    logits, logits_changed = logits_of("")
+    np.testing.assert_array_equal(logits[:, :8], logits_changed[:, :8])
+    leaky, leaky_changed = logits_of("choice")
+    assert float(np.abs(leaky[:, :8] - leaky_changed[:, :8]).max()) > 1e-2
+
+
+def test_fill_order_resolves_by_stack():
+    config = micro_config("encoder_decoder", k=2)
+    model = models.build_model(config, rngs=nnx.Rngs(0))
+
+    def fill_orders(stack):
+        return {m.fill_order for _, m in nnx.iter_graph(stack) if hasattr(m, "fill_order")}
+
+    assert fill_orders(model.encoder) == {"choice"} and fill_orders(model.decoder) == {"token"}
+    config.moe.fill_order = "choice"  # GShard's order everywhere, as the paper's code
+    model = models.build_model(config, rngs=nnx.Rngs(0))
+    assert fill_orders(model.encoder) == fill_orders(model.decoder) == {"choice"}
+    config.moe.fill_order = "tokens"
+    with pytest.raises(ValueError, match="fill_order 'tokens'"):
+        models.build_model(config, rngs=nnx.Rngs(0))
+
+
 def test_packed_segments_do_not_see_each_other():
     """A document packed after another gives the logits it gives alone (positions restart)."""
     config = micro_config()

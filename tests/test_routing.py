@@ -104,6 +104,42 @@ def test_top2_topk_normalization():
     )
 
 
+def test_top2_token_order_fills_each_token_before_the_next():
+    # Token by token, each token's two choices together, C=2:
+    # t0: e0 slot 0, e1 slot 0; t1: e0 slot 1 (full), e1 slot 1 (full); t2: e1 and e0 full,
+    # both dropped. Choice-major order (above) drops t1's second choice to keep t2's first
+    # instead: a later token decides what an earlier one keeps, which a decoder must not do.
+    result = routing.tokens_choose(LOGITS_3X3, k=2, capacity=2, fill_order="token")
+    assert_routing(result, [[[0, 1], [0, 1], [-1, -1]]], [[[0.6, 0.5], [0.3, 0.4], [0, 0]]])
+    np.testing.assert_array_equal(result.expert_index, [[[0, 1], [0, 1], [1, 0]]])
+    # the first two tokens' slots do not depend on the third token's choices (now e2, e0)
+    other_third = LOGITS_3X3.copy()
+    other_third[0, 2] = np.log([0.1, 0.1, 0.8])
+    again = routing.tokens_choose(other_third, k=2, capacity=2, fill_order="token")
+    assert_routing(again, [[[0, 1], [0, 1], [2, -1]]], [[[0.6, 0.5], [0.3, 0.4], [0.8, 0]]])
+    gshard = routing.gshard_top2(
+        LOGITS_3X3, capacity=2, rng=None, second_policy="all", fill_order="token"
+    )
+    assert_routing(
+        gshard,
+        [[[0, 1], [0, 1], [-1, -1]]],
+        [[[0.6 / 0.9, 0.5 / 0.9], [0.3 / 0.9, 0.4 / 0.9], [0, 0]]],
+    )
+    biased = routing.biased_top_k(
+        LOGITS_3X3, jnp.zeros(3), k=2, capacity=2, score="softmax", fill_order="token"
+    )
+    np.testing.assert_array_equal(biased.token_index, result.token_index)
+    with pytest.raises(ValueError, match="fill_order must be one of"):
+        routing.tokens_choose(LOGITS_3X3, k=2, capacity=2, fill_order="position")
+
+
+def test_fill_orders_agree_for_top1():
+    logits = jax.random.normal(jax.random.key(3), (2, 16, 4))
+    choice = routing.tokens_choose(logits, k=1, capacity=3)
+    token = routing.tokens_choose(logits, k=1, capacity=3, fill_order="token")
+    np.testing.assert_array_equal(choice.token_index, token.token_index)
+
+
 def test_capacity_none_never_drops():
     # C = T = 3: every choice of every token finds a slot. e0 gets t0, t1 (first) then t2
     # (second); e1 gets t2 (first) then t0, t1 (second).
