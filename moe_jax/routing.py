@@ -1,6 +1,7 @@
 """Routers: router logits -> `Routing`, the slot view of which token sits in which expert slot.
 
 Pure JAX (no Flax). Every router returns a `Routing`; dispatch backends consume only that.
+The capacity routers place their choices into slots with `moe_jax.slots.route_choices`.
 Shapes: G groups, T tokens per group, E experts, K choices per token, C capacity (slots per
 expert per group). C is always a static Python int.
 
@@ -18,6 +19,8 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+
+from moe_jax.slots import FILL_ORDERS, route_choices
 
 
 class Routing(NamedTuple):
@@ -76,8 +79,6 @@ def _check_int(name: str, value: int, low: int, high: int | None = None) -> int:
 
 
 _NORMALIZE = ("none", "topk")
-# The order in which a group's k * T choices take slots (see `_route_choices`).
-FILL_ORDERS = ("choice", "token")
 _SECOND_POLICIES = ("random", "all", "sampling")
 _SCORES = ("softmax", "sigmoid")
 
@@ -132,83 +133,6 @@ def real_token_mask(padding_mask: jax.Array | None, shape: tuple[int, int]) -> j
     return padding_mask.astype(jnp.bool_)
 
 
-def _fill_slots(
-    expert: jax.Array,
-    token: jax.Array,
-    weight: jax.Array,
-    keep: jax.Array,
-    *,
-    num_experts: int,
-    capacity: int,
-) -> tuple[jax.Array, jax.Array]:
-    """Places assignments, given in priority order, into expert slots (one group).
-
-    Args:
-      expert: i32[N] expert of each assignment; token: i32[N] its token; weight: f32[N] its
-        combine weight; keep: bool[N] False for assignments that must take no slot.
-    Returns:
-      token_index i32[E, C] (-1 = empty) and weight f32[E, C] (0.0 = empty).
-    """
-    num_assignments = expert.shape[0]
-    # Skipped assignments queue at the sentinel expert E, past every real one.
-    queue = jnp.where(keep, expert, num_experts)  # [N]
-    # A stable sort lays the queues end to end, each in priority order; an assignment's place in
-    # its queue is its sorted position minus the number of assignments to lower experts.
-    order = jnp.argsort(queue, stable=True)  # [N]
-    queue_length = jnp.zeros(num_experts + 1, jnp.int32).at[queue].add(1)  # [E + 1]
-    queue_start = jnp.cumsum(queue_length) - queue_length  # [E + 1]
-    position_sorted = jnp.arange(num_assignments, dtype=jnp.int32) - queue_start[queue[order]]
-    position = jnp.zeros(num_assignments, jnp.int32).at[order].set(position_sorted)  # [N]
-    # Out-of-range rows (sentinel expert) and columns (position >= C) are dropped by the scatter.
-    slot = jnp.minimum(position, capacity)
-    token_index = jnp.full((num_experts, capacity), -1, jnp.int32)  # [E, C]
-    token_index = token_index.at[queue, slot].set(token.astype(jnp.int32), mode="drop")
-    slot_weight = jnp.zeros((num_experts, capacity), jnp.float32)
-    slot_weight = slot_weight.at[queue, slot].set(weight, mode="drop")  # [E, C]
-    return token_index, slot_weight
-
-
-def _route_choices(
-    expert_index: jax.Array,
-    weight: jax.Array,
-    keep: jax.Array,
-    *,
-    num_experts: int,
-    capacity: int,
-    fill_order: str = "choice",
-    token_order: jax.Array | None = None,
-) -> tuple[jax.Array, jax.Array]:
-    """Fills slots with a group's choices in priority order.
-
-    fill_order 'choice' (GShard, T5X): every token's first choice, then every token's second,
-    and so on, so whether a token keeps its second expert depends on later tokens' first
-    choices. 'token': token by token, each token's k choices together in rank order, so a
-    token's slots depend only on the tokens ranked before it (causal in position order).
-
-    Args:
-      expert_index: i32[G, T, K] experts chosen; weight: f32[G, T, K] their combine weights;
-        keep: bool[G, T, K] which choices may take a slot.
-      fill_order: 'choice' | 'token'.
-      token_order: i32[G, T] token priority (default: position order).
-    Returns:
-      token_index i32[G, E, C] and weight f32[G, E, C].
-    """
-    num_groups, num_tokens, k = expert_index.shape
-    token = jnp.broadcast_to(jnp.arange(num_tokens, dtype=jnp.int32), (num_groups, num_tokens))
-    if token_order is not None:
-        token = token_order.astype(jnp.int32)
-        take = lambda a: jnp.take_along_axis(a, token_order[..., None], axis=1)  # [G, T, K]
-        expert_index, weight, keep = take(expert_index), take(weight), take(keep)
-    if fill_order == "choice":
-        flat = lambda a: jnp.swapaxes(a, 1, 2).reshape(num_groups, k * num_tokens)  # [G, K*T]
-        token = jnp.tile(token, (1, k))  # [G, K*T]
-    else:
-        flat = lambda a: a.reshape(num_groups, num_tokens * k)  # [G, T*K]
-        token = jnp.repeat(token, k, axis=1)  # [G, T*K]
-    fill = lambda e, t, w, m: _fill_slots(e, t, w, m, num_experts=num_experts, capacity=capacity)
-    return jax.vmap(fill)(flat(expert_index), token, flat(weight), flat(keep))
-
-
 def _choose_top_k(
     scores: jax.Array,
     selection_scores: jax.Array,
@@ -240,7 +164,7 @@ def _choose_top_k(
         # Descending first-choice score; the stable sort breaks ties by position.
         first_choice_score = jnp.take_along_axis(selection_scores, expert_index[..., :1], -1)
         token_order = jnp.argsort(-first_choice_score[..., 0], axis=-1, stable=True)  # [G, T]
-    token_index, weight = _route_choices(
+    token_index, weight = route_choices(
         expert_index,
         top_scores,
         keep,
@@ -385,7 +309,7 @@ def _gshard_top2(
         uniform = jax.random.uniform(rng, (num_groups, num_tokens))  # [G, T]
         keep_second = real & (uniform < gates[..., 1] / threshold)
     keep = jnp.stack([real, keep_second], axis=-1)  # [G, T, 2]
-    token_index, weight = _route_choices(
+    token_index, weight = route_choices(
         expert_index,
         gates,
         keep,
@@ -477,7 +401,7 @@ def hash_routing(
     real = real_token_mask(padding_mask, (num_groups, num_tokens))
     expert_index = hash_expert(token_ids, num_experts)[..., None]  # [G, T, 1]
     probs = jax.nn.one_hot(expert_index[..., 0], num_experts, dtype=jnp.float32)  # [G, T, E]
-    token_index, weight = _route_choices(
+    token_index, weight = route_choices(
         expert_index,
         jnp.ones(expert_index.shape, jnp.float32),
         real[..., None],
