@@ -200,3 +200,48 @@ def test_scanned_model_loads_and_saves(tmp_path):
     assert set(written) == set(original)
     for name, tensor in written.items():
         np.testing.assert_allclose(tensor, original[name], rtol=1e-6, atol=1e-7, err_msg=name)
+
+
+def test_scanned_save_fetches_each_layer_once(tmp_path, monkeypatch):
+    """`save` of scanned stacks `[R, ...]` slices a layer on device before fetching it: the bytes
+    through `jax.device_get` are the model's bytes once, each fetch one layer of one parameter
+    (fetching the whole stack each time the tensor order moved to another parameter was about R
+    times the model's bytes)."""
+    reference = random_switch(
+        switch_config(
+            num_layers=4,
+            num_decoder_layers=4,
+            num_sparse_encoder_layers=2,
+            num_sparse_decoder_layers=2,
+        )
+    )
+    reference.save_pretrained(tmp_path / "hf")
+    config = hf.load_config(str(tmp_path / "hf"))
+    config.model.scan_layers = True
+    model = model_without_weights(config)
+    hf.load_into(model, config, str(tmp_path / "hf"))
+    params = {
+        path: variable.get_value()
+        for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param))
+    }
+    scanned = {path: value.shape[0] for path, value in params.items() if path[1] == "segments"}
+    assert set(scanned.values()) == {2}  # every block parameter stacked [R=2, ...]
+    model_bytes = sum(value.nbytes for value in params.values())
+    layer_bytes = sorted(  # one piece per layer of each parameter
+        value.nbytes // scanned.get(path, 1)
+        for path, value in params.items()
+        for _ in range(scanned.get(path, 1))
+    )
+    fetched = []
+    device_get = jax.device_get
+
+    def recording(tree):
+        host = device_get(tree)
+        fetched.append(sum(np.asarray(leaf).nbytes for leaf in jax.tree.leaves(host)))
+        return host
+
+    monkeypatch.setattr(jax, "device_get", recording)
+    hf.save(config, model, str(tmp_path / "out"))
+    monkeypatch.undo()
+    assert sum(fetched) == model_bytes, (sum(fetched) / model_bytes, len(fetched))
+    assert sorted(fetched) == layer_bytes, (max(fetched), max(layer_bytes))
