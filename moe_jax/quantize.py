@@ -6,10 +6,13 @@
     decode.generate(quantize_experts(model, 4), prompts, max_new_tokens=32)
 
 `quantize_experts(model, bits, group_size=0)` replaces, in place, every stacked expert weight
-(`wi, wi_gate: [E, M, H]`, `wo: [E, H, M]`) of every MoE layer by a `qwix.QArray`: integer
-values stored as int8 or int4 and float32 scales from the absolute maximum (symmetric, no zero
-point), one scale per expert and output channel (`[E, 1, N]`), or with `group_size = g` one per
-group of g consecutive input rows as well (`[E, A / g, N]`, the sub-channel scales int4 needs).
+(`wi, wi_gate: [E, M, H]`, `wo: [E, H, M]`; scanned layers stack them as `[R, E, M, H]`) of
+every MoE layer by a `qwix.QArray`: integer values stored as int8 or int4 and float32 scales
+from the absolute maximum (symmetric, no zero point), one scale per layer, expert and output
+channel (`[E, 1, N]`, scanned `[R, E, 1, N]`), or with `group_size = g` one per group of g
+consecutive input rows as well (`[E, A / g, N]`, the sub-channel scales int4 needs). The scale
+is taken over the contracted axis (-2) alone, so a scanned layer is quantized as it would be
+unscanned.
 The layer dequantizes the weights (`qvalue * scale`) when it runs
 (`MoeFeedForward.expert_params`), so the stored weights take 1 or 1/2 byte per value and the
 maths is the float model's on the rounded weights. Routers, attention, embeddings and dense
@@ -53,23 +56,25 @@ def _expert_weights(model: nnx.Module):
 
 
 def quantize_array(weight: jax.Array, bits: int, group_size: int = 0) -> qwix.QArray:
-    """`weight: f32[E, A, N]` (A contracted) as a QArray of `bits`-bit integers with f32 scales
-    `[E, 1, N]` (per expert and output channel) or `[E, A / group_size, N]`."""
+    """`weight: f32[..., E, A, N]` (A contracted; scanned layers add a leading `[R]`) as a
+    QArray of `bits`-bit integers with f32 scales `[..., E, 1, N]` (per expert and output
+    channel of each layer) or `[..., E, A / group_size, N]`."""
     if bits not in INTEGER_TYPES:
         raise ValueError(
             f"expert weights quantize to {sorted(INTEGER_TYPES)} bits, not {bits}; use "
             "--expert_bits=8 or 4 (or a float format: float32, bfloat16)."
         )
-    if group_size < 0 or (group_size and weight.shape[1] % group_size):
+    contracted = weight.ndim - 2
+    if group_size < 0 or (group_size and weight.shape[contracted] % group_size):
         raise ValueError(
             f"group_size={group_size} must be 0 (per channel) or divide the contracted "
-            f"dimension {weight.shape[1]} of the expert weights."
+            f"dimension {weight.shape[contracted]} of the expert weights."
         )
-    tiles = {1: group_size} if group_size else None
+    tiles = {contracted: group_size} if group_size else None
     return qwix.quantize(
         jnp.asarray(weight, jnp.float32),
         INTEGER_TYPES[bits],
-        channelwise_axes=(0, 2),
+        channelwise_axes=tuple(axis for axis in range(weight.ndim) if axis != contracted),
         tiled_axes=tiles,
         scale_dtype=jnp.float32,
     )

@@ -24,7 +24,10 @@ statistics (the paper finds r = 0.5 best).
 `--from` is a `moe_jax.train` workdir of a dense run (its latest checkpoint) or `hf:DIR`, a
 Hugging Face dense checkpoint `moe_jax.hf` loads (T5). The output workdir is written by
 `train.save_initial_checkpoint` like `moe_jax.convert`'s, so training resumes from it as from
-any run. Every layer the dense model has must be unscanned (`model.scan_layers=False`).
+any run. Every layer the dense model has must be unscanned (`model.scan_layers=False`), and
+the two configs must agree on every `model.*` key but those of `FREE_MODEL_KEYS` (dropout,
+precision, rematerialisation, the Hugging Face family to save as), so that rotary bases, norm
+epsilons and position buckets, and any key added later, are the dense model's.
 """
 
 from typing import Any
@@ -50,9 +53,30 @@ def _stacks(config) -> dict[str, int]:
     return {"decoder": model.num_layers}
 
 
+# model.* keys the MoE config may set apart from the dense one. Every other model.* key, a key
+# added to the config later included, must be equal. These change no parameter and not the
+# evaluation function (dropout, compute and parameter precision, rematerialisation, the family
+# `hf.save` writes), or are compared otherwise: the layer counts of the stacks the model kind
+# has (`_stacks`; the other kind's counts are unused) and scan_layers (False on both sides).
+FREE_MODEL_KEYS = frozenset(
+    {
+        "dropout_rate",
+        "dtype",
+        "param_dtype",
+        "remat",
+        "hf_model_type",
+        "num_layers",
+        "num_encoder_layers",
+        "num_decoder_layers",
+        "scan_layers",
+    }
+)
+
+
 def check_compatible(dense_config, moe_config) -> None:
-    """Raises ValueError, naming both values and the fix, when the dense model's shapes do not
-    match the MoE config's or either cannot take part in upcycling."""
+    """Raises ValueError, naming the key, both values and the fix, when the dense model's
+    architecture (every model.* key but `FREE_MODEL_KEYS`, the expert width and activation, the
+    layers per stack) differs from the MoE config's or either cannot take part in upcycling."""
     dense, target = dense_config.model, moe_config.model
     if dense_config.moe.num_experts != 0:
         raise ValueError(
@@ -65,27 +89,11 @@ def check_compatible(dense_config, moe_config) -> None:
         )
     expert_d_ff = moe_config.moe.d_ff or target.d_ff
     expert_activation = moe_config.moe.activation or target.ffn_activation
-    pairs = [
-        ("model.kind", dense.kind, "model.kind", target.kind),
-        ("model.vocab_size", dense.vocab_size, "model.vocab_size", target.vocab_size),
-        ("model.d_model", dense.d_model, "model.d_model", target.d_model),
-        ("model.d_ff", dense.d_ff, "model.d_ff", target.d_ff),
+    compared = sorted(set(target) - FREE_MODEL_KEYS, key=lambda key: (key != "kind", key))
+    pairs = [(f"model.{key}", dense[key], f"model.{key}", target[key]) for key in compared]
+    pairs += [
         ("model.d_ff", dense.d_ff, "moe.d_ff (expert width)", expert_d_ff),
-        (
-            "model.ffn_activation",
-            dense.ffn_activation,
-            "model.ffn_activation",
-            target.ffn_activation,
-        ),
         ("model.ffn_activation", dense.ffn_activation, "expert activation", expert_activation),
-        ("model.num_heads", dense.num_heads, "model.num_heads", target.num_heads),
-        ("model.head_dim", dense.head_dim, "model.head_dim", target.head_dim),
-        (
-            "model.tie_embeddings",
-            dense.tie_embeddings,
-            "model.tie_embeddings",
-            target.tie_embeddings,
-        ),
     ]
     pairs += [
         (f"{name} layers", count, f"{name} layers", _stacks(moe_config).get(name))
@@ -96,7 +104,7 @@ def check_compatible(dense_config, moe_config) -> None:
             raise ValueError(
                 f"the dense checkpoint has {dense_key}={dense_value!r} but the MoE config has "
                 f"{moe_key}={moe_value!r}; set --config.{moe_key.split(' ')[0]}={dense_value!r} "
-                "or upcycle a checkpoint of that shape."
+                "or upcycle a checkpoint with that setting."
             )
     for name, config in (("dense", dense_config), ("MoE", moe_config)):
         if config.model.scan_layers:

@@ -6,6 +6,8 @@ The oracle is a tiny random `transformers` model (seeded, float32) saved with `s
 4 experts.
 """
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -166,6 +168,34 @@ def test_switch_round_trip_through_transformers(tmp_path, tied):
     assert_close(ours, torch_logits(loaded.eval(), encoder, decoder).logits)
 
 
+def test_stored_sparse_steps_place_the_experts(tmp_path):
+    """transformers builds the stacks from `encoder_sparse_step` / `decoder_sparse_step` of
+    config.json, which may disagree with `num_layers // num_sparse_*_layers` (here the counts
+    give step 2, the stored steps 1: every layer sparse). The load reads the steps, holds every
+    tensor, gives transformers' logits, and saves back what transformers loads."""
+    hf_config = switch_config(
+        num_layers=4,
+        num_decoder_layers=4,
+        num_sparse_encoder_layers=2,
+        num_sparse_decoder_layers=2,
+        encoder_sparse_step=1,
+        decoder_sparse_step=1,
+    )
+    reference = random_switch(hf_config)
+    reference.save_pretrained(tmp_path / "hf")
+    config, model = hf.load(str(tmp_path / "hf"))
+    assert (config.moe.sparse_placement, config.moe.sparse_every) == ("every", 1)
+    encoder, decoder = batch(seed=5)
+    ours, _ = ours_logits(model, encoder, decoder)
+    assert_close(ours, torch_logits(reference, encoder, decoder).logits)
+    hf.save(config, model, str(tmp_path / "out"))
+    loaded, info = transformers.AutoModelForSeq2SeqLM.from_pretrained(
+        tmp_path / "out", output_loading_info=True
+    )
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    assert_close(ours, torch_logits(loaded.eval(), encoder, decoder).logits)
+
+
 def test_unsupported_switch_settings_are_refused(tmp_path):
     def saved(name, **overrides):
         random_switch(switch_config(**overrides)).save_pretrained(tmp_path / name)
@@ -177,6 +207,10 @@ def test_unsupported_switch_settings_are_refused(tmp_path):
     with pytest.raises(ValueError, match=r"num_sparse_encoder_layers=1.*layers \[1\]"):
         hf.load(saved("placement", num_layers=4, num_decoder_layers=4))
     config, model = hf.load(saved("good"))
+    good = tmp_path / "good" / "config.json"
+    good.write_text(json.dumps({**json.loads(good.read_text()), "encoder_sparse_step": "2"}))
+    with pytest.raises(ValueError, match="encoder_sparse_step='2' is not supported"):
+        hf.load_config(str(tmp_path / "good"))
     config.moe.k = 2
     with pytest.raises(ValueError, match="moe.k=2"):
         hf.save(config, model, str(tmp_path / "out"))
@@ -200,3 +234,48 @@ def test_scanned_model_loads_and_saves(tmp_path):
     assert set(written) == set(original)
     for name, tensor in written.items():
         np.testing.assert_allclose(tensor, original[name], rtol=1e-6, atol=1e-7, err_msg=name)
+
+
+def test_scanned_save_fetches_each_layer_once(tmp_path, monkeypatch):
+    """`save` of scanned stacks `[R, ...]` slices a layer on device before fetching it: the bytes
+    through `jax.device_get` are the model's bytes once, each fetch one layer of one parameter
+    (fetching the whole stack each time the tensor order moved to another parameter was about R
+    times the model's bytes)."""
+    reference = random_switch(
+        switch_config(
+            num_layers=4,
+            num_decoder_layers=4,
+            num_sparse_encoder_layers=2,
+            num_sparse_decoder_layers=2,
+        )
+    )
+    reference.save_pretrained(tmp_path / "hf")
+    config = hf.load_config(str(tmp_path / "hf"))
+    config.model.scan_layers = True
+    model = model_without_weights(config)
+    hf.load_into(model, config, str(tmp_path / "hf"))
+    params = {
+        path: variable.get_value()
+        for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param))
+    }
+    scanned = {path: value.shape[0] for path, value in params.items() if path[1] == "segments"}
+    assert set(scanned.values()) == {2}  # every block parameter stacked [R=2, ...]
+    model_bytes = sum(value.nbytes for value in params.values())
+    layer_bytes = sorted(  # one piece per layer of each parameter
+        value.nbytes // scanned.get(path, 1)
+        for path, value in params.items()
+        for _ in range(scanned.get(path, 1))
+    )
+    fetched = []
+    device_get = jax.device_get
+
+    def recording(tree):
+        host = device_get(tree)
+        fetched.append(sum(np.asarray(leaf).nbytes for leaf in jax.tree.leaves(host)))
+        return host
+
+    monkeypatch.setattr(jax, "device_get", recording)
+    hf.save(config, model, str(tmp_path / "out"))
+    monkeypatch.undo()
+    assert sum(fetched) == model_bytes, (sum(fetched) / model_bytes, len(fetched))
+    assert sorted(fetched) == layer_bytes, (max(fetched), max(layer_bytes))

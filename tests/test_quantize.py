@@ -1,10 +1,12 @@
 """Quantized experts (moe_jax.quantize): qwix's rounding on a hand-computed case, expert weights
-really stored as int8 / int4 with per-channel or per-group scales, int8 logits within a stated
-tolerance of float32 (int4 further off), byte counts, decoding, and unsupported bit widths."""
+really stored as int8 / int4 with per-channel or per-group scales, scanned layers quantized as
+each layer alone, int8 logits within a stated tolerance of float32 (int4 further off), byte
+counts, decoding, and unsupported bit widths."""
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import qwix
 from flax import nnx
 from test_upcycle import TOKENS, moe_config
 
@@ -27,6 +29,42 @@ def test_hand_computed_int8_and_int4():
 
 def model(**overrides):
     return build_model(moe_config(moe__num_experts=4, **overrides), rngs=nnx.Rngs(0))
+
+
+def relative_error_per_expert(weight, quantized) -> np.ndarray:
+    """f32[..., E]: |dequantized - weight| / |weight| (Frobenius) of each expert's matrix."""
+    error = np.asarray(qwix.dequantize(quantized)) - np.asarray(weight)
+    return np.linalg.norm(error, axis=(-2, -1)) / np.linalg.norm(weight, axis=(-2, -1))
+
+
+@pytest.mark.parametrize("bits, group_size", [(8, 0), (4, 0), (4, 8)])
+def test_scanned_expert_weights_quantize_as_each_layer_alone(bits, group_size):
+    """A scanned model stores each expert weight as `[R, E, A, N]`: its integers and scales are
+    those of each layer's `[E, A, N]` quantized by itself (the oracle), so experts of magnitudes
+    1e-2..1 each keep the per-layer relative error, and the model runs on them."""
+    scanned = model(model__scan_layers=True)
+    magnitudes = jnp.logspace(-2, 0, 4)[None, :, None, None]  # [1, E, 1, 1]
+    for module, name in quantize._expert_weights(scanned):
+        variable = getattr(module, name)
+        variable.set_value(variable.get_value() * magnitudes)
+    floats = {name: getattr(m, name).get_value() for m, name in quantize._expert_weights(scanned)}
+    oracle = nnx.clone(scanned)
+    quantize.quantize_experts(scanned, bits, group_size)
+    for (module, name), (oracle_module, _) in zip(
+        quantize._expert_weights(scanned), quantize._expert_weights(oracle)
+    ):
+        weight, stored = floats[name], getattr(module, name).get_value()
+        layers = [quantize.quantize_array(layer, bits, group_size) for layer in weight]
+        np.testing.assert_array_equal(stored.qvalue, jnp.stack([q.qvalue for q in layers]))
+        np.testing.assert_allclose(stored.scale, jnp.stack([q.scale for q in layers]), rtol=1e-6)
+        want = np.stack([relative_error_per_expert(w, q) for w, q in zip(weight, layers)])
+        got = relative_error_per_expert(weight, stored)  # [R, E]
+        np.testing.assert_allclose(got, want, rtol=1e-5, err_msg=name)
+        assert got.max() < (0.01 if bits == 8 else 0.15), (name, got)
+        getattr(oracle_module, name).set_value(jnp.stack([qwix.dequantize(q) for q in layers]))
+    want, _ = oracle(TOKENS, deterministic=True)
+    got, _ = scanned(TOKENS, deterministic=True)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * max(1.0, float(jnp.abs(want).max())))
 
 
 @pytest.mark.parametrize("bits, dtype", [(8, jnp.int8), (4, jnp.int4)])

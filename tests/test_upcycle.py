@@ -3,6 +3,7 @@ Upcycling re-initialises exactly its share of hidden units per expert, mismatche
 are refused before anything is written, and an upcycled run trains and resumes like any run."""
 
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -139,6 +140,51 @@ def test_mismatched_checkpoint_is_refused_before_writing(dense_dir, overrides, m
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         upcycle.upcycle_run(dense_dir, moe_config(**overrides), str(out))
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "key, dense_value, moe_value",
+    [
+        ("rope_theta", 10_000.0, 500_000.0),
+        ("norm_epsilon", 1e-6, 1e-5),
+        ("relative_attention_num_buckets", 32, 16),
+        ("relative_attention_max_distance", 128, 64),
+        ("num_kv_heads", 0, 1),
+        ("qk_norm", False, True),
+        ("share_layers", False, True),
+    ],
+)
+def test_every_architecture_key_is_compared(key, dense_value, moe_value):
+    """Keys beyond the shapes change the dense function (rotary base, RMSNorm epsilon, position
+    buckets, key/value heads, q/k norms, WideNet sharing): the refusal names key and values."""
+    dense_cfg, moe_cfg = dense_config(), moe_config()
+    dense_cfg.model[key], moe_cfg.model[key] = dense_value, moe_value
+    message = (
+        f"dense checkpoint has model.{key}={dense_value!r} but the MoE config has "
+        f"model.{key}={moe_value!r}; set --config.model.{key}={dense_value!r}"
+    )
+    with pytest.raises(ValueError, match=re.escape(message)):
+        upcycle.check_compatible(dense_cfg, moe_cfg)
+
+
+def test_free_keys_may_differ_and_a_model_key_added_later_is_compared():
+    """`FREE_MODEL_KEYS` may differ (a decoder-only model's encoder depth is unused); a model
+    key the config gains later is compared without being listed anywhere."""
+    dense_cfg = dense_config()
+    moe_cfg = moe_config(
+        model__dropout_rate=0.1,
+        model__dtype="bfloat16",
+        model__param_dtype="bfloat16",
+        model__remat="full",
+        model__hf_model_type="switch_transformers",
+        model__num_encoder_layers=7,
+    )
+    upcycle.check_compatible(dense_cfg, moe_cfg)
+    for config, value in ((dense_cfg, 1), (moe_cfg, 2)):
+        with config.unlocked():
+            config.model.future_setting = value
+    with pytest.raises(ValueError, match=r"model\.future_setting=1 but .* model\.future_setting=2"):
+        upcycle.check_compatible(dense_cfg, moe_cfg)
 
 
 def test_upcycled_run_starts_at_the_dense_function_then_trains(dense_dir, tmp_path):

@@ -203,8 +203,10 @@ def load(path: str, base: ml_collections.ConfigDict | None = None):
 
 
 def _param_getter(model: nnx.Module, config):
-    """`param(path) -> np.ndarray` by unscanned path, keeping the last array read (the stacked
-    experts of a layer are read once for all their per-expert tensors)."""
+    """`param(path) -> np.ndarray` by unscanned path. A scanned parameter `[R, ...]` is sliced
+    on device and only the layer asked for is fetched; the last layer read is kept (the stacked
+    experts of a layer are read once for all their per-expert tensors), so the host holds about
+    one tensor at a time."""
     by_path = {}
     for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         if _is_scanned(config, path):
@@ -216,12 +218,13 @@ def _param_getter(model: nnx.Module, config):
 
     def param(path: Path) -> np.ndarray:
         variable, index = by_path[path]
-        key = id(variable)
+        key = (id(variable), index)
         if key not in cache:
             cache.clear()
-            cache[key] = np.asarray(jax.device_get(variable.get_value()))
-        array = cache[key]
-        return array if index is None else array[index]
+            value = variable.get_value()
+            layer = value if index is None else value[index]  # [...] without the [R] axis
+            cache[key] = np.asarray(jax.device_get(layer))
+        return cache[key]
 
     return param
 

@@ -17,10 +17,13 @@ moe_jax, beyond the T5 layout of `moe_jax.hf.t5`:
   hidden state through, scaled by its router probability; checkpoints are the same, logits of
   dropping batches differ from 4.x.
 - Sparse layers: layer i of a stack is sparse when `i % step == 1` (or `step == 1`) with
-  `step = num_layers // num_sparse_*_layers`; we find the `moe.sparse_placement` that puts
-  experts in the same layers of both stacks, and refuse patterns we cannot place (our single
-  placement serves both stacks; our 'every' puts experts at `i % n == n - 1`, which equals
-  transformers' only for steps 1 and 2).
+  `step` the stack's `encoder_sparse_step` / `decoder_sparse_step`: `SwitchTransformersConfig`
+  derives it as `num_layers // num_sparse_*_layers`, but a step stored in config.json replaces
+  that (and may disagree with the counts), so we read the stored step when there is one. We
+  write the counts, from which transformers derives our steps. We find the
+  `moe.sparse_placement` that puts experts in the same layers of both stacks, and refuse
+  patterns we cannot place (our single placement serves both stacks; our 'every' puts experts
+  at `i % n == n - 1`, which equals transformers' only for steps 1 and 2).
 - Dense FFNs and experts are `wi`/`wo` with `dense_act_fn` 'relu' or 'gelu_new' (tanh GELU);
   transformers applies `dropout_rate` to the expert hidden layer as well, loaded as
   `moe.expert_dropout` (Switch fine-tunes with 0.4 there: set it after loading).
@@ -54,9 +57,24 @@ DENSE_ACT_FN = {"relu": "relu", "gelu": "gelu_new"}
 _EMBED_TOKENS = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
 
 
-def hf_sparse_flags(num_layers: int, num_sparse: int) -> tuple[bool, ...]:
-    """transformers' sparse layers of a stack (True: sparse), bottom to top."""
-    step = num_layers // num_sparse if num_sparse > 0 else num_layers
+def count_sparse_step(num_layers: int, num_sparse: int) -> int:
+    """The sparse step `SwitchTransformersConfig` derives from a stack's counts."""
+    return num_layers // num_sparse if num_sparse > 0 else num_layers
+
+
+def hf_sparse_step(hf: dict, stack: str, num_layers: int) -> int:
+    """transformers' `{stack}_sparse_step` of a `num_layers` stack: the field of config.json when
+    it is there (transformers' modeling code builds the stack from it, whatever the counts
+    say), else derived from `num_sparse_{stack}_layers` (default 3)."""
+    step = hf.get(f"{stack}_sparse_step")
+    if step is None:
+        return count_sparse_step(num_layers, hf.get(f"num_sparse_{stack}_layers", 3))
+    return step
+
+
+def hf_sparse_flags(num_layers: int, step: int) -> tuple[bool, ...]:
+    """transformers' sparse layers of a stack with sparse step `step` (True: sparse), bottom to
+    top: layer i is sparse when `i % step == 1` or `step == 1`; none when `step <= 0`."""
     return tuple((i % step == 1 or step == 1) if step > 0 else False for i in range(num_layers))
 
 
@@ -90,15 +108,18 @@ class SwitchFamily:
                 "router_bias": lambda v: v is False,
                 "router_dtype": lambda v: v == "float32",
                 "dense_act_fn": lambda v: v in ACTIVATIONS,
+                "encoder_sparse_step": lambda v: type(v) is int,
+                "decoder_sparse_step": lambda v: type(v) is int,
             },
         )
         settings = common_config(self.model_type, hf)
         num_encoder = settings["model.num_encoder_layers"]
         num_decoder = settings["model.num_decoder_layers"]
-        wanted = (
-            hf_sparse_flags(num_encoder, hf.get("num_sparse_encoder_layers", 3)),
-            hf_sparse_flags(num_decoder, hf.get("num_sparse_decoder_layers", 3)),
+        steps = (
+            hf_sparse_step(hf, "encoder", num_encoder),
+            hf_sparse_step(hf, "decoder", num_decoder),
         )
+        wanted = (hf_sparse_flags(num_encoder, steps[0]), hf_sparse_flags(num_decoder, steps[1]))
         placement = next(
             (
                 candidate
@@ -112,7 +133,8 @@ class SwitchFamily:
             raise ValueError(
                 f"switch_transformers config.json: num_sparse_encoder_layers="
                 f"{hf.get('num_sparse_encoder_layers', 3)} and num_sparse_decoder_layers="
-                f"{hf.get('num_sparse_decoder_layers', 3)} put experts in layers "
+                f"{hf.get('num_sparse_decoder_layers', 3)} (encoder_sparse_step={steps[0]}, "
+                f"decoder_sparse_step={steps[1]}) put experts in layers "
                 f"{[i for i, s in enumerate(wanted[0]) if s]} (encoder) and "
                 f"{[i for i, s in enumerate(wanted[1]) if s]} (decoder), which moe_jax's one "
                 "sparse placement for both stacks cannot express."
@@ -246,7 +268,7 @@ class SwitchFamily:
         """`num_sparse_*_layers` that makes transformers place experts where we do."""
         ours = sparse_layer_flags(num_layers, config.moe)
         for count in range(1, num_layers + 1):
-            if hf_sparse_flags(num_layers, count) == ours:
+            if hf_sparse_flags(num_layers, count_sparse_step(num_layers, count)) == ours:
                 return count
         raise ValueError(
             f"moe.sparse_placement={config.moe.sparse_placement!r} (sparse_every="
