@@ -419,7 +419,8 @@ def config_from_workdir(workdir: str) -> ml_collections.ConfigDict:
 
 def restore_for_inference(workdir: str) -> tuple[ml_collections.ConfigDict, nnx.Module, int]:
     """`(config, model, step)`: the model of the latest checkpoint in a training `workdir`,
-    on one device (the mesh of the run is not needed to read it)."""
+    on one device (the mesh of the run is not needed to read it). Only the parameters and the
+    model state are read; the optimizer state stays on disk (`Checkpoints.restore_parts`)."""
     config = config_from_workdir(workdir)
     directory = os.path.join(workdir, checkpoint.CHECKPOINT_DIR)
     step = None
@@ -440,7 +441,10 @@ def restore_for_inference(workdir: str) -> tuple[ml_collections.ConfigDict, nnx.
     abstract_model = nnx.eval_shape(lambda: build_model(config, rngs=nnx.Rngs(config.seed)))
     with jax.set_mesh(mesh):
         target, graphdef, rng_state = _abstract_state(abstract_model, config, mesh, optimizer)
-        state, _ = checkpoints.restore(step, target)
+        skipped = jax.tree.map(lambda _: checkpoint.SKIP, target.opt_state)
+        state = checkpoints.restore_parts(
+            step, target._replace(step=checkpoint.SKIP, opt_state=skipped)
+        )
     checkpoints.close()
     model = nnx.merge(graphdef, state.params, stand_in_rng_state(rng_state), state.model_state)
     return config, model, step
