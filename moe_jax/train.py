@@ -9,11 +9,12 @@ the same command again resumes from the latest checkpoint; raise `train.num_step
 further (the schedule keeps its horizon; what a resume may change is in `moe_jax.run_identity`).
 A new run starts from random weights, or from a Hugging Face checkpoint with
 `--config.train.init_from=hf:DIR` (`moe_jax.hf`; `--config=configs/hf.py:DIR` sets it with the
-checkpoint's architecture). With `config.distill.teacher` set (`moe_jax.distill`), the latest
-checkpoint of that run is restored, replicated over the mesh, and each train step adds its soft
-targets to the loss (`moe_jax.steps.compute_loss`). Every check of the config, mesh, parameter
-shardings, workdir, data, teacher and existing checkpoints (their run identity, and that the
-latest one is readable) runs before anything is written.
+checkpoint's architecture); DIR is read only while the workdir holds no checkpoint (a resume
+takes the weights from its checkpoint). With `config.distill.teacher` set (`moe_jax.distill`),
+the latest checkpoint of that run is restored, replicated over the mesh, and each train step
+adds its soft targets to the loss (`moe_jax.steps.compute_loss`). Every check of the config,
+mesh, parameter shardings, workdir, data, teacher and existing checkpoints (their run identity,
+and that the latest one is readable) runs before anything is written.
 
 Exact resume: a batch is a pure function of (seed, split, step) (`moe_jax.data`) and the dropout
 and router-jitter keys of step s are `fold_in(key(seed), s)` (`moe_jax.steps`), so a run resumed
@@ -296,7 +297,6 @@ def _prepare(config, workdir: str, devices) -> _Prepared:
     config = run_identity.resolve(config)
     check_config(config)
     _check_workdir(workdir)
-    hf.init_from(config)  # checks a train.init_from checkpoint against the config
     _check_teacher(config, workdir)
     mesh = _make_mesh(config, devices)
     try:
@@ -325,6 +325,8 @@ def _prepare(config, workdir: str, devices) -> _Prepared:
                 raise _unreadable(error, existing, workdir) from None
             config = run_identity.keep_stored_horizon(config, requested_horizon, stored)
         existing.close()
+    if resume_step is None:
+        hf.init_from(config)  # checks a train.init_from checkpoint against the config
     optimizer, schedule = optim.make_optimizer(config.train)
     _, params, _, model_state = nnx.split(abstract_model, nnx.Param, nnx.RngState, ...)
     abstract_state = TrainState(
