@@ -3,10 +3,11 @@
 Every checkpoint stores the run's resolved config (`moe_jax.checkpoint`). Resuming compares it
 with the config of the command that resumes: the keys of `RESUMABLE_KEYS` and those under
 `RESUMABLE_PREFIXES` may differ (how often to log, evaluate and save, how many steps to train,
-where the data lives, how the devices are laid out), and any other difference refuses the resume,
-naming every differing key with both values. A key that only one side has (the code added or
-removed a config key since the checkpoint was written) does not refuse; it is reported with the
-other changes.
+where the data lives, how the devices are laid out, whether evaluation runs dropless: it changes
+no update, and each eval line of metrics.jsonl says which routing it used), and any other
+difference refuses the resume, naming every differing key with both values. A key that only
+one side has (the code added or removed a config key since the checkpoint was written) does not
+refuse; it is reported with the other changes.
 
 Schedule horizon. `train.schedule_steps` is the step count the learning-rate schedule is laid
 over (the end of the cosine decay); 0 means `train.num_steps` of the run's first start, and the
@@ -36,6 +37,7 @@ RESUMABLE_KEYS = frozenset(
         "train.keep_checkpoints",
         "train.eval_every",
         "train.eval_steps",
+        "train.eval_dropless",
         "data.download",
         "data.data_dir",
     }

@@ -536,9 +536,10 @@ def _check_finite(pending: list, last_saved: int | None, directory: str, config)
 
 
 def _evaluate(eval_step, state, dataset: data.Dataset, mesh, config) -> dict:
-    """Token-weighted means over the validation batches, with what was used: `eval_batches`
-    and `eval_full_pass` (1: the whole split once, `data.Dataset.full_pass`; 0: the first
-    `train.eval_steps` batches, the same ones at every evaluation)."""
+    """Token-weighted means over the validation batches, with what was used: `eval_batches`,
+    `eval_full_pass` (1: the whole split once, `data.Dataset.full_pass`; 0: the first
+    `train.eval_steps` batches, the same ones at every evaluation) and `eval_dropless` (1: no
+    capacity limit, `train.eval_dropless`; 0: the eval capacity factor)."""
     full_pass = config.train.eval_steps == EVAL_FULL_PASS
     if full_pass:
         batches = dataset.full_pass()
@@ -548,7 +549,8 @@ def _evaluate(eval_step, state, dataset: data.Dataset, mesh, config) -> dict:
     for batch in batches:
         results.append(eval_step(state, multihost.global_batch(batch, mesh, config.mesh.rules)))
     means = metrics.weighted_means(jax.device_get(results))
-    return {**means, "eval_batches": len(results), "eval_full_pass": int(full_pass)}
+    used = {"eval_batches": len(results), "eval_full_pass": int(full_pass)}
+    return {**means, **used, "eval_dropless": int(config.train.eval_dropless)}
 
 
 def _train_loop(config, workdir, prepared, state, train_step, eval_step, checkpoints, start):
