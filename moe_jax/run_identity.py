@@ -17,10 +17,13 @@ final value, and the learning rate never jumps. Setting it explicitly to another
 different run and is refused like any other key.
 
 Each start appends one JSON line to `WORKDIR/run_history.jsonl`: the time, whether the run
-started or resumed, the step, and the keys that changed (`{key: [before, now]}`).
+started or resumed, the step, the keys that changed (`{key: [before, now]}`), and the installed
+versions of the libraries its numbers depend on (`library_versions`).
 """
 
+import contextlib
 import datetime
+import importlib.metadata
 import json
 import os
 
@@ -43,6 +46,20 @@ RESUMABLE_KEYS = frozenset(
     }
 )
 RESUMABLE_PREFIXES = ("mesh.",)
+# the distributions whose versions a run's results depend on, as pip names them; transformers
+# and torch (Hugging Face interop) and libtpu (TPU hosts) are recorded where installed
+LIBRARIES = (
+    "jax",
+    "jaxlib",
+    "flax",
+    "optax",
+    "orbax-checkpoint",
+    "qwix",
+    "numpy",
+    "transformers",
+    "torch",
+    "libtpu",
+)
 
 
 def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -107,6 +124,15 @@ def check_resume(stored: dict, current: dict, step: int, directory: str) -> dict
     return changes
 
 
+def library_versions() -> dict[str, str]:
+    """`{distribution: version}` of each of `LIBRARIES` that is installed."""
+    versions = {}
+    for name in LIBRARIES:
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            versions[name] = importlib.metadata.version(name)
+    return versions
+
+
 def append_history(workdir: str, step: int, changes: dict, *, resumed: bool) -> None:
     """Appends one line to `WORKDIR/run_history.jsonl`: a start, or a resume from `step`."""
     record = {
@@ -114,6 +140,7 @@ def append_history(workdir: str, step: int, changes: dict, *, resumed: bool) -> 
         "event": "resume" if resumed else "start",
         "step": step,
         "changed": {key: list(values) for key, values in changes.items()},
+        "versions": library_versions(),
     }
     with open(os.path.join(workdir, HISTORY_FILE), "a", encoding="utf-8") as file:
         file.write(json.dumps(record) + "\n")

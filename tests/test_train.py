@@ -6,6 +6,8 @@ the module shares a persistent XLA compilation cache with its subprocesses, and 
 one uninterrupted single-device run are the oracle for several tests.
 """
 
+import importlib
+import importlib.util
 import json
 import os
 import re
@@ -148,6 +150,32 @@ def test_outputs_of_a_run(reference):
         "40",
     ]
     assert losses[-1][1] < losses[0][1]
+
+
+def test_run_history_records_the_library_versions(reference):
+    # the oracle: each library's own __version__ (the module names of the pip distributions)
+    modules = {
+        "jax": "jax",
+        "jaxlib": "jaxlib",
+        "flax": "flax",
+        "optax": "optax",
+        "orbax-checkpoint": "orbax.checkpoint",
+        "qwix": "qwix",
+        "numpy": "numpy",
+        "transformers": "transformers",
+        "torch": "torch",
+        "libtpu": "libtpu",
+    }
+    expected = {
+        name: importlib.import_module(module).__version__
+        for name, module in modules.items()
+        if importlib.util.find_spec(module.split(".")[0]) is not None
+    }
+    assert {"jax", "flax", "orbax-checkpoint", "numpy"} <= set(expected)
+    workdir, _ = reference
+    with open(os.path.join(workdir, run_identity.HISTORY_FILE), encoding="utf-8") as file:
+        (start,) = [json.loads(line) for line in file]
+    assert start["versions"] == expected
 
 
 def test_resume_after_clean_stop_is_exact(reference, tmp_path):
