@@ -9,6 +9,10 @@ A checkpoint `WORKDIR/checkpoints/<step>/` holds three items:
 - `signature`: the run's identity (JSON): the whole resolved config and every state leaf's
   shape. It is written with the step, so each checkpoint says which run it belongs to.
 
+`Checkpoints.restore_parts` reads a part of the state only (the leaves not marked `SKIP`): the
+inference reader (`moe_jax.train.restore_for_inference`) skips the step and the optimizer state,
+whose moments are twice the parameters' size under Adam.
+
 `config_changes` compares a stored identity with the current run's and returns the keys that
 differ; `moe_jax.train` refuses to resume when any of them is not in its list of keys that may
 change. A step directory that cannot be read raises `UnreadableCheckpoint`, a short message
@@ -37,6 +41,7 @@ from flax.traverse_util import flatten_dict
 
 CHECKPOINT_DIR = "checkpoints"
 ITEMS = ("state", "data", "signature")
+SKIP = ocp.PLACEHOLDER  # a leaf of a `Checkpoints.restore_parts` target that is not read
 ABSENT = "<absent>"  # the value `config_changes` reports for a key one side lacks
 _ERROR_CHARS = 300  # storage errors quote whole tensorstore specs; the start says what failed
 
@@ -222,6 +227,22 @@ class Checkpoints:
                 ),
             )
         return restored.state, restored.data
+
+    def restore_parts(self, step: int, target_state):
+        """The state of checkpoint `step`, read only where `target_state` holds a
+        `jax.ShapeDtypeStruct` (with `.sharding`): a leaf given as `SKIP` is never read from
+        storage and comes back as `SKIP` (orbax's restore with placeholders). The target must
+        have the checkpoint's whole tree structure, as for `restore`."""
+        self._check_items(step)
+        restore_args = ocp.checkpoint_utils.construct_restore_args(target_state)
+        with _reads(step, self.step_path(step)):
+            restored = self._manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.PyTreeRestore(target_state, restore_args=restore_args)
+                ),
+            )
+        return restored.state
 
     def wait(self) -> None:
         self._manager.wait_until_finished()

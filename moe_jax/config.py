@@ -132,6 +132,9 @@ def default_config() -> ml_collections.ConfigDict:
             # batches per evaluation (the first ones of the split, the same every time), or
             # -1 (EVAL_FULL_PASS): the whole validation split once (text files and TFDS)
             "eval_steps": 4,
+            # evaluate with no capacity limit (no token dropped, as decoding routes) instead of
+            # at moe.capacity_factor_eval; metrics.jsonl's eval lines say which (eval_dropless)
+            "eval_dropless": False,
             "log_every": 10,
             # 'hf:DIR' starts from the weights of a Hugging Face checkpoint (moe_jax.hf)
             "init_from": "",

@@ -38,24 +38,11 @@ import numpy as np
 from flax import nnx
 
 from moe_jax.attention import AttentionCache
-from moe_jax.layers import MoeFeedForward
+from moe_jax.layers import MoeFeedForward, inference_copy
 from moe_jax.models import DecoderLM, EncoderDecoder
 
 # Python-side count of how often the decode step has been traced (compiled); tests read it.
 STEP_TRACES = 0
-
-
-def inference_copy(
-    model: DecoderLM | EncoderDecoder, *, dropless: bool = True, trace_routing: bool = False
-) -> DecoderLM | EncoderDecoder:
-    """A copy of `model` (parameters shared) whose MoE layers route dropless and/or report
-    per-token routing in `MoeAux.token_weights` (see `layers.MoeFeedForward`)."""
-    copy = nnx.clone(model)
-    for _, module in nnx.iter_modules(copy):
-        if isinstance(module, MoeFeedForward):
-            module.dropless = dropless
-            module.trace_routing = trace_routing
-    return copy
 
 
 class Sampling(NamedTuple):

@@ -5,6 +5,9 @@
 - `Router(config, rngs)`: router weights (always float32), input jitter, the router kind of
   `config.moe.router`.
 - `MoeFeedForward(config, rngs)`: `y, aux = layer(x, deterministic=...)`.
+- `inference_copy(model, dropless=True, trace_routing=False)`: a copy of a model whose MoE
+  layers route with no capacity and/or trace their routing (decoding, scoring, and the dropless
+  evaluation of `train.eval_dropless`).
 
 Logical axis names. Every parameter carries them as the flax 0.12 `out_sharding` metadata
 (`nnx.Param(value, out_sharding=('expert', 'embed', 'mlp'), eager_sharding=False)`):
@@ -292,7 +295,7 @@ class MoeFeedForward(nnx.Module):
     Expert weights: `wi: [E, M, H]`, `wi_gate: [E, M, H]` (gated activations), `wo: [E, H, M]`,
     drawn with unit-scale truncated-normal fan-in init.
 
-    Two static switches for inference (`moe_jax.decode` sets them on a copy of a model):
+    Two static switches for inference (`inference_copy` sets them on a copy of a model):
     `dropless = True` routes a tokens-choose router with `capacity=None` (no token is dropped,
     whatever the capacity factor; Expert Choice keeps its capacity), and `trace_routing = True`
     fills `MoeAux.token_weights`.
@@ -489,3 +492,16 @@ class MoeFeedForward(nnx.Module):
             router_logit_max=logit_max,
             token_weights=token_weights,
         )
+
+
+def inference_copy(
+    model: nnx.Module, *, dropless: bool = True, trace_routing: bool = False
+) -> nnx.Module:
+    """A copy of `model` (parameters shared) whose MoE layers route dropless and/or report
+    per-token routing in `MoeAux.token_weights` (see `MoeFeedForward`)."""
+    copy = nnx.clone(model)
+    for _, module in nnx.iter_modules(copy):
+        if isinstance(module, MoeFeedForward):
+            module.dropless = dropless
+            module.trace_routing = trace_routing
+    return copy

@@ -3,10 +3,11 @@
 Every checkpoint stores the run's resolved config (`moe_jax.checkpoint`). Resuming compares it
 with the config of the command that resumes: the keys of `RESUMABLE_KEYS` and those under
 `RESUMABLE_PREFIXES` may differ (how often to log, evaluate and save, how many steps to train,
-where the data lives, how the devices are laid out), and any other difference refuses the resume,
-naming every differing key with both values. A key that only one side has (the code added or
-removed a config key since the checkpoint was written) does not refuse; it is reported with the
-other changes.
+where the data lives, how the devices are laid out, whether evaluation runs dropless: it changes
+no update, and each eval line of metrics.jsonl says which routing it used), and any other
+difference refuses the resume, naming every differing key with both values. A key that only
+one side has (the code added or removed a config key since the checkpoint was written) does not
+refuse; it is reported with the other changes.
 
 Schedule horizon. `train.schedule_steps` is the step count the learning-rate schedule is laid
 over (the end of the cosine decay); 0 means `train.num_steps` of the run's first start, and the
@@ -16,10 +17,13 @@ final value, and the learning rate never jumps. Setting it explicitly to another
 different run and is refused like any other key.
 
 Each start appends one JSON line to `WORKDIR/run_history.jsonl`: the time, whether the run
-started or resumed, the step, and the keys that changed (`{key: [before, now]}`).
+started or resumed, the step, the keys that changed (`{key: [before, now]}`), and the installed
+versions of the libraries its numbers depend on (`library_versions`).
 """
 
+import contextlib
 import datetime
+import importlib.metadata
 import json
 import os
 
@@ -36,11 +40,26 @@ RESUMABLE_KEYS = frozenset(
         "train.keep_checkpoints",
         "train.eval_every",
         "train.eval_steps",
+        "train.eval_dropless",
         "data.download",
         "data.data_dir",
     }
 )
 RESUMABLE_PREFIXES = ("mesh.",)
+# the distributions whose versions a run's results depend on, as pip names them; transformers
+# and torch (Hugging Face interop) and libtpu (TPU hosts) are recorded where installed
+LIBRARIES = (
+    "jax",
+    "jaxlib",
+    "flax",
+    "optax",
+    "orbax-checkpoint",
+    "qwix",
+    "numpy",
+    "transformers",
+    "torch",
+    "libtpu",
+)
 
 
 def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -105,6 +124,15 @@ def check_resume(stored: dict, current: dict, step: int, directory: str) -> dict
     return changes
 
 
+def library_versions() -> dict[str, str]:
+    """`{distribution: version}` of each of `LIBRARIES` that is installed."""
+    versions = {}
+    for name in LIBRARIES:
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            versions[name] = importlib.metadata.version(name)
+    return versions
+
+
 def append_history(workdir: str, step: int, changes: dict, *, resumed: bool) -> None:
     """Appends one line to `WORKDIR/run_history.jsonl`: a start, or a resume from `step`."""
     record = {
@@ -112,6 +140,7 @@ def append_history(workdir: str, step: int, changes: dict, *, resumed: bool) -> 
         "event": "resume" if resumed else "start",
         "step": step,
         "changed": {key: list(values) for key, values in changes.items()},
+        "versions": library_versions(),
     }
     with open(os.path.join(workdir, HISTORY_FILE), "a", encoding="utf-8") as file:
         file.write(json.dumps(record) + "\n")

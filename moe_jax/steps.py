@@ -13,6 +13,9 @@ coefficients; `fraction_dropped` and `router_confidence` are means over the spar
 (filled slots, after capacity) and `expert_load_routed` (the router's choices, before capacity)
 are `f32[num_sparse_layers, E]`.
 
+Evaluation routes at the eval capacity factor, so tokens may drop, unless
+`train.eval_dropless` runs it dropless, as the served model (`moe_jax.decode`) routes.
+
 Randomness: the step's key is `fold_in(rng, state.step)` and reseeds every random stream of the
 model (dropout, router jitter, GShard's random second choice), so a step's randomness depends on
 (seed, step) only and a resumed run repeats an uninterrupted one exactly.
@@ -27,6 +30,7 @@ import optax
 from flax import nnx
 
 from moe_jax.config import DECODER_KINDS
+from moe_jax.layers import inference_copy
 
 
 class TrainState(NamedTuple):
@@ -198,11 +202,15 @@ def make_train_step(
 
 def make_eval_step(graphdef: nnx.GraphDef, rng_state: nnx.State, config) -> Callable:
     """`eval_step(state, batch) -> metrics`: the deterministic forward pass (no jitter or
-    dropout, the eval capacity factor); arguments as for `make_train_step`."""
+    dropout) at the eval capacity factor, or with no capacity when `train.eval_dropless` is set
+    (every MoE layer switched to dropless by `layers.inference_copy`, as decoding routes; Expert
+    Choice keeps its capacity); arguments as for `make_train_step`."""
 
     def eval_step(state: TrainState, batch: dict):
         rngs = stand_in_rng_state(rng_state)  # unused: evaluation draws no random numbers
         model = nnx.merge(graphdef, state.params, rngs, state.model_state)
+        if config.train.eval_dropless:
+            model = inference_copy(model, dropless=True)
         _, step_metrics = compute_loss(model, batch, config, deterministic=True)
         return step_metrics
 

@@ -9,11 +9,12 @@ the same command again resumes from the latest checkpoint; raise `train.num_step
 further (the schedule keeps its horizon; what a resume may change is in `moe_jax.run_identity`).
 A new run starts from random weights, or from a Hugging Face checkpoint with
 `--config.train.init_from=hf:DIR` (`moe_jax.hf`; `--config=configs/hf.py:DIR` sets it with the
-checkpoint's architecture). With `config.distill.teacher` set (`moe_jax.distill`), the latest
-checkpoint of that run is restored, replicated over the mesh, and each train step adds its soft
-targets to the loss (`moe_jax.steps.compute_loss`). Every check of the config, mesh, parameter
-shardings, workdir, data, teacher and existing checkpoints (their run identity, and that the
-latest one is readable) runs before anything is written.
+checkpoint's architecture); DIR is read only while the workdir holds no checkpoint (a resume
+takes the weights from its checkpoint). With `config.distill.teacher` set (`moe_jax.distill`),
+the latest checkpoint of that run is restored, replicated over the mesh, and each train step
+adds its soft targets to the loss (`moe_jax.steps.compute_loss`). Every check of the config,
+mesh, parameter shardings, workdir, data, teacher and existing checkpoints (their run identity,
+and that the latest one is readable) runs before anything is written.
 
 Exact resume: a batch is a pure function of (seed, split, step) (`moe_jax.data`) and the dropout
 and router-jitter keys of step s are `fold_in(key(seed), s)` (`moe_jax.steps`), so a run resumed
@@ -296,7 +297,6 @@ def _prepare(config, workdir: str, devices) -> _Prepared:
     config = run_identity.resolve(config)
     check_config(config)
     _check_workdir(workdir)
-    hf.init_from(config)  # checks a train.init_from checkpoint against the config
     _check_teacher(config, workdir)
     mesh = _make_mesh(config, devices)
     try:
@@ -325,6 +325,8 @@ def _prepare(config, workdir: str, devices) -> _Prepared:
                 raise _unreadable(error, existing, workdir) from None
             config = run_identity.keep_stored_horizon(config, requested_horizon, stored)
         existing.close()
+    if resume_step is None:
+        hf.init_from(config)  # checks a train.init_from checkpoint against the config
     optimizer, schedule = optim.make_optimizer(config.train)
     _, params, _, model_state = nnx.split(abstract_model, nnx.Param, nnx.RngState, ...)
     abstract_state = TrainState(
@@ -419,7 +421,8 @@ def config_from_workdir(workdir: str) -> ml_collections.ConfigDict:
 
 def restore_for_inference(workdir: str) -> tuple[ml_collections.ConfigDict, nnx.Module, int]:
     """`(config, model, step)`: the model of the latest checkpoint in a training `workdir`,
-    on one device (the mesh of the run is not needed to read it)."""
+    on one device (the mesh of the run is not needed to read it). Only the parameters and the
+    model state are read; the optimizer state stays on disk (`Checkpoints.restore_parts`)."""
     config = config_from_workdir(workdir)
     directory = os.path.join(workdir, checkpoint.CHECKPOINT_DIR)
     step = None
@@ -440,7 +443,10 @@ def restore_for_inference(workdir: str) -> tuple[ml_collections.ConfigDict, nnx.
     abstract_model = nnx.eval_shape(lambda: build_model(config, rngs=nnx.Rngs(config.seed)))
     with jax.set_mesh(mesh):
         target, graphdef, rng_state = _abstract_state(abstract_model, config, mesh, optimizer)
-        state, _ = checkpoints.restore(step, target)
+        skipped = jax.tree.map(lambda _: checkpoint.SKIP, target.opt_state)
+        state = checkpoints.restore_parts(
+            step, target._replace(step=checkpoint.SKIP, opt_state=skipped)
+        )
     checkpoints.close()
     model = nnx.merge(graphdef, state.params, stand_in_rng_state(rng_state), state.model_state)
     return config, model, step
@@ -530,9 +536,10 @@ def _check_finite(pending: list, last_saved: int | None, directory: str, config)
 
 
 def _evaluate(eval_step, state, dataset: data.Dataset, mesh, config) -> dict:
-    """Token-weighted means over the validation batches, with what was used: `eval_batches`
-    and `eval_full_pass` (1: the whole split once, `data.Dataset.full_pass`; 0: the first
-    `train.eval_steps` batches, the same ones at every evaluation)."""
+    """Token-weighted means over the validation batches, with what was used: `eval_batches`,
+    `eval_full_pass` (1: the whole split once, `data.Dataset.full_pass`; 0: the first
+    `train.eval_steps` batches, the same ones at every evaluation) and `eval_dropless` (1: no
+    capacity limit, `train.eval_dropless`; 0: the eval capacity factor)."""
     full_pass = config.train.eval_steps == EVAL_FULL_PASS
     if full_pass:
         batches = dataset.full_pass()
@@ -542,7 +549,8 @@ def _evaluate(eval_step, state, dataset: data.Dataset, mesh, config) -> dict:
     for batch in batches:
         results.append(eval_step(state, multihost.global_batch(batch, mesh, config.mesh.rules)))
     means = metrics.weighted_means(jax.device_get(results))
-    return {**means, "eval_batches": len(results), "eval_full_pass": int(full_pass)}
+    used = {"eval_batches": len(results), "eval_full_pass": int(full_pass)}
+    return {**means, **used, "eval_dropless": int(config.train.eval_dropless)}
 
 
 def _train_loop(config, workdir, prepared, state, train_step, eval_step, checkpoints, start):

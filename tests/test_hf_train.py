@@ -5,6 +5,7 @@ import json
 
 import jax
 import numpy as np
+import pytest
 import torch
 import transformers
 
@@ -79,6 +80,21 @@ def test_init_from_starts_from_the_transformers_loss_and_converts_back(tmp_path)
     ours, _ = ours_logits(model, encoder, decoder)
     assert_close(ours, torch_logits(loaded.eval(), encoder, decoder).logits)
     assert not np.allclose(ours, torch_logits(reference, encoder, decoder).logits.numpy())
+
+
+def test_resuming_an_init_from_run_needs_no_hugging_face_checkpoint(tmp_path):
+    # the weights are in the run's checkpoint: a resume must not read train.init_from's DIR
+    reference = random_switch(switch_config(vocab_size=VOCAB, num_decoder_layers=2), seed=3)
+    reference.save_pretrained(tmp_path / "hf")
+    config = small_run(hf_config.get_config(str(tmp_path / "hf")))
+    one_device = jax.devices()[:1]
+    train.run(config, str(tmp_path / "run"), devices=one_device)
+    (tmp_path / "hf").rename(tmp_path / "moved")
+    with pytest.raises(train.SetupError, match="no config.json"):  # a fresh run still needs it
+        train.run(config, str(tmp_path / "fresh"), devices=one_device)
+    assert not (tmp_path / "fresh").exists()
+    config.train.num_steps = 2
+    assert train.run(config, str(tmp_path / "run"), devices=one_device).step == 2
 
 
 def test_converted_run_holds_the_checkpoint_at_step_0(tmp_path):

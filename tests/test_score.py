@@ -8,6 +8,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 from test_decode import micro_config
@@ -45,6 +46,23 @@ def test_restore_for_inference_gives_the_trained_parameters(hash_run):
     restored = nnx.state(model, nnx.Param)
     for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(state.params), strict=True):
         np.testing.assert_array_equal(got, want)
+
+
+def test_restore_for_inference_never_reads_the_optimizer_state(hash_run, monkeypatch):
+    # every array orbax deserialises passes through ArrayHandler.deserialize: record their names
+    workdir, state = hash_run
+    names = []
+    deserialize = ocp.type_handlers.ArrayHandler.deserialize
+
+    async def recording_deserialize(self, infos, args=None):
+        names.extend(info.name for info in infos)
+        return await deserialize(self, infos, args)
+
+    monkeypatch.setattr(ocp.type_handlers.ArrayHandler, "deserialize", recording_deserialize)
+    train.restore_for_inference(workdir)
+    read = {name.split(".")[0] for name in names}
+    assert read <= {"params", "model_state"}, sorted(names)
+    assert len(names) == len(jax.tree.leaves((state.params, state.model_state)))
 
 
 def test_a_workdir_without_checkpoint_names_the_fix(tmp_path):

@@ -6,6 +6,8 @@ the module shares a persistent XLA compilation cache with its subprocesses, and 
 one uninterrupted single-device run are the oracle for several tests.
 """
 
+import importlib
+import importlib.util
 import json
 import os
 import re
@@ -25,7 +27,7 @@ from jax.sharding import AbstractMesh, AxisType, PartitionSpec
 from tiny_training import TINY_TRAINING, configured
 from xla_flags import flags_with_devices
 
-from moe_jax import checkpoint, metrics, optim, parallel, run_identity, train
+from moe_jax import checkpoint, data, decode, metrics, optim, parallel, run_identity, train
 from moe_jax.config import load_config_file
 from moe_jax.models import build_model
 
@@ -148,6 +150,32 @@ def test_outputs_of_a_run(reference):
         "40",
     ]
     assert losses[-1][1] < losses[0][1]
+
+
+def test_run_history_records_the_library_versions(reference):
+    # the oracle: each library's own __version__ (the module names of the pip distributions)
+    modules = {
+        "jax": "jax",
+        "jaxlib": "jaxlib",
+        "flax": "flax",
+        "optax": "optax",
+        "orbax-checkpoint": "orbax.checkpoint",
+        "qwix": "qwix",
+        "numpy": "numpy",
+        "transformers": "transformers",
+        "torch": "torch",
+        "libtpu": "libtpu",
+    }
+    expected = {
+        name: importlib.import_module(module).__version__
+        for name, module in modules.items()
+        if importlib.util.find_spec(module.split(".")[0]) is not None
+    }
+    assert {"jax", "flax", "orbax-checkpoint", "numpy"} <= set(expected)
+    workdir, _ = reference
+    with open(os.path.join(workdir, run_identity.HISTORY_FILE), encoding="utf-8") as file:
+        (start,) = [json.loads(line) for line in file]
+    assert start["versions"] == expected
 
 
 def test_resume_after_clean_stop_is_exact(reference, tmp_path):
@@ -369,6 +397,60 @@ def test_evaluation_can_read_the_whole_validation_split_once(tmp_path):
     assert runs[-1]["eval_batches"] == 4 and runs[-1]["eval_full_pass"] == 1
     assert runs[2]["eval_batches"] == 2 and runs[2]["eval_full_pass"] == 0
     assert np.isfinite(runs[-1]["loss"]) and runs[-1]["loss"] != runs[2]["loss"]
+
+
+def eval_records(workdir):
+    with open(os.path.join(workdir, metrics.METRICS_FILE), encoding="utf-8") as file:
+        return [record for record in map(json.loads, file) if record["split"] == "eval"]
+
+
+def forward_cross_entropy(model, batch) -> float:
+    """The token-weighted mean cross-entropy of `model`'s eval forward pass on `batch`."""
+    logits, _ = model(
+        batch["inputs"],
+        deterministic=True,
+        segment_ids=batch["segment_ids"],
+        positions=batch["positions"],
+    )
+    log_probs = np.asarray(jax.nn.log_softmax(logits.astype(jnp.float32)), np.float64)
+    token_losses = -np.take_along_axis(log_probs, batch["targets"][..., None], -1)[..., 0]
+    return float((token_losses * batch["weights"]).sum() / batch["weights"].sum())
+
+
+def test_dropless_evaluation_is_the_dropless_forward_pass(tmp_path, cache_dir):
+    # Eval capacity factor 0.5: 4 experts x 4 slots for each group of 32 tokens, so at least
+    # half the tokens drop; train.eval_dropless routes them all. The oracles are the restored
+    # model's own forward passes on the evaluated batch, dropless and at the eval capacity.
+    config = small_config(
+        moe__capacity_factor_eval=0.5,
+        train__num_steps=3,
+        train__checkpoint_every=3,
+        train__eval_every=3,
+        train__eval_steps=1,
+        train__eval_dropless=True,
+    )
+    train.run(config, str(tmp_path), devices=jax.devices()[:1])
+    # a resume may switch it off: it changes no update, and each eval line says which it used
+    config.train.update(num_steps=4, eval_dropless=False)
+    train.run(config, str(tmp_path), devices=jax.devices()[:1])
+    dropless_eval, capacity_eval = eval_records(tmp_path)
+    assert (dropless_eval["step"], dropless_eval["eval_dropless"]) == (3, 1)
+    assert (capacity_eval["step"], capacity_eval["eval_dropless"]) == (4, 0)
+    for record in (capacity_eval, dropless_eval):  # restore_for_inference reads the latest
+        run_config, model, step = train.restore_for_inference(str(tmp_path))
+        assert step == record["step"]
+        batch = data.dataset_from_config(run_config, "validation").batch(0)
+        dropless = forward_cross_entropy(decode.inference_copy(model, dropless=True), batch)
+        capacity = forward_cross_entropy(model, batch)
+        expected = dropless if record["eval_dropless"] else capacity
+        atol = 1e-5 * max(1.0, abs(expected))
+        assert record["cross_entropy"] == pytest.approx(expected, rel=0, abs=atol)
+        assert abs(capacity - dropless) > 100 * atol  # tokens drop at the eval capacity
+        assert (record["fraction_dropped"] > 0) == (not record["eval_dropless"])
+        shutil.rmtree(os.path.join(tmp_path, checkpoint.CHECKPOINT_DIR, str(step)))
+    with open(tmp_path / run_identity.HISTORY_FILE, encoding="utf-8") as file:
+        resume = json.loads(file.readlines()[-1])
+    assert resume["changed"]["train.eval_dropless"] == [True, False]
 
 
 def test_resume_refuses_a_different_run_naming_every_key(reference):
