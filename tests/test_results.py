@@ -82,6 +82,6 @@ def test_results_widenet_command_reproduces_its_first_eval_number(tmp_path, monk
     lines = (tmp_path / "widenet" / "metrics.jsonl").read_text().splitlines()
     (evaluation,) = [json.loads(line) for line in lines if '"split": "eval"' in line]
     row = next(line for line in RESULTS.splitlines() if line.startswith("| WideNet (shared)"))
-    printed = row.split("|")[3].strip()  # eval CE at step 20
+    printed = row.split("|")[4].strip()  # eval CE at step 20 (run, slot order, params first)
     assert evaluation["step"] == 20
     assert f"{evaluation['cross_entropy']:.3f}" == printed == "2.856"
