@@ -67,11 +67,14 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("share_layers", [False, True], ids=["own_layers", "widenet"])
 @pytest.mark.parametrize("kind, overrides", CASES)
-def test_cached_decoding_matches_the_full_forward_pass(kind, overrides):
+def test_cached_decoding_matches_the_full_forward_pass(kind, overrides, share_layers):
     config = micro_config(kind, **overrides)
     if kind == "rope_decoder":
         config.model.num_kv_heads, config.model.qk_norm = 1, True
+    if share_layers:  # WideNet: one attention and one MoE FFN for every layer
+        config.model.share_layers, config.moe.sparse_every = True, 1
     model = build(config)
     prompts, lengths = prompts_and_lengths()
     new_tokens, logits = decode.generate(
