@@ -18,13 +18,17 @@ Every cached key sits at its true position, so relative position biases are thos
 forward pass. The loop ends when every row has its `max_new_tokens` tokens or its EOS.
 
 Routing at decode time (the rule). A decode step routes B tokens, one per row, so a capacity
-derived from a capacity factor is meaningless there: decoding never drops. Every MoE layer runs
-with `capacity=None` (`MoeFeedForward.dropless`), so each token reaches all of its chosen
-experts and its routing depends on that token alone, exactly as in a dropless teacher-forced
-pass. Evaluation policies apply: no router jitter or noise, GShard top-2 keeps every second
-choice (second_policy 'all'), the aux-free bias stays fixed. Expert Choice lets experts pick
-among future tokens and cannot decode; a decoder stack that uses it is refused. Teacher-forced
-scoring (`moe_jax.score`) keeps the eval capacity factor unless asked to run dropless.
+derived from a capacity factor is meaningless there: the decoder never drops. Every MoE layer
+of the decoder stack runs with `capacity=None` (`MoeFeedForward.dropless`), so each token
+reaches all of its chosen experts and its routing depends on that token alone, exactly as in a
+dropless teacher-forced pass. An encoder-decoder's encoder reads the whole prompt in one call,
+as in evaluation, and keeps its eval capacity (`moe.expert_capacity` or the eval capacity
+factor): the encoder output that decoding attends to is that of the eval forward pass (and of
+`transformers`, whose Switch drops by the same capacity). Evaluation policies apply: no router
+jitter or noise, GShard top-2 keeps every second choice (second_policy 'all'), the aux-free bias
+stays fixed. Expert Choice lets experts pick among future tokens and cannot decode; a decoder
+stack that uses it is refused. Teacher-forced scoring (`moe_jax.score`) keeps the eval capacity
+factor unless asked to run dropless.
 """
 
 from __future__ import annotations
@@ -46,14 +50,24 @@ STEP_TRACES = 0
 
 
 def inference_copy(
-    model: DecoderLM | EncoderDecoder, *, dropless: bool = True, trace_routing: bool = False
+    model: DecoderLM | EncoderDecoder,
+    *,
+    dropless: bool = True,
+    trace_routing: bool = False,
+    encoder_dropless: bool | None = None,
 ) -> DecoderLM | EncoderDecoder:
     """A copy of `model` (parameters shared) whose MoE layers route dropless and/or report
-    per-token routing in `MoeAux.token_weights` (see `layers.MoeFeedForward`)."""
+    per-token routing in `MoeAux.token_weights` (see `layers.MoeFeedForward`).
+
+    `encoder_dropless` sets an encoder-decoder's encoder apart (None: as `dropless`); decoding
+    passes False, so that the encoder keeps its eval capacity while the decoder runs dropless.
+    """
+    if encoder_dropless is None:
+        encoder_dropless = dropless
     copy = nnx.clone(model)
-    for _, module in nnx.iter_modules(copy):
+    for path, module in nnx.iter_modules(copy):
         if isinstance(module, MoeFeedForward):
-            module.dropless = dropless
+            module.dropless = encoder_dropless if path[0] == "encoder" else dropless
             module.trace_routing = trace_routing
     return copy
 
@@ -246,7 +260,8 @@ def generate(
     """Generate `max_new_tokens` tokens per prompt with a key/value cache (module docstring).
 
     Args:
-      model: a `DecoderLM` or `EncoderDecoder` (not modified; a dropless copy decodes).
+      model: a `DecoderLM` or `EncoderDecoder` (not modified; a copy whose decoder routes
+        dropless decodes, the encoder keeping its eval capacity).
       prompts: i32[B, P] prompts padded on the right (encoder inputs for an encoder-decoder).
       prompt_lengths: i32[B] real length of each prompt (default P for every row).
       temperature, top_k, top_p: `Sampling`; temperature 0 is greedy.
@@ -288,7 +303,7 @@ def generate(
     else:
         tokens = np.zeros((batch, 1 + max_new_tokens), np.int32)  # position 0: start token 0
         starts, prefill, encoder_inputs = np.ones((batch,), np.int32), 1, jnp.asarray(prompts)
-    copy = inference_copy(model, dropless=True)
+    copy = inference_copy(model, dropless=True, encoder_dropless=False)
     if is_decoder:
         copy.init_cache(batch, tokens.shape[1])
     else:
