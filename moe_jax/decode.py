@@ -18,13 +18,17 @@ Every cached key sits at its true position, so relative position biases are thos
 forward pass. The loop ends when every row has its `max_new_tokens` tokens or its EOS.
 
 Routing at decode time (the rule). A decode step routes B tokens, one per row, so a capacity
-derived from a capacity factor is meaningless there: decoding never drops. Every MoE layer runs
-with `capacity=None` (`MoeFeedForward.dropless`), so each token reaches all of its chosen
-experts and its routing depends on that token alone, exactly as in a dropless teacher-forced
-pass. Evaluation policies apply: no router jitter or noise, GShard top-2 keeps every second
-choice (second_policy 'all'), the aux-free bias stays fixed. Expert Choice lets experts pick
-among future tokens and cannot decode; a decoder stack that uses it is refused. Teacher-forced
-scoring (`moe_jax.score`) keeps the eval capacity factor unless asked to run dropless.
+derived from a capacity factor is meaningless there: the decoder never drops. Every MoE layer
+of the decoder stack runs with `capacity=None` (`MoeFeedForward.dropless`), so each token
+reaches all of its chosen experts and its routing depends on that token alone, exactly as in a
+dropless teacher-forced pass. An encoder-decoder's encoder reads the whole prompt in one call,
+as in evaluation, and keeps its eval capacity (`moe.expert_capacity` or the eval capacity
+factor): the encoder output that decoding attends to is that of the eval forward pass (and of
+`transformers`, whose Switch drops by the same capacity). Evaluation policies apply: no router
+jitter or noise, GShard top-2 keeps every second choice (second_policy 'all'), the aux-free bias
+stays fixed. Expert Choice lets experts pick among future tokens and cannot decode; a decoder
+stack that uses it is refused. Teacher-forced scoring (`moe_jax.score`) keeps the eval capacity
+factor unless asked to run dropless.
 """
 
 from __future__ import annotations
@@ -233,7 +237,8 @@ def generate(
     """Generate `max_new_tokens` tokens per prompt with a key/value cache (module docstring).
 
     Args:
-      model: a `DecoderLM` or `EncoderDecoder` (not modified; a dropless copy decodes).
+      model: a `DecoderLM` or `EncoderDecoder` (not modified; a copy whose decoder routes
+        dropless decodes, the encoder keeping its eval capacity).
       prompts: i32[B, P] prompts padded on the right (encoder inputs for an encoder-decoder).
       prompt_lengths: i32[B] real length of each prompt (default P for every row).
       temperature, top_k, top_p: `Sampling`; temperature 0 is greedy.
@@ -275,7 +280,7 @@ def generate(
     else:
         tokens = np.zeros((batch, 1 + max_new_tokens), np.int32)  # position 0: start token 0
         starts, prefill, encoder_inputs = np.ones((batch,), np.int32), 1, jnp.asarray(prompts)
-    copy = inference_copy(model, dropless=True)
+    copy = inference_copy(model, dropless=True, encoder_dropless=False)
     if is_decoder:
         copy.init_cache(batch, tokens.shape[1])
     else:

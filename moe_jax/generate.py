@@ -21,6 +21,7 @@ import numpy as np
 from absl import app, flags
 
 from moe_jax import cli, data, decode, train
+from moe_jax.config import DECODER_KINDS
 
 
 def _hf_model(directory: str, prompt: str, prompt_ids: list[int]):
@@ -56,7 +57,7 @@ def _workdir_model(workdir: str, prompt: str, prompt_ids: list[int]):
     tokenizer = data.ByteTokenizer()
     if not prompt_ids:
         prompt_ids = tokenizer.encode(prompt).tolist()
-        if config.model.kind == "decoder":
+        if config.model.kind in DECODER_KINDS:
             prompt_ids = [data.PAD_ID, *prompt_ids]  # the start token of every training row
     return model, prompt_ids, tokenizer.decode, data.EOS_ID, config.train.seq_len
 

@@ -495,13 +495,23 @@ class MoeFeedForward(nnx.Module):
 
 
 def inference_copy(
-    model: nnx.Module, *, dropless: bool = True, trace_routing: bool = False
+    model: nnx.Module,
+    *,
+    dropless: bool = True,
+    trace_routing: bool = False,
+    encoder_dropless: bool | None = None,
 ) -> nnx.Module:
     """A copy of `model` (parameters shared) whose MoE layers route dropless and/or report
-    per-token routing in `MoeAux.token_weights` (see `MoeFeedForward`)."""
+    per-token routing in `MoeAux.token_weights` (see `MoeFeedForward`).
+
+    `encoder_dropless` sets an encoder-decoder's encoder apart (None: as `dropless`); decoding
+    passes False, so that the encoder keeps its eval capacity while the decoder runs dropless.
+    """
+    if encoder_dropless is None:
+        encoder_dropless = dropless
     copy = nnx.clone(model)
-    for _, module in nnx.iter_modules(copy):
+    for path, module in nnx.iter_modules(copy):
         if isinstance(module, MoeFeedForward):
-            module.dropless = dropless
+            module.dropless = encoder_dropless if path[0] == "encoder" else dropless
             module.trace_routing = trace_routing
     return copy

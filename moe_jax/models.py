@@ -33,9 +33,10 @@ Sparse layers. Layer i (0-based) of a stack has a sparse FFN (`layers.MoeFeedFor
   each block of `sparse_every`; Switch/GLaM 2, ST-MoE 4, Switch-C 1);
 - `'bottom'` / `'top'`: i is among the first / last `moe.num_sparse_layers` layers.
 With `model.share_layers` (WideNet, Xue et al. 2022, "Go Wider Instead of Deeper") every
-layer of a stack runs the same self-attention (and cross-attention) and the same FFN, dense or
-sparse, the first layer's modules, while each layer keeps its own RMSNorms; it needs every
-layer's FFN of one kind and unscanned layers.
+layer of a stack runs the same FFN, dense or sparse (the first layer's module), and attention
+with the first layer's self-attention (and cross-attention) weights, while each layer keeps its
+own RMSNorms and its own key/value cache; it needs every layer's FFN of one kind and unscanned
+layers.
 With `moe.extra_dense_ffn` (ST-MoE) a sparse layer has a second, dense FFN sublayer after the
 sparse one. Expert Choice (`moe.router == 'experts_choose'`) sees future tokens, so a causal
 stack (the decoder-only model, the encoder-decoder's decoder) with sparse layers refuses it; so
@@ -319,12 +320,26 @@ class LayerBlock(nnx.Module):
         return x, _stack_aux(auxes)
 
 
-SHARED_SUBLAYERS = ("self_attention", "cross_attention", "ffn", "extra_ffn")
+SHARED_FFNS = ("ffn", "extra_ffn")
+SHARED_ATTENTIONS = ("self_attention", "cross_attention")
+
+
+def _share_weights(target: nnx.Module, source: nnx.Module) -> None:
+    """Point `target`'s parameters and submodules at `source`'s (one set of weights); `target`
+    keeps its own key/value cache."""
+    for name, value in vars(source).items():
+        if isinstance(value, nnx.Variable | nnx.Module) and not isinstance(value, nnx.Cache):
+            setattr(target, name, value)
 
 
 def _share_layers(segments: nnx.List, scan: bool, plan: Plan) -> None:
-    """WideNet (Xue et al. 2022): every layer of the stack uses the first layer's attention and
-    FFN modules (one set of weights), keeping its own norms."""
+    """WideNet (Xue et al. 2022): every layer of the stack uses the first layer's FFN modules
+    and attention weights (one set of weights), keeping its own norms.
+
+    Each layer keeps its own attention modules, whose parameters are the first layer's: a
+    layer's key/value cache holds that layer's keys and values (`init_cache`), which differ
+    from layer to layer since their inputs do.
+    """
     if scan:
         raise ValueError(
             "model.share_layers=True (WideNet) needs model.scan_layers=False: scanned layers "
@@ -337,10 +352,14 @@ def _share_layers(segments: nnx.List, scan: bool, plan: Plan) -> None:
             "moe.sparse_every=1 (or moe.num_experts=0)."
         )
     layers = [layer for segment in segments for block in segment for layer in block.layers]
+    first = layers[0]
     for layer in layers[1:]:
-        for name in SHARED_SUBLAYERS:
-            if hasattr(layers[0], name):
-                setattr(layer, name, getattr(layers[0], name))
+        for name in SHARED_FFNS:
+            if hasattr(first, name):
+                setattr(layer, name, getattr(first, name))
+        for name in SHARED_ATTENTIONS:
+            if hasattr(first, name):
+                _share_weights(getattr(layer, name), getattr(first, name))
 
 
 def _create_stacked(make: Callable[[nnx.Rngs], nnx.Module], repeats: int, rngs: nnx.Rngs):

@@ -29,6 +29,7 @@ from absl import app, flags
 from flax import nnx
 
 from moe_jax import cli, data, decode, train
+from moe_jax.config import DECODER_KINDS
 from moe_jax.metrics import weighted_means
 from moe_jax.models import DecoderLM, sparse_layer_flags
 from moe_jax.steps import compute_loss
@@ -79,7 +80,7 @@ def eval_cross_entropy(model, config, num_batches: int) -> float:
 def sparse_layers(config) -> list[tuple[str, int]]:
     """`(stack, layer index)` of each sparse layer, in `MoeAux` order (encoder first)."""
     model = config.model
-    if model.kind == "decoder":
+    if model.kind in DECODER_KINDS:
         stacks = [("decoder", model.num_layers)]
     else:
         stacks = [("encoder", model.num_encoder_layers), ("decoder", model.num_decoder_layers)]

@@ -37,14 +37,26 @@ def prompts_and_lengths(batch=3, width=6):
     return np.asarray(prompts), np.array([width, 2, 4][:batch], np.int32)
 
 
+@nnx.jit
+def _encode(model, encoder_inputs):
+    return model.encode(encoder_inputs, deterministic=True)[:2]
+
+
+@nnx.jit
+def _decode_full(model, decoder_inputs, encoded, encoder_valid):
+    return model.decode(decoder_inputs, encoded, encoder_valid, deterministic=True)[0]
+
+
 def teacher_forced_logits(model, prompts, lengths, new_tokens):
-    """Logits a dropless full forward pass gives at each generated position, f32[B, NEW, V]."""
+    """Logits a full forward pass whose decoder runs dropless gives at each generated position,
+    f32[B, NEW, V]; an encoder-decoder's encoder runs as in evaluation (its eval capacity)."""
     full = decode.inference_copy(model, dropless=True)
     if isinstance(model, models.EncoderDecoder):
         start = jnp.zeros((len(lengths), 1), jnp.int32)
         decoder_inputs = jnp.concatenate([start, new_tokens[:, :-1]], axis=1)
         encoder_inputs = jnp.where(jnp.arange(prompts.shape[1]) < lengths[:, None], prompts, 0)
-        return _forward(full, (encoder_inputs, decoder_inputs))
+        encoded, encoder_valid = _encode(model, encoder_inputs)
+        return _decode_full(full, decoder_inputs, encoded, encoder_valid)
     # each row's prompt then its new tokens, right-padded (causal: padding sees nothing later)
     width = prompts.shape[1] + NEW
     sequences = np.zeros((len(lengths), width), np.int32)
@@ -63,15 +75,19 @@ CASES = [
     ("decoder", {"router": "noisy_top_k", "k": 2, "normalize": "topk"}),
     ("decoder", {"router": "aux_free", "num_shared_experts": 1, "extra_dense_ffn": True}),
     ("encoder_decoder", {"router": "experts_choose", "decoder_router": "tokens_choose"}),
+    ("encoder_decoder", {}),  # Switch: the encoder drops tokens at its eval capacity
     ("rope_decoder", {"k": 2, "normalize": "topk"}),  # GQA with 1 key/value head, q/k norm
 ]
 
 
+@pytest.mark.parametrize("share_layers", [False, True], ids=["own_layers", "widenet"])
 @pytest.mark.parametrize("kind, overrides", CASES)
-def test_cached_decoding_matches_the_full_forward_pass(kind, overrides):
+def test_cached_decoding_matches_the_full_forward_pass(kind, overrides, share_layers):
     config = micro_config(kind, **overrides)
     if kind == "rope_decoder":
         config.model.num_kv_heads, config.model.qk_norm = 1, True
+    if share_layers:  # WideNet: one attention and one MoE FFN for every layer
+        config.model.share_layers, config.moe.sparse_every = True, 1
     model = build(config)
     prompts, lengths = prompts_and_lengths()
     new_tokens, logits = decode.generate(
@@ -81,6 +97,21 @@ def test_cached_decoding_matches_the_full_forward_pass(kind, overrides):
     np.testing.assert_array_equal(new_tokens, jnp.argmax(logits, -1))
     want = teacher_forced_logits(model, prompts, lengths, new_tokens)
     np.testing.assert_allclose(logits, want, atol=1e-5, rtol=1e-5)
+
+
+def test_the_encoder_keeps_its_eval_capacity_while_decoding():
+    """Only the decoder decodes dropless: the encoder reads the prompt as in evaluation, so the
+    first step's logits are those of the eval forward pass, where one decoder token per row
+    cannot be dropped."""
+    model = build(micro_config("encoder_decoder"))
+    prompts = jnp.asarray(prompts_and_lengths(batch=1, width=16)[0])
+    start = jnp.zeros((1, 1), jnp.int32)
+    want = _forward(model, (prompts, start))[:, 0]  # [1, V]
+    _, _, encoder_aux = model.encode(prompts, deterministic=True)
+    assert float(encoder_aux.fraction_tokens_dropped.min()) > 0.2  # the capacity bites
+    _, logits = decode.generate(model, prompts, max_new_tokens=NEW, return_logits=True)
+    atol = 1e-6 * max(1.0, float(jnp.max(jnp.abs(want))))
+    np.testing.assert_allclose(logits[:, 0], want, atol=atol, rtol=0)
 
 
 def test_scanned_layers_decode_like_the_full_pass():

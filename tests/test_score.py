@@ -102,6 +102,45 @@ def test_trace_of_a_hash_router_follows_the_token_ids(hash_run):
     assert "| decoder layer 1 |" in text and "held-out accuracy" in text
 
 
+def test_trace_of_a_rope_decoder_names_its_decoder_layers_and_their_input_tokens():
+    """A Llama-style decoder-only model (rope_decoder) is traced as a decoder: each of its
+    sparse layers routes the shifted input token (hash routing: the expert of that id)."""
+    config = micro_config("rope_decoder", router="hash")
+    config.model.num_layers = 4  # sparse layers 1 and 3 (the encoder-decoder depths stay 2, 2)
+    model = models.build_model(config, rngs=nnx.Rngs(0))
+    tokens = np.asarray(jax.random.randint(jax.random.key(2), (2, 16), 3, 64))
+    loss, weights = score.score(model, tokens, dropless=True)  # every token reaches its expert
+    shifted = np.pad(tokens[:, :-1], ((0, 0), (1, 0)))
+    expected = routing.hash_routing(jnp.asarray(shifted), num_experts=4, capacity=None)
+    expected_expert = np.asarray(expected.expert_index)[..., 0]  # [2, 16]
+    records = list(score.trace_records(config, tokens, np.asarray(loss), np.asarray(weights)))
+    assert len(records) == 32
+    for record in records:
+        row, position = record["row"], record["position"]
+        assert [(entry["stack"], entry["layer"]) for entry in record["routing"]] == [
+            ("decoder", 1),
+            ("decoder", 3),
+        ]
+        for entry in record["routing"]:
+            assert entry["token"] == int(shifted[row, position])
+            assert entry["experts"] == [expected_expert[row, position]]
+            assert entry["weights"] == [1.0]
+
+
+def test_generate_starts_a_rope_decoder_prompt_with_the_start_token(monkeypatch):
+    """The byte prompt of any decoder-only run starts with the start token 0, as its training
+    rows do; an empty prompt is that token alone and decodes."""
+    config = micro_config("rope_decoder")
+    model = models.build_model(config, rngs=nnx.Rngs(0))
+    monkeypatch.setattr(train, "restore_for_inference", lambda workdir: (config, model, 1))
+    _, ids, _, eos_id, max_length = generate._workdir_model("run", "ab", [])
+    assert ids == [0, ord("a") + 3, ord("b") + 3] and max_length == config.train.seq_len
+    _, ids, _, _, _ = generate._workdir_model("run", "", [])
+    assert ids == [0]
+    new = decode.generate(model, np.array([ids]), max_new_tokens=2, eos_id=eos_id)
+    assert new.shape == (1, 2)
+
+
 def test_scoring_keeps_the_eval_capacity_unless_dropless():
     config = micro_config()
     config.moe.capacity_factor_eval = 0.25

@@ -75,7 +75,9 @@ def test_shared_model_equals_the_unshared_model_holding_the_same_weights(kind):
         nnx.update(unshared.decoder.position_bias, nnx.state(shared.decoder.position_bias))
     pairs = zip(layers_of(shared.decoder), layers_of(unshared.decoder), strict=True)
     for index, (source, target) in enumerate(pairs):
-        assert source.self_attention is first.self_attention and source.ffn is first.ffn
+        assert source.ffn is first.ffn
+        for name in ("wq", "wk", "wv", "wo"):  # the first layer's attention weights
+            assert getattr(source.self_attention, name) is getattr(first.self_attention, name)
         for name in ("self_norm", "ffn_norm"):  # each layer's own (random) norm scales
             getattr(source, name).scale[...] = jax.random.uniform(
                 jax.random.key(index), (32,), minval=0.5, maxval=1.5
@@ -87,6 +89,27 @@ def test_shared_model_equals_the_unshared_model_holding_the_same_weights(kind):
     got, got_aux = shared(TOKENS, deterministic=True)
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
     np.testing.assert_allclose(got_aux.load_balancing_loss, want_aux.load_balancing_loss, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["decoder", "rope_decoder", "encoder_decoder"])
+def test_each_layer_caches_its_own_keys_and_values(kind):
+    """Shared attention weights, one key/value cache per layer (per attention of a layer),
+    none of them a parameter."""
+    model = build_model(tiny(True, kind), rngs=nnx.Rngs(0))
+    params_before = nnx.to_flat_state(nnx.state(model, nnx.Param))
+    if kind == "encoder_decoder":
+        model.init_cache(2, 5, 3)
+    else:
+        model.init_cache(2, 5)
+    decoder_layers = layers_of(model.decoder)
+    attentions = ["self_attention", "cross_attention"][: 2 if kind == "encoder_decoder" else 1]
+    caches = [getattr(layer, name).cache for layer in decoder_layers for name in attentions]
+    assert len(caches) == len(decoder_layers) * len(attentions)
+    assert len({id(cache) for cache in caches}) == len(caches)  # no two layers share one
+    cached = nnx.to_flat_state(nnx.state(model, nnx.Cache))
+    assert len(cached) == len(caches)
+    params_after = nnx.to_flat_state(nnx.state(model, nnx.Param))
+    assert [path for path, _ in params_after] == [path for path, _ in params_before]
 
 
 def test_share_layers_refuses_mixed_dense_and_sparse_layers_and_scan():
