@@ -41,8 +41,11 @@ standard library corpus (`data.name=python_stdlib`) for 2000 steps (100 warmup, 
 8 batches every 500. Its routing is Switch's as it stands (top-1, CF 1.25 / 2.0, balancing
 1e-2, jitter 1e-2, router init 0.1x, every other FFN sparse); the departures of `tiny` (AdamW
 and a cosine schedule instead of Adafactor/rsqrt, groups of one 128-token sequence instead of
-2048-8192 tokens) stay. The dense baseline is `--config.moe.num_experts=0`; `stdlib-32` has
-32 experts. About 10-13 min a run on 2 cores. The study's largest gain departs from the paper
+2048-8192 tokens) stay. The dense baseline of equal active FLOPs is
+`--config.moe.num_experts=0`; the dense model of equal total parameters is
+`--config.moe.num_experts=1 --config.moe.d_ff=2048` (each sparse FFN one 2048-wide expert, as
+wide as the 8 experts together, whose router always gives it weight 1: a dense FFN);
+`stdlib-32` has 32 experts. About 10-13 min a run on 2 cores. The study's largest gain departs from the paper
 (one learning rate for every weight) and is left as an option:
 `--config.train.router_learning_rate_scale=10` beat dense by 0.033 nats instead of 0.014.
 

@@ -16,7 +16,9 @@ seeds as dots, and `loss_curves_seeds.png` the mean eval cross-entropy of each c
 against step and against training seconds (from the logged tokens/s), +-1 std error bars.
 With `--baseline KEY=VALUE[,...]` (as for `experiments.sweep`), `paired_deltas.png` shows each
 configuration's eval cross-entropy minus the baseline's at the same seed and step, against step:
-the mean over seeds with +-1 std error bars.
+the mean over seeds with +-1 std error bars. When the sweep ran with `--ceiling`
+(`results_seeds.csv` has `gap_recovered_mean`), `gap_recovered.png` shows each configuration's
+share of the baseline-to-ceiling gap it closes, mean +-1 std over its seeds.
 """
 
 import argparse
@@ -238,6 +240,33 @@ def plot_final_eval_seeds(sweep_dir: Path) -> Path | None:
     return save(figure, sweep_dir / "final_eval.png")
 
 
+def plot_gap_recovered(sweep_dir: Path) -> Path | None:
+    """Each configuration's share of the gap recovered (results_seeds.csv, written by a sweep
+    with --baseline and --ceiling), +-1 std error bars; None when the file has no such column."""
+    path = sweep_dir / SEED_RESULTS_FILE
+    configs = (
+        [row for row in read_csv(path) if row.get("gap_recovered_mean")] if path.exists() else []
+    )
+    if len(configs) < 2:
+        return None
+    swept = varying_settings(configs)
+    labels = [settings_label(row, swept) for row in configs]
+    shares = [float(row["gap_recovered_mean"]) for row in configs]
+    stds = [float(row["gap_recovered_std"] or 0.0) for row in configs]
+    figure, axis = plt.subplots(figsize=(max(7.0, 1.3 * len(configs)), 4.5))
+    axis.barh(range(len(configs)), shares, xerr=stds, capsize=4, color="tab:green", alpha=0.6)
+    for index, config in enumerate(configs):
+        text = f"{shares[index]:.0%} ({config['gap_seeds'].count('/') + 1} seeds)"
+        axis.text(shares[index] + stds[index] + 0.01, index, text, va="center", fontsize=8)
+    axis.set_yticks(range(len(configs)), labels, fontsize=8)
+    axis.invert_yaxis()
+    axis.axvline(0.0, color="k", linewidth=0.8)
+    axis.axvline(1.0, color="k", linewidth=0.8, linestyle="--")
+    axis.set_xlabel("share of the baseline-to-ceiling gap recovered (final eval cross-entropy)")
+    axis.grid(alpha=0.3, axis="x")
+    return save(figure, sweep_dir / "gap_recovered.png")
+
+
 def plot_loss_curves_seeds(sweep_dir: Path, runs: dict[str, list[dict]]) -> Path | None:
     """Eval cross-entropy per configuration against step and wall-clock seconds: the mean over
     its seeds with +-1 std error bars (wall-clock: the mean seconds at each eval step)."""
@@ -375,6 +404,7 @@ def make_plots(directory: Path, baseline: dict[str, str] | None = None) -> list[
     written += [plot_dropped_vs_capacity(directory), plot_router_logits(runs, directory)]
     if (directory / SEED_RESULTS_FILE).exists():
         written += [plot_final_eval_seeds(directory), plot_loss_curves_seeds(directory, runs)]
+        written.append(plot_gap_recovered(directory))
         if baseline:
             written.append(plot_paired_deltas(directory, runs, baseline))
     else:

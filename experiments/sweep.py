@@ -23,6 +23,11 @@ batches, and much of the seed noise is shared. `--baseline KEY=VALUE[,KEY=VALUE.
 configuration (e.g. `moe.num_experts=0`, the dense model); every row of `results_seeds.csv` then
 also has `delta_final_eval_cross_entropy_{mean,std}` over `delta_seeds`, the seeds both it and
 the baseline finished: a run's final eval cross-entropy minus the baseline's at the same seed.
+`--ceiling KEY=VALUE[,...]` (with `--baseline`) names a second configuration, e.g. the dense
+model of the MoE's total parameters; each row then also has `gap_recovered_{mean,std}` over
+`gap_seeds`: at each seed, (baseline - run) / (baseline - ceiling) of the final eval
+cross-entropy, the share of the baseline-to-ceiling gap the run closes (0 = the baseline, 1 =
+the ceiling).
 """
 
 import argparse
@@ -167,6 +172,7 @@ def write_results(
     runs: list[dict[str, str]],
     names: list[str],
     baseline: dict[str, str] | None = None,
+    ceiling: dict[str, str] | None = None,
 ) -> Path:
     """One row per run: its overrides, its status and its summary; missing values left empty."""
     rows = []
@@ -178,11 +184,15 @@ def write_results(
                 status = json.loads(marker.read_text())["status"]
         rows.append({"run": name, "status": status, **overrides, **summarize(workdir)})
     if any(SEED_KEY in overrides for overrides in runs):
-        write_csv(sweep_dir / SEED_RESULTS_FILE, aggregate_seeds(rows, baseline))
+        write_csv(sweep_dir / SEED_RESULTS_FILE, aggregate_seeds(rows, baseline, ceiling))
     return write_csv(sweep_dir / RESULTS_FILE, rows)
 
 
-def aggregate_seeds(rows: list[dict], baseline: dict[str, str] | None = None) -> list[dict]:
+def aggregate_seeds(
+    rows: list[dict],
+    baseline: dict[str, str] | None = None,
+    ceiling: dict[str, str] | None = None,
+) -> list[dict]:
     """One row per configuration of `rows` (results.csv rows as dicts of strings or numbers).
 
     Rows with the same values in every column other than `seed`, the summary figures, `run` and
@@ -190,8 +200,8 @@ def aggregate_seeds(rows: list[dict], baseline: dict[str, str] | None = None) ->
     settings, `seeds` (the finished seeds, '/'-separated), `num_seeds`, and for every figure F
     of `summarize` `F_mean` and `F_std` (sample standard deviation, ddof 1; empty for one seed).
     Configurations keep the order of their first row. With `baseline` (settings that pick out
-    one configuration), each row also has the seed-paired deltas of `PAIRED_FIGURE` (see the
-    module docstring).
+    one configuration), each row also has the seed-paired deltas of `PAIRED_FIGURE`, and with
+    `ceiling` as well the share of the gap recovered (see the module docstring).
     """
     figures = [key for row in rows for key in row if key not in ("run", "status", SEED_KEY)]
     figures = list(dict.fromkeys(key for key in figures if "." not in key))
@@ -216,7 +226,7 @@ def aggregate_seeds(rows: list[dict], baseline: dict[str, str] | None = None) ->
                 row[f"{figure}_std"] = float(np.std(values, ddof=1)) if len(values) > 1 else ""
         aggregated.append(row)
     if baseline:
-        _add_paired_deltas(aggregated, list(groups.values()), baseline)
+        _add_paired_deltas(aggregated, list(groups.values()), baseline, ceiling)
     return aggregated
 
 
@@ -228,23 +238,43 @@ def _by_seed(finished: list[dict]) -> dict[str, float]:
     }
 
 
-def _add_paired_deltas(aggregated: list[dict], groups: list[list[dict]], baseline: dict) -> None:
-    """Adds `delta_seeds` and the `PAIRED_FIGURE` deltas' mean and std to each aggregated row."""
-    found_at = [index for index, row in enumerate(aggregated) if matches(row, baseline)]
+def _one_configuration(aggregated: list[dict], settings: dict, flag: str) -> int:
+    """The index of the one aggregated row that `settings` picks out, or a ValueError."""
+    found_at = [index for index, row in enumerate(aggregated) if matches(row, settings)]
     if len(found_at) != 1:
         found = "no configuration" if not found_at else f"{len(found_at)} configurations"
         raise ValueError(
-            f"--baseline {baseline} matches {found}; name settings that pick out exactly one"
+            f"{flag} {settings} matches {found}; name settings that pick out exactly one"
         )
-    reference = _by_seed(groups[found_at[0]])
+    return found_at[0]
+
+
+def _mean_and_std(values: list[float]) -> tuple[float | str, float | str]:
+    """Mean and sample standard deviation (ddof 1); '' where there are too few values."""
+    mean = float(np.mean(values)) if values else ""
+    return mean, float(np.std(values, ddof=1)) if len(values) > 1 else ""
+
+
+def _add_paired_deltas(
+    aggregated: list[dict], groups: list[list[dict]], baseline: dict, ceiling: dict | None
+) -> None:
+    """Adds `delta_seeds` and the `PAIRED_FIGURE` deltas' mean and std to each aggregated row,
+    and with `ceiling` `gap_seeds` and the share of the gap recovered."""
+    reference = _by_seed(groups[_one_configuration(aggregated, baseline, "--baseline")])
+    top = _by_seed(groups[_one_configuration(aggregated, ceiling, "--ceiling")]) if ceiling else {}
     name = f"delta_{PAIRED_FIGURE}"
     for row, finished in zip(aggregated, groups):
         values = _by_seed(finished)
         seeds = [seed for seed in values if seed in reference]
-        deltas = [values[seed] - reference[seed] for seed in seeds]
         row["delta_seeds"] = "/".join(seeds)
-        row[f"{name}_mean"] = float(np.mean(deltas)) if deltas else ""
-        row[f"{name}_std"] = float(np.std(deltas, ddof=1)) if len(deltas) > 1 else ""
+        row[f"{name}_mean"], row[f"{name}_std"] = _mean_and_std(
+            [values[seed] - reference[seed] for seed in seeds]
+        )
+        if ceiling:
+            seeds = [seed for seed in seeds if seed in top and top[seed] != reference[seed]]
+            shares = [(reference[s] - values[s]) / (reference[s] - top[s]) for s in seeds]
+            row["gap_seeds"] = "/".join(seeds)
+            row["gap_recovered_mean"], row["gap_recovered_std"] = _mean_and_std(shares)
 
 
 def write_csv(path: Path, rows: list[dict]) -> Path:
@@ -332,6 +362,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--baseline", default="", help="KEY=VALUE,...: the configuration seeds are paired with"
     )
+    parser.add_argument(
+        "--ceiling",
+        default="",
+        help="KEY=VALUE,...: with --baseline, the configuration whose gap to it runs close",
+    )
     args = parser.parse_args(argv)
     if args.parallel < 1:
         parser.error(f"--parallel must be >= 1, got {args.parallel}")
@@ -341,8 +376,11 @@ def main(argv: list[str] | None = None) -> int:
         fixed = dict(parse_setting(spec) for spec in args.set)
         runs = [{**fixed, **overrides} for overrides in expand(axes, args.zip)]
         baseline = parse_baseline(args.baseline)
+        ceiling = parse_baseline(args.ceiling)
     except ValueError as error:
         parser.error(str(error))
+    if ceiling and not baseline:
+        parser.error(f"--ceiling {args.ceiling!r} needs --baseline: the gap runs from it")
     if args.seeds:
         if any(key == SEED_KEY for key, _ in axes) or SEED_KEY in fixed:
             parser.error("--seeds and a 'seed' in --sweep or --set: give the seeds once")
@@ -358,15 +396,18 @@ def main(argv: list[str] | None = None) -> int:
         )
     except ValueError as error:
         parser.error(str(error))
-    if baseline:
+    for flag, settings, spec in (
+        ("--baseline", baseline, args.baseline),
+        ("--ceiling", ceiling, args.ceiling),
+    ):
         configurations = {
             tuple(sorted((key, value) for key, value in run.items() if key != SEED_KEY))
             for run in runs
-            if matches(run, baseline)
+            if settings and matches(run, settings)
         }
-        if len(configurations) != 1:
+        if settings and len(configurations) != 1:
             parser.error(
-                f"--baseline {args.baseline!r} matches {len(configurations)} configurations of "
+                f"{flag} {spec!r} matches {len(configurations)} configurations of "
                 "the sweep; name settings that pick out exactly one (e.g. moe.num_experts=0)"
             )
     names = [run_name({key: run[key] for key, _ in axes}) for run in runs]
@@ -383,7 +424,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[sweep] {len(runs)} runs, {skipped} already done, {len(pending)} to run", flush=True)
     sweep = Sweep(args.config, args.sweep_dir, args.parallel)
     sweep.run(pending)
-    path = write_results(args.sweep_dir, runs, names, baseline)
+    path = write_results(args.sweep_dir, runs, names, baseline, ceiling)
     print(f"[sweep] results: {path}", flush=True)
     if sweep.stopping:
         return 130

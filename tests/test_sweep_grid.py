@@ -102,6 +102,28 @@ def test_paired_deltas_subtract_the_baseline_of_the_same_seed_by_hand():
     assert third["final_eval_cross_entropy_mean"] - first["final_eval_cross_entropy_mean"] > -0.02
 
 
+def test_share_of_the_gap_recovered_by_hand():
+    # baseline k=1, ceiling k=4, run k=3; final eval cross-entropy per seed:
+    #   seed 0: 2.0, 1.0, 1.5 -> (2.0 - 1.5) / (2.0 - 1.0) = 0.5
+    #   seed 1: 3.0, 2.0, 2.2 -> (3.0 - 2.2) / (3.0 - 2.0) = 0.8
+    #   seed 2: 2.5, no ceiling run, 2.0 -> no share
+    values = {"1": (2.0, 3.0, 2.5), "4": (1.0, 2.0, None), "3": (1.5, 2.2, 2.0)}
+    rows = []
+    for k, per_seed in values.items():
+        for seed, ce in enumerate(per_seed):
+            if ce is not None:
+                row = {"run": f"k{k}s{seed}", "status": "finished", "moe.k": k, "seed": str(seed)}
+                rows.append({**row, "final_eval_cross_entropy": ce})
+    baseline, ceiling, run = sweep.aggregate_seeds(rows, {"moe.k": "1"}, {"moe.k": "4"})
+    assert run["gap_seeds"] == "0/1"
+    assert run["gap_recovered_mean"] == pytest.approx(0.65)
+    assert run["gap_recovered_std"] == pytest.approx(0.3 / 2**0.5)  # sample std of 0.5, 0.8
+    assert baseline["gap_recovered_mean"] == 0 and ceiling["gap_recovered_mean"] == 1
+    assert run["delta_seeds"] == "0/1/2"  # the paired delta needs no ceiling run
+    with pytest.raises(ValueError, match="--ceiling {'moe.k': '5'} matches no configuration"):
+        sweep.aggregate_seeds(rows, {"moe.k": "1"}, {"moe.k": "5"})
+
+
 def test_seed_results_and_error_bar_plots_from_run_directories(tmp_path):
     runs = sweep.with_seeds([{"moe.k": "1"}, {"moe.k": "2"}], ["0", "1"])
     names = [sweep.run_name(run) for run in runs]
@@ -150,6 +172,11 @@ def test_seed_results_and_error_bar_plots_from_run_directories(tmp_path):
     assert {"final_eval.png", "loss_curves_seeds.png", "loss_curves.png"} <= written
     assert "paired_deltas.png" in written
     assert (tmp_path / "final_eval.png").stat().st_size > 1000
+    assert "gap_recovered.png" not in written  # no --ceiling
+    sweep.write_results(tmp_path, runs, names, baseline={"moe.k": "1"}, ceiling={"moe.k": "2"})
+    written = {path.name for path in plot.make_plots(tmp_path, baseline={"moe.k": "1"})}
+    assert "gap_recovered.png" in written
+    assert (tmp_path / "gap_recovered.png").stat().st_size > 1000
 
 
 @pytest.mark.parametrize(
@@ -159,6 +186,11 @@ def test_seed_results_and_error_bar_plots_from_run_directories(tmp_path):
         (["--seeds=a"], "is not distinct integers"),
         (["--seeds=0,1", "--sweep=seed=2,3"], "give the seeds once"),
         (["--seeds=0,1", "--sweep=moe.k=1,2", "--baseline=moe.k=4"], "matches 0 configurations"),
+        (["--seeds=0,1", "--sweep=moe.k=1,2", "--ceiling=moe.k=2"], "--ceiling 'moe.k=2' needs"),
+        (
+            ["--seeds=0", "--sweep=moe.k=1,2", "--baseline=moe.k=1", "--ceiling=moe.k=3"],
+            "--ceiling 'moe.k=3' matches 0 configurations",
+        ),
         (
             ["--seeds=0", "--sweep=moe.k=1,2", "--sweep=moe.num_experts=4,8", "--baseline=moe.k=1"],
             "matches 2 configurations",
