@@ -99,6 +99,9 @@ def default_config() -> ml_collections.ConfigDict:
             "router_jitter": 0.01,  # multiplicative input jitter eps in training (Switch)
             "router_init_scale": 0.1,  # Switch's truncated-normal scale sqrt(scale / fan_in)
             "expert_dropout": 0.0,
+            # scale of the experts' truncated-normal fan-in init (1.0 usual; Switch, Sec. 2.3,
+            # draws every weight at 0.1)
+            "expert_init_scale": 1.0,
             "num_shared_experts": 0,  # always-on dense experts (DeepSeekMoE)
             "bias_update_rate": 0.001,  # aux_free router (DeepSeek-V3)
             "sparse_every": 2,  # every n-th FFN is sparse (Switch/GLaM 2, ST-MoE 4, Switch-C 1)

@@ -293,7 +293,7 @@ class MoeFeedForward(nnx.Module):
     capacity_factor_train, capacity_factor_eval, min_capacity, group_size, backend,
     expert_dropout, num_shared_experts, bias_update_rate, ...}` (router keys: see `Router`).
     Expert weights: `wi: [E, M, H]`, `wi_gate: [E, M, H]` (gated activations), `wo: [E, H, M]`,
-    drawn with unit-scale truncated-normal fan-in init.
+    drawn with truncated-normal fan-in init of scale `moe.expert_init_scale` (1.0 by default).
 
     Two static switches for inference (`inference_copy` sets them on a copy of a model):
     `dropless = True` routes a tokens-choose router with `capacity=None` (no token is dropped,
@@ -351,6 +351,7 @@ class MoeFeedForward(nnx.Module):
             d_ff=d_ff,
             activation=self.activation,
             num_experts=moe.num_experts,
+            init_scale=float(moe.expert_init_scale),
             dtype=jnp.dtype(model.param_dtype),
         )
         self.wi = _param(params["wi"], ("expert", "embed", "mlp"))

@@ -298,3 +298,16 @@ def test_k_out_of_range_gets_the_right_advice(k, message):
     with pytest.raises(ValueError, match=message) as error:
         layers.MoeFeedForward(_config(k=k), nnx.Rngs(0))
     assert k > 0 or "lower k" not in str(error.value)
+
+
+def test_expert_init_scale_scales_the_expert_weights_by_its_square_root():
+    # variance scaling draws std sqrt(scale / fan_in): with the same keys, scale 0.1 gives the
+    # scale-1.0 weights times sqrt(0.1); the router and other weights are unchanged
+    usual = layers.MoeFeedForward(_config(), nnx.Rngs(0))
+    small = layers.MoeFeedForward(_config(expert_init_scale=0.1), nnx.Rngs(0))
+    for name in usual.expert_param_names():
+        want = getattr(usual, name)[...] * np.sqrt(0.1)
+        np.testing.assert_allclose(getattr(small, name)[...], want, rtol=1e-6)
+    np.testing.assert_array_equal(small.router.kernel[...], usual.router.kernel[...])
+    with pytest.raises(ValueError, match="init scale must be > 0, got 0.0"):
+        layers.MoeFeedForward(_config(expert_init_scale=0.0), nnx.Rngs(0))
