@@ -45,8 +45,8 @@ and a cosine schedule instead of Adafactor/rsqrt, groups of one 128-token sequen
 `--config.moe.num_experts=0`; the dense model of equal total parameters is
 `--config.moe.num_experts=1 --config.moe.d_ff=2048` (each sparse FFN one 2048-wide expert, as
 wide as the 8 experts together, whose router always gives it weight 1: a dense FFN);
-`stdlib-32` has 32 experts. About 10-13 min a run on 2 cores. The study's largest gain departs from the paper
-(one learning rate for every weight) and is left as an option:
+`stdlib-32` has 32 experts. About 10-13 min a run on 2 cores. The study's largest gain departs
+from the paper (one learning rate for every weight) and is left as an option:
 `--config.train.router_learning_rate_scale=10` beat dense by 0.033 nats instead of 0.014.
 
 `small` (d_model 512, 8 heads, d_ff 2048, 8 layers, seq 512, batch 8) is the throughput model
