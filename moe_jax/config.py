@@ -67,7 +67,9 @@ def default_config() -> ml_collections.ConfigDict:
         {
             "num_experts": 8,  # 0 makes every FFN dense
             "k": 1,  # experts per token (tokens-choose routers)
-            # tokens_choose | gshard_top2 | experts_choose | hash | noisy_top_k | aux_free
+            # tokens_choose | gshard_top2 | experts_choose | hash | noisy_top_k | aux_free |
+            # soft_moe | base_layer | sinkhorn | remoe | cosine | forced_balanced
+            # (moe_jax.routers); experts_choose and soft_moe are for encoders only
             "router": "tokens_choose",
             # router of causal (decoder) stacks; '' means `router`. Expert Choice sees future
             # tokens, so an encoder-decoder with router='experts_choose' sets this, e.g. to
@@ -79,7 +81,8 @@ def default_config() -> ml_collections.ConfigDict:
             "capacity_factor_eval": 2.0,
             "min_capacity": 4,
             # > 0: exactly this many slots per expert per group, in training and evaluation,
-            # instead of the capacity factors (Hugging Face Switch's `expert_capacity`)
+            # instead of the capacity factors (Hugging Face Switch's `expert_capacity`); the
+            # soft_moe router's slots per expert (0: from group_size and capacity_factor_train)
             "expert_capacity": 0,
             "group_size": 1024,  # tokens per routing group; 0: each sequence is one group
             "backend": "einsum",  # einsum | gather | dropless
@@ -104,6 +107,14 @@ def default_config() -> ml_collections.ConfigDict:
             "expert_init_scale": 1.0,
             "num_shared_experts": 0,  # always-on dense experts (DeepSeekMoE)
             "bias_update_rate": 0.001,  # aux_free router (DeepSeek-V3)
+            "sinkhorn_iterations": 10,  # sinkhorn router (S-BASE): Sinkhorn steps in training
+            # remoe router (ReMoE): the L1 coefficient's start and its factor per training step
+            # toward 1 - k / E zero gates (moe.k is the target number of active experts)
+            "remoe_l1_init": 1e-8,
+            "remoe_l1_rate": 1.2,
+            # cosine router (X-MoE): dimension of the hypersphere and the temperature's start
+            "cosine_dim": 16,
+            "cosine_temperature": 0.07,
             "sparse_every": 2,  # every n-th FFN is sparse (Switch/GLaM 2, ST-MoE 4, Switch-C 1)
             "sparse_placement": "every",  # every | bottom | top
             "num_sparse_layers": 0,  # for bottom | top placement
@@ -111,7 +122,15 @@ def default_config() -> ml_collections.ConfigDict:
         }
     )
 
-    config.loss = ml_collections.ConfigDict({"aux_coef": 1e-2, "z_coef": 1e-3})
+    config.loss = ml_collections.ConfigDict(
+        {
+            "aux_coef": 1e-2,
+            "z_coef": 1e-3,
+            # where the balancing loss counts its f_e and P_e (moe_jax.losses.AUX_SCOPES): each
+            # routing 'group', each 'sequence' (batch row; DeepSeek-V3), or the 'global' batch
+            "aux_scope": "group",
+        }
+    )
 
     config.train = ml_collections.ConfigDict(
         {

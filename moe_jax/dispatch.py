@@ -14,6 +14,10 @@ Three backends compute the same function
   expert matmul (`moe_jax.ragged`), so a program exported from a CPU host for a TPU carries the
   ragged one.
 
+Soft MoE's `soft_moe.SoftRouting` (slots that mix every token, not one token each) goes through
+the einsum backend only: `dispatch`, `combine`, `dispatch_combine` and `dense_reference` take it
+in place of a `Routing`, and the other backends refuse it.
+
 Dropped tokens (in no slot) get zero here; the layer's residual connection carries them.
 `dispatch` and `combine` are the two halves of the capacity-based backends, public so expert
 parallelism can put an `all_to_all` between them.
@@ -33,8 +37,9 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from moe_jax import blocked, ragged
+from moe_jax import blocked, ragged, soft_moe
 from moe_jax.routing import Routing, to_masks
+from moe_jax.soft_moe import SoftRouting
 
 BACKENDS = ("einsum", "gather", "dropless")
 CAPACITY_BACKENDS = ("einsum", "gather")
@@ -111,11 +116,15 @@ def _slot_tokens(x: jax.Array, token_index: jax.Array) -> jax.Array:
     return jnp.where((token_index >= 0)[..., None], rows, jnp.zeros((), x.dtype))
 
 
-def dispatch(x: jax.Array, routing: Routing, *, backend: str) -> jax.Array:
+def dispatch(x: jax.Array, routing: Routing | SoftRouting, *, backend: str) -> jax.Array:
     """Gather each expert's tokens: `x: [G, T, M]` -> `[E, G, C, M]` (empty slots are zero).
 
-    `backend` is `'einsum'` or `'gather'` (the dropless backend has no fixed-capacity buffer).
+    `backend` is `'einsum'` or `'gather'` (the dropless backend has no fixed-capacity buffer);
+    a `SoftRouting` gives Soft MoE's slot mixtures `[E, G, S, M]` (einsum only).
     """
+    if isinstance(routing, SoftRouting):
+        soft_moe.check_backend(backend)
+        return soft_moe.dispatch(x, routing)  # [E, G, S, M]
     check_backend(backend, CAPACITY_BACKENDS)
     if backend == "einsum":
         dispatch_mask, _ = to_masks(routing, x.shape[1])  # [G, T, E, C]
@@ -123,11 +132,15 @@ def dispatch(x: jax.Array, routing: Routing, *, backend: str) -> jax.Array:
     return jnp.transpose(_slot_tokens(x, routing.token_index), (1, 0, 2, 3))  # [E, G, C, M]
 
 
-def combine(expert_out: jax.Array, routing: Routing, *, backend: str) -> jax.Array:
+def combine(expert_out: jax.Array, routing: Routing | SoftRouting, *, backend: str) -> jax.Array:
     """Weight and sum each token's expert outputs: `[E, G, C, M]` -> f32[G, T, M].
 
-    Tokens in no slot get zero. `backend` is `'einsum'` or `'gather'`.
+    Tokens in no slot get zero. `backend` is `'einsum'` or `'gather'` (`'einsum'` for a
+    `SoftRouting`).
     """
+    if isinstance(routing, SoftRouting):
+        soft_moe.check_backend(backend)
+        return soft_moe.combine(expert_out, routing)  # [G, T, M]
     check_backend(backend, CAPACITY_BACKENDS)
     num_tokens = routing.probs.shape[1]
     if backend == "einsum":
@@ -150,7 +163,7 @@ def combine(expert_out: jax.Array, routing: Routing, *, backend: str) -> jax.Arr
 
 def dispatch_combine(
     x: jax.Array,
-    routing: Routing,
+    routing: Routing | SoftRouting,
     expert_fn: ExpertFn,
     expert_params: Any,
     *,
@@ -161,13 +174,15 @@ def dispatch_combine(
 
     Args:
       x: grouped tokens.
-      routing: slots from a router (`moe_jax.routing`).
+      routing: slots from a router (`moe_jax.routing`), or Soft MoE's `SoftRouting`.
       expert_fn: `expert_fn(expert_params, xe: [E, N, M]) -> [E, N, M]`; see the module doc.
       expert_params: pytree of stacked expert weights, every leaf with leading axis E.
       backend: `'einsum'`, `'gather'` or `'dropless'`.
       block_size: rows per block of the dropless backend.
     """
     check_backend(backend)
+    if isinstance(routing, SoftRouting):
+        soft_moe.check_backend(backend)
     if backend == "dropless":
         return dropless(x, routing, expert_fn, expert_params, block_size=block_size)
     expert_in = dispatch(x, routing, backend=backend)  # [E, G, C, M]
@@ -199,13 +214,16 @@ def dropless(
 
 
 def dense_reference(
-    x: jax.Array, routing: Routing, expert_fn: ExpertFn, expert_params: Any
+    x: jax.Array, routing: Routing | SoftRouting, expert_fn: ExpertFn, expert_params: Any
 ) -> jax.Array:
     """The oracle: run every expert on every token, then keep each token's slot weights.
 
     `y[g, t] = sum_e (sum_c weight[g, e, c] * [token_index[g, e, c] == t]) * expert_e(x[g, t])`,
-    a Python loop over experts with no dispatch tensor and no gather. f32[G, T, M].
+    a Python loop over experts with no dispatch tensor and no gather. f32[G, T, M]. For a
+    `SoftRouting`, `_soft_reference`.
     """
+    if isinstance(routing, SoftRouting):
+        return _soft_reference(x, routing, expert_fn, expert_params)
     num_groups, num_tokens, d_model = x.shape
     num_experts = routing.token_index.shape[1]
     positions = jnp.arange(num_tokens)
@@ -217,4 +235,22 @@ def dense_reference(
         holds = routing.token_index[:, e, :, None] == positions  # [G, C, T]
         token_weight = jnp.sum(jnp.where(holds, routing.weight[:, e, :, None], 0.0), axis=1)
         y = y + token_weight[..., None] * out_e  # [G, T, M]
+    return y
+
+
+def _soft_reference(
+    x: jax.Array, routing: SoftRouting, expert_fn: ExpertFn, expert_params: Any
+) -> jax.Array:
+    """Soft MoE's oracle, slot by slot in Python loops: slot (e, s) takes
+    `sum_t dispatch_weight[g, t, e, s] * x[g, t]` as a weighted sum of token rows, runs expert e
+    on it alone, and adds `combine_weight[g, t, e, s]` times the result to every token t."""
+    num_groups, num_tokens, d_model = x.shape
+    _, _, num_experts, num_slots = routing.dispatch_weight.shape
+    y = jnp.zeros(x.shape, jnp.float32)
+    for e in range(num_experts):
+        params_e = jax.tree.map(lambda leaf, e=e: leaf[e : e + 1], expert_params)
+        for s in range(num_slots):
+            mix = jnp.sum(routing.dispatch_weight[:, :, e, s, None] * x, axis=1)  # [G, M]
+            out = expert_fn(params_e, mix[None])[0]  # [G, M]
+            y = y + routing.combine_weight[:, :, e, s, None] * out[:, None, :]  # [G, T, M]
     return y

@@ -40,7 +40,7 @@ from typing import Any
 import jax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from moe_jax import dispatch, exchange
+from moe_jax import dispatch, exchange, soft_moe
 from moe_jax.data_parallel import batch_shards, batch_spec, check_groups
 from moe_jax.mesh import (
     DEFAULT_RULES,
@@ -53,6 +53,7 @@ from moe_jax.mesh import (
     mesh_axes_of,
 )
 from moe_jax.routing import Routing
+from moe_jax.soft_moe import SoftRouting
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +95,7 @@ def _expert_param_specs(param_axes: Any, rules: Any, keep: tuple[str, ...] | Non
 
 def expert_parallel_dispatch_combine(
     x: jax.Array,
-    routing: Routing,
+    routing: Routing | SoftRouting,
     expert_fn: dispatch.ExpertFn,
     expert_params: Any,
     *,
@@ -109,7 +110,8 @@ def expert_parallel_dispatch_combine(
 
     Args:
       x: f32[G, T, M] grouped tokens (G splits over the 'batch' mesh axes).
-      routing: the `Routing` of those groups (token_index, weight: [G, E, C]; probs [G, T, E]).
+      routing: the `Routing` of those groups (token_index, weight: [G, E, C]; probs [G, T, E]),
+        or Soft MoE's `SoftRouting` (einsum backend; its S slots per expert take C's place).
       expert_fn: `expert_fn(params, xe: [E_local, N, M]) -> [E_local, N, M]`, called on each
         device's experts. Must be linear in its last matmul (so a hidden dim split over 'model'
         can be summed after `wo`). Random draws take the key `rng` as `dropout_rng=`.
@@ -134,8 +136,10 @@ def expert_parallel_dispatch_combine(
     if mesh is None:
         raise ValueError("expert parallelism needs a mesh: pass mesh= or use jax.set_mesh(mesh).")
     dispatch.check_backend(backend)
+    if isinstance(routing, SoftRouting):
+        soft_moe.check_backend(backend)
     rules = logical_rules(rules)
-    _check_experts(routing.token_index.shape[1], mesh, rules)
+    _check_experts(routing.probs.shape[-1], mesh, rules)
     check_groups(x.shape[0], mesh, rules)
     if strategy == "gspmd":
         if backend == "dropless":

@@ -3,7 +3,7 @@
 - `FeedForward(config, rngs, d_ff=None, activation=None)`: dense FFN (dense baselines, ST-MoE's
   extra dense FFN, shared experts).
 - `Router(config, rngs)`: router weights (always float32), input jitter, the router kind of
-  `config.moe.router`.
+  `config.moe.router` (defined in `moe_jax.routers`, which lists the kinds).
 - `MoeFeedForward(config, rngs)`: `y, aux = layer(x, deterministic=...)`.
 - `inference_copy(model, dropless=True, trace_routing=False)`: a copy of a model whose MoE
   layers route with no capacity and/or trace their routing (decoding, scoring, and the dropless
@@ -12,17 +12,24 @@
 Logical axis names. Every parameter carries them as the flax 0.12 `out_sharding` metadata
 (`nnx.Param(value, out_sharding=('expert', 'embed', 'mlp'), eager_sharding=False)`):
 `wi`/`wi_gate` `('expert', 'embed', 'mlp')`, `wo` `('expert', 'mlp', 'embed')`, dense FFN
-`('embed', 'mlp')` / `('mlp', 'embed')`, router `('embed', None)` (small, replicated),
-router bias `(None,)`. `eager_sharding=False` lets modules be built without a mesh; read the
-names with `nnx.get_partition_spec(nnx.state(model))` and map them to mesh axes with the
-config's rules table (`moe_jax.parallel`).
+`('embed', 'mlp')` / `('mlp', 'embed')`, router `('embed', None)` (small, replicated; the
+other router kinds' weights are listed in `moe_jax.routers`). `eager_sharding=False` lets
+modules be built without a mesh; read the names with `nnx.get_partition_spec(nnx.state(model))`
+and map them to mesh axes with the config's rules table (`moe_jax.parallel`).
 
-Aux-loss-free router bias. `config.moe.router = 'aux_free'` keeps its bias as a `RouterBias`
-variable, not an `nnx.Param`: gradients (`nnx.grad(..., argnums=nnx.DiffState(0, nnx.Param))`)
-and `nnx.Optimizer(model, tx, wrt=nnx.Param)` leave it alone, and the layer itself moves it by
-`update_expert_bias` on every call with `deterministic=False`. A train step must therefore
-carry the model's whole state out of the step (use `nnx.jit`, or `nnx.split`/`nnx.merge` and
-return the non-Param state), and must not run the training forward pass twice per step.
+Router state that is not a parameter. `config.moe.router = 'aux_free'` keeps its bias as a
+`RouterBias` variable and `'remoe'` its L1 coefficient as an `L1Coefficient`, not `nnx.Param`s:
+gradients (`nnx.grad(..., argnums=nnx.DiffState(0, nnx.Param))`) and
+`nnx.Optimizer(model, tx, wrt=nnx.Param)` leave them alone, and the layer itself moves them
+(`update_expert_bias`, `relu_routing.update_l1_coefficient`) on every call with
+`deterministic=False`. A train step must therefore carry the model's whole state out of the
+step (use `nnx.jit`, or `nnx.split`/`nnx.merge` and return the non-Param state), and must not
+run the training forward pass twice per step.
+
+Where the balancing statistics are counted: `config.loss.aux_scope` ('group' | 'sequence' |
+'global', `losses.AUX_SCOPES`) regroups the routers' probabilities and choices into routing
+groups, batch rows or the whole (global) batch before the balancing loss counts them; it applies
+to the routers of `routers.SCOPED_LOSS_ROUTERS`, and the others refuse a scope but 'group'.
 
 Expert-parallel hook. `MoeFeedForward.experts_impl` is the function that runs dispatch, experts
 and combine: `(x: [G, T, M], routing, expert_fn, expert_params, *, param_axes, backend, rng)
@@ -49,39 +56,49 @@ import qwix
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from moe_jax import dispatch, experts, losses, parallel, routing
+from moe_jax import dispatch, experts, losses, parallel, relu_routing, routing, soft_moe
+from moe_jax.balanced_routing import balanced_capacity
+from moe_jax.routers import (
+    ROUTERS,
+    SCOPED_LOSS_ROUTERS,
+    Router,
+    check_config_choice,
+    logical_param,
+)
 
-ROUTERS = ("tokens_choose", "gshard_top2", "experts_choose", "hash", "noisy_top_k", "aux_free")
-# routers whose capacity=None means "never drop" (tokens choose); experts_choose needs C
-_TOKENS_CHOOSE_ROUTERS = ("tokens_choose", "gshard_top2", "hash", "noisy_top_k", "aux_free")
-
-
-class RouterBias(nnx.Variable):
-    """Aux-loss-free selection bias f32[E]: updated by the layer in training, never by gradients."""
+__all__ = ["ROUTERS", "FeedForward", "MoeAux", "MoeFeedForward", "Router"]
 
 
 class MoeAux(NamedTuple):
     """What an MoE layer reports; the caller decides what enters the loss.
 
     Attributes:
-      load_balancing_loss: f32[] the router kind's balancing loss (Switch form for tokens_choose,
-        GShard's for gshard_top2, Shazeer's importance + load for noisy_top_k; 0 for
-        experts_choose, hash and aux_free, which need none), without its coefficient.
-      router_z_loss: f32[] ST-MoE z-loss of the router logits (0 for hash routing).
+      load_balancing_loss: f32[] the router kind's balancing loss, without its coefficient,
+        counted over `loss.aux_scope`: Switch's form for tokens_choose and cosine, GShard's for
+        gshard_top2, Shazeer's importance + load for noisy_top_k, and for aux_free Switch's
+        form at scope 'sequence' or 'global' (DeepSeek-V3's complementary balance loss) and
+        none at 'group'; 0 for experts_choose, hash, soft_moe, base_layer, sinkhorn, remoe and
+        forced_balanced, which need none.
+      router_z_loss: f32[] ST-MoE z-loss of the router logits (0 for hash and soft_moe).
+      router_l1_loss: f32[] remoe's adaptive coefficient times its load-balanced L1 penalty
+        (`losses.relu_l1_loss`, counted over `loss.aux_scope`); the train step adds it as it
+        is. 0 for the other routers.
       fraction_tokens_dropped, fraction_assignments_dropped, router_confidence, expert_usage:
-        f32[] from `routing.router_metrics`.
+        f32[] from `routing.router_metrics` (`soft_moe.soft_metrics` for soft_moe).
       expert_load: f32[E] share of the filled slots per expert (after capacity).
       expert_load_routed: f32[E] share of the tokens' expert choices per expert, counted before
         capacity (what the router asked for; a collapse shows here even when capacity hides it
-        from `expert_load`); the filled slots for experts_choose, which has no choices.
+        from `expert_load`); the filled slots for experts_choose, which has no choices, and
+        each expert's share of the combine weight for soft_moe (whose `expert_load` is 1/E).
       router_logit_max: f32[] largest absolute router logit over the real tokens (0 for hash
-        routing): the logit growth that the z-loss holds back (ST-MoE, Sec. 3.3).
+        and soft_moe): the logit growth that the z-loss holds back (ST-MoE, Sec. 3.3).
       token_weights: f32[B, L, E] the combine weight each token got from each expert (0: not
         routed there, or dropped), when the layer's `trace_routing` is on; else None.
     """
 
     load_balancing_loss: jax.Array
     router_z_loss: jax.Array
+    router_l1_loss: jax.Array
     fraction_tokens_dropped: jax.Array
     fraction_assignments_dropped: jax.Array
     router_confidence: jax.Array
@@ -90,15 +107,6 @@ class MoeAux(NamedTuple):
     expert_load_routed: jax.Array
     router_logit_max: jax.Array
     token_weights: jax.Array | None = None
-
-
-def _param(value: jax.Array, names: tuple[str | None, ...]) -> nnx.Param:
-    return nnx.Param(value, out_sharding=names, eager_sharding=False)
-
-
-def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ValueError(f"Unknown {name} {value!r}; use one of {allowed}.")
 
 
 class FeedForward(nnx.Module):
@@ -126,10 +134,10 @@ class FeedForward(nnx.Module):
             activation=self.activation,
             dtype=jnp.dtype(model.param_dtype),
         )
-        self.wi = _param(params["wi"], ("embed", "mlp"))
-        self.wo = _param(params["wo"], ("mlp", "embed"))
+        self.wi = logical_param(params["wi"], ("embed", "mlp"))
+        self.wo = logical_param(params["wo"], ("mlp", "embed"))
         if "wi_gate" in params:
-            self.wi_gate = _param(params["wi_gate"], ("embed", "mlp"))
+            self.wi_gate = logical_param(params["wi_gate"], ("embed", "mlp"))
         self.rngs = rngs["dropout"].fork()
 
     def params(self) -> dict[str, jax.Array]:
@@ -152,133 +160,6 @@ class FeedForward(nnx.Module):
         return out.astype(self.dtype)
 
 
-class Router(nnx.Module):
-    """Router of kind `config.moe.router`; float32 weights and maths whatever the model dtype.
-
-    Training (`deterministic=False`) multiplies the router input by uniform noise in
-    `[1 - eps, 1 + eps]` (Switch, Table 11; eps = `config.moe.router_jitter`), draws the noise of
-    noisy top-k gating and GShard's random second choice. Evaluation does none of these: it uses
-    clean logits and GShard's second_policy 'all' (every second choice that fits). Choices
-    take capacity slots in `config.moe.fill_order` ('choice' | 'token'; '' is 'choice' here,
-    and `models.TransformerStack` makes it 'token' in causal stacks).
-    """
-
-    def __init__(self, config, rngs: nnx.Rngs):
-        moe = config.moe
-        _check_choice("router", moe.router, ROUTERS)
-        self.kind = moe.router
-        self.num_experts = moe.num_experts
-        self.k = moe.k
-        if self.kind == "gshard_top2" and self.k != 2:
-            raise ValueError(f"router 'gshard_top2' routes k=2 experts; set moe.k=2, not {self.k}.")
-        self.jitter = float(moe.router_jitter)
-        self.batch_prioritized = bool(moe.batch_prioritized)
-        # '' outside a stack: TransformerStack resolves it by the stack's causality
-        self.fill_order = moe.fill_order or "choice"
-        _check_choice("fill_order", self.fill_order, routing.FILL_ORDERS)
-        # aux_free always renormalises its k affinities (DeepSeek-V3, Sec. 2.1.2); moe.normalize
-        # is the setting of the tokens-choose routers only
-        self.normalize = "topk" if self.kind == "aux_free" else moe.normalize
-        self.second_policy = moe.second_policy
-        self.second_threshold = float(moe.second_threshold)
-        shape = (config.model.d_model, moe.num_experts)
-        if self.kind != "hash":
-            init = experts.truncated_normal_init(moe.router_init_scale)
-            self.kernel = _param(init(rngs.params(), shape), ("embed", None))
-        if self.kind == "noisy_top_k":
-            # zero noise weights start as plain top-k (Shazeer et al. 2017, Appendix A)
-            self.noise_kernel = _param(jnp.zeros(shape, jnp.float32), ("embed", None))
-        if self.kind == "aux_free":
-            self.bias = RouterBias(jnp.zeros((moe.num_experts,), jnp.float32))
-        self.rules = parallel.logical_rules(config)
-        self.rngs = rngs["router"].fork()
-
-    def __call__(
-        self,
-        x: jax.Array,
-        *,
-        capacity: int | None,
-        deterministic: bool,
-        token_ids: jax.Array | None = None,
-        padding_mask: jax.Array | None = None,
-    ) -> tuple[routing.Routing, jax.Array | None]:
-        """Route `x: [G, T, M]`: the `Routing` and f32[G, T, E] logits (None for hash routing).
-
-        `token_ids: i32[G, T]` is required by hash routing; `padding_mask: bool[G, T]` marks
-        the real tokens (padding takes no slot).
-        """
-        if self.kind == "hash":
-            if token_ids is None:
-                raise ValueError("router 'hash' needs token_ids; pass layer(x, token_ids=ids).")
-            route = parallel.per_device_groups(
-                lambda ids, mask: routing.hash_routing(
-                    ids, num_experts=self.num_experts, capacity=capacity, padding_mask=mask
-                ),
-                token_ids,
-                padding_mask,
-                rules=self.rules,
-            )
-            return route, None
-        x = x.astype(jnp.float32)
-        if not deterministic and self.jitter > 0:
-            x = x * jax.random.uniform(
-                self.rngs(), x.shape, minval=1.0 - self.jitter, maxval=1.0 + self.jitter
-            )
-        kernel = self.kernel[...].astype(jnp.float32)
-        if self.kind == "noisy_top_k":
-            noise_rng = None if deterministic else self.rngs()
-            logits = routing.noisy_logits(x, kernel, self.noise_kernel[...], noise_rng)
-        else:
-            logits = experts.dense_matmul(x, kernel)  # [G, T, E]
-        # evaluation is deterministic: GShard keeps every second choice that fits
-        second_policy = "all" if deterministic else self.second_policy
-        rng = self.rngs() if self.kind == "gshard_top2" and second_policy != "all" else None
-        select = functools.partial(self._select, capacity=capacity, second_policy=second_policy)
-        # each device routes only its own groups (see parallel.per_device_groups)
-        route = parallel.per_device_groups(select, logits, padding_mask, rng=rng, rules=self.rules)
-        return route, logits
-
-    def _select(
-        self,
-        logits: jax.Array,
-        padding_mask: jax.Array | None,
-        *,
-        capacity: int | None,
-        second_policy: str,
-        rng: jax.Array | None = None,
-    ) -> routing.Routing:
-        """The router kind's slot assignment for f32[G, T, E] logits."""
-        common = dict(capacity=capacity, padding_mask=padding_mask)
-        if self.kind != "experts_choose":
-            common["fill_order"] = self.fill_order
-        if self.kind in ("tokens_choose", "noisy_top_k"):
-            return routing.tokens_choose(
-                logits,
-                k=self.k,
-                batch_prioritized=self.batch_prioritized,
-                normalize=self.normalize,
-                **common,
-            )
-        if self.kind == "gshard_top2":
-            return routing.gshard_top2(
-                logits,
-                rng=rng,
-                second_policy=second_policy,
-                threshold=self.second_threshold,
-                **common,
-            )
-        if self.kind == "experts_choose":
-            return routing.experts_choose(logits, **common)
-        return routing.biased_top_k(
-            logits,
-            self.bias[...],
-            k=self.k,
-            batch_prioritized=self.batch_prioritized,
-            normalize=self.normalize,
-            **common,
-        )
-
-
 def _float_weight(variable: nnx.Variable) -> jax.Array:
     """A parameter's array, dequantized when it is stored as a `qwix.QArray`."""
     value = variable.get_value()
@@ -291,14 +172,15 @@ class MoeFeedForward(nnx.Module):
     Configuration read: `config.model.{d_model, d_ff, ffn_activation, dtype, param_dtype,
     dropout_rate}` and `config.moe.{num_experts, k, router, d_ff, activation,
     capacity_factor_train, capacity_factor_eval, min_capacity, group_size, backend,
-    expert_dropout, num_shared_experts, bias_update_rate, ...}` (router keys: see `Router`).
+    expert_dropout, num_shared_experts, bias_update_rate, remoe_l1_rate, ...}` (router keys:
+    see `Router`) and `config.loss.aux_scope`.
     Expert weights: `wi: [E, M, H]`, `wi_gate: [E, M, H]` (gated activations), `wo: [E, H, M]`,
     drawn with truncated-normal fan-in init of scale `moe.expert_init_scale` (1.0 by default).
 
     Two static switches for inference (`inference_copy` sets them on a copy of a model):
     `dropless = True` routes a tokens-choose router with `capacity=None` (no token is dropped,
-    whatever the capacity factor; Expert Choice keeps its capacity), and `trace_routing = True`
-    fills `MoeAux.token_weights`.
+    whatever the capacity factor; Expert Choice and Soft MoE keep their capacity), and
+    `trace_routing = True` fills `MoeAux.token_weights`.
     """
 
     def __init__(self, config, rngs: nnx.Rngs):
@@ -331,6 +213,16 @@ class MoeFeedForward(nnx.Module):
                 "backend 'dropless' needs a tokens-choose router; experts_choose fixes each "
                 "expert's capacity, so use backend 'gather' or 'einsum' with it."
             )
+        if moe.router == "soft_moe":
+            soft_moe.check_backend(moe.backend)
+        self.aux_scope = config.loss.aux_scope
+        check_config_choice("loss.aux_scope", self.aux_scope, losses.AUX_SCOPES)
+        if self.aux_scope != "group" and moe.router not in SCOPED_LOSS_ROUTERS:
+            raise ValueError(
+                f"loss.aux_scope={self.aux_scope!r} says where a balancing loss counts its "
+                f"statistics, but router {moe.router!r} has none to count; keep "
+                f"loss.aux_scope='group', or use one of {SCOPED_LOSS_ROUTERS}."
+            )
         self.num_experts = moe.num_experts
         self.router_kind = moe.router
         self.backend = moe.backend
@@ -341,6 +233,8 @@ class MoeFeedForward(nnx.Module):
         self.expert_capacity = int(moe.expert_capacity)
         self.expert_dropout = float(moe.expert_dropout)
         self.bias_update_rate = float(moe.bias_update_rate)
+        self.k = moe.k
+        self.remoe_l1_rate = float(moe.remoe_l1_rate)
         self.dtype = jnp.dtype(model.dtype)
         d_ff = moe.d_ff or model.d_ff
 
@@ -354,10 +248,10 @@ class MoeFeedForward(nnx.Module):
             init_scale=float(moe.expert_init_scale),
             dtype=jnp.dtype(model.param_dtype),
         )
-        self.wi = _param(params["wi"], ("expert", "embed", "mlp"))
-        self.wo = _param(params["wo"], ("expert", "mlp", "embed"))
+        self.wi = logical_param(params["wi"], ("expert", "embed", "mlp"))
+        self.wo = logical_param(params["wo"], ("expert", "mlp", "embed"))
         if "wi_gate" in params:
-            self.wi_gate = _param(params["wi_gate"], ("expert", "embed", "mlp"))
+            self.wi_gate = logical_param(params["wi_gate"], ("expert", "embed", "mlp"))
         # S always-on experts of width H are one dense FFN of width S * H (DeepSeekMoE)
         self.shared = (
             FeedForward(
@@ -390,9 +284,15 @@ class MoeFeedForward(nnx.Module):
 
     def capacity(self, tokens_per_group: int, deterministic: bool) -> int | None:
         """Slots per expert per group: `moe.expert_capacity` when set, else from the capacity
-        factors; None (never drop) for the dropless backend or the `dropless` switch."""
+        factors; None (never drop) for the dropless backend or the `dropless` switch. Soft MoE
+        has its fixed slots; BASE layers in training exactly the ceil(T / E) its balanced
+        assignment fills."""
+        if self.router_kind == "soft_moe":
+            return self.router.num_slots
         if self.backend == "dropless" or (self.dropless and self.router_kind != "experts_choose"):
             return None
+        if self.router_kind == "base_layer" and not deterministic:
+            return balanced_capacity(tokens_per_group, self.num_experts)
         if self.expert_capacity > 0:
             capacity = self.expert_capacity
         else:
@@ -452,46 +352,80 @@ class MoeFeedForward(nnx.Module):
         y = grouping(routed)  # [B, L, M]
         if self.shared is not None:
             y = y + self.shared(x, deterministic=deterministic)
+        aux = self._aux(route, logits, real, grouping)
+        if self.trace_routing:
+            aux = aux._replace(token_weights=grouping(self._token_weights(route)))  # [B, L, E]
         if self.router_kind == "aux_free" and not deterministic:
             bias = self.router.bias
             bias[...] = routing.update_expert_bias(
                 bias[...], route, rate=self.bias_update_rate, padding_mask=real
             )
-        token_weights = None
-        if self.trace_routing:
-            _, combine = routing.to_masks(route, grouping.group_size)  # [G, T, E, C]
-            token_weights = grouping(combine.sum(-1))  # [B, L, E]
-        return y.astype(x.dtype), self._aux(route, logits, real, token_weights)
+        if self.router_kind == "remoe" and not deterministic:
+            coefficient = self.router.l1_coefficient
+            coefficient[...] = relu_routing.update_l1_coefficient(
+                coefficient[...],
+                relu_routing.gate_sparsity(route.probs, real),
+                target_sparsity=1.0 - self.k / self.num_experts,
+                rate=self.remoe_l1_rate,
+            )
+        return y.astype(x.dtype), aux
+
+    def _token_weights(self, route: routing.Routing | soft_moe.SoftRouting) -> jax.Array:
+        """f32[G, T, E] the combine weight each token gets from each expert."""
+        if isinstance(route, soft_moe.SoftRouting):
+            return route.probs
+        _, combine = routing.to_masks(route, route.probs.shape[1])  # [G, T, E, C]
+        return combine.sum(-1)
+
+    def _by_scope(self, arrays: tuple, grouping: dispatch.Grouping) -> tuple:
+        """`[G, T, ...]` arrays regrouped into the units `loss.aux_scope` counts balance over:
+        the groups as they are, the batch rows `[B, L, ...]`, or one unit `[1, G * T, ...]`."""
+        if self.aux_scope == "sequence":
+            return tuple(grouping(a) for a in arrays)
+        if self.aux_scope == "global":
+            return tuple(a.reshape(1, -1, *a.shape[2:]) for a in arrays)
+        return arrays
 
     def _aux(
         self,
-        route: routing.Routing,
+        route: routing.Routing | soft_moe.SoftRouting,
         logits: Any,
         real: jax.Array,
-        token_weights: jax.Array | None,
+        grouping: dispatch.Grouping,
     ) -> MoeAux:
         zero = jnp.zeros((), jnp.float32)
-        balance = {
-            "tokens_choose": losses.load_balancing_loss,
-            "gshard_top2": losses.gshard_aux_loss,
-            "noisy_top_k": losses.importance_load_loss,
-        }.get(self.router_kind)
-        balancing = zero if balance is None else balance(route.probs, route.expert_index, real)
+        balancing, l1_loss = zero, zero
+        if self.router_kind == "noisy_top_k":  # Shazeer's losses count the whole batch
+            balancing = losses.importance_load_loss(route.probs, route.expert_index, real)
+        elif self.router_kind in SCOPED_LOSS_ROUTERS:
+            scoped = self._by_scope((route.probs, route.expert_index, real), grouping)
+            if self.router_kind == "gshard_top2":
+                balancing = losses.gshard_aux_loss(*scoped)
+            elif self.router_kind == "remoe":
+                coefficient = self.router.l1_coefficient[...]
+                l1_loss = coefficient * losses.relu_l1_loss(*scoped, k=self.k)
+            elif self.router_kind != "aux_free" or self.aux_scope != "group":
+                balancing = losses.load_balancing_loss(*scoped)
         z_loss = zero if logits is None else losses.router_z_loss(logits, real)
         logit_max = zero if logits is None else jnp.max(jnp.abs(logits) * real[..., None])
-        metrics = routing.router_metrics(route, real)
-        routed = routing.expert_assignments(route, real)  # [E]
+        if isinstance(route, soft_moe.SoftRouting):
+            metrics = soft_moe.soft_metrics(route, real)
+            routed_share = metrics["expert_load_routed"]
+        else:
+            metrics = routing.router_metrics(route, real)
+            routed = routing.expert_assignments(route, real)  # [E]
+            routed_share = routed / jnp.maximum(jnp.sum(routed), 1.0)
         return MoeAux(
             load_balancing_loss=balancing,
             router_z_loss=z_loss,
+            router_l1_loss=l1_loss,
             fraction_tokens_dropped=metrics["fraction_tokens_dropped"],
             fraction_assignments_dropped=metrics["fraction_assignments_dropped"],
             router_confidence=metrics["router_confidence"],
             expert_usage=metrics["expert_usage"],
             expert_load=metrics["expert_load"],
-            expert_load_routed=routed / jnp.maximum(jnp.sum(routed), 1.0),
+            expert_load_routed=routed_share,
             router_logit_max=logit_max,
-            token_weights=token_weights,
         )
 
 

@@ -1,16 +1,30 @@
-"""Router auxiliary losses: load balancing (Switch/T5X, GShard, Shazeer 2017) and router z-loss.
+"""Router auxiliary losses: load balancing (Switch/T5X, GShard, Shazeer 2017), ReMoE's L1 and
+the router z-loss.
 
 Pure JAX (no Flax). All maths in float32. Every loss takes an optional padding_mask
 f32|bool[G, T] (0 = padding): padding tokens are left out of every statistic. The losses are
 wrapped in `jax.jit` so an eager call compiles once; under an outer jit they are inlined.
+
+Where balancing is counted. The leading axis G of `load_balancing_loss`, `gshard_aux_loss` and
+`relu_l1_loss` is the unit over which the per-expert fractions f_e and mean probabilities P_e
+are counted; the loss is the mean over those units. `AUX_SCOPES` names the three a layer uses
+(`loss.aux_scope`): 'group', the routing groups [G, T, ...] (Switch, T5X); 'sequence', the
+batch's rows [B, L, ...] (DeepSeek-V3's sequence-wise balance loss, arXiv 2412.19437, Eqs.
+17-20); 'global', the whole batch as one unit [1, B * L, ...] ("Demons in the Detail", Qiu et al.
+2025, arXiv 2501.11873: f_e over the global batch). Under a mesh the layer sees the global batch,
+so the 'global' sums run across devices (XLA inserts the all-reduce).
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
 
 from moe_jax.routing import real_token_mask
+
+AUX_SCOPES = ("group", "sequence", "global")
 
 
 def _check_rank3(name: str, array: jax.Array) -> jax.Array:
@@ -84,6 +98,36 @@ def gshard_aux_loss(
     """
     probs, expert_index = _check_routing_inputs(probs, expert_index)
     return load_balancing_loss(probs, expert_index[..., :1], padding_mask)
+
+
+@functools.partial(jax.jit, static_argnames=("k",))
+def relu_l1_loss(
+    gates: jax.Array,
+    expert_index: jax.Array,
+    padding_mask: jax.Array | None = None,
+    *,
+    k: float,
+) -> jax.Array:
+    """ReMoE's load-balanced L1 penalty on ReLU gates (Wang et al. 2025, arXiv 2412.14711).
+
+    mean over units g of sum_e f[g, e] * mean_t gates[g, t, e], with f[g, e] = (E / k) times the
+    fraction of the unit's real tokens whose gate for e is positive (1 for every expert when k
+    experts per token are active and balanced; no gradient). This is `load_balancing_loss` of
+    the gates divided by k. Without the f weighting it would be the plain L1 norm of the gates;
+    the weighting presses hardest on the busiest experts. The layer multiplies it by its
+    adaptive coefficient (`relu_routing.update_l1_coefficient`).
+
+    Args:
+      gates: f32[G, T, E] ReLU gates (`relu_routing.relu_routing`'s probs).
+      expert_index: i32[G, T, E] e where the gate is positive, -1 elsewhere.
+      padding_mask: f32|bool[G, T], 0 for padding tokens.
+      k: the target number of active experts per token (> 0).
+    Returns:
+      f32[] loss.
+    """
+    if not k > 0:
+        raise ValueError(f"k must be > 0, got {k!r}; it is the target active experts per token.")
+    return load_balancing_loss(gates, expert_index, padding_mask) / k
 
 
 def _squared_coefficient_of_variation(values: jax.Array) -> jax.Array:

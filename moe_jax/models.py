@@ -38,13 +38,13 @@ with the first layer's self-attention (and cross-attention) weights, while each 
 own RMSNorms and its own key/value cache; it needs every layer's FFN of one kind and unscanned
 layers.
 With `moe.extra_dense_ffn` (ST-MoE) a sparse layer has a second, dense FFN sublayer after the
-sparse one. Expert Choice (`moe.router == 'experts_choose'`) sees future tokens, so a causal
-stack (the decoder-only model, the encoder-decoder's decoder) with sparse layers refuses it; so
-does batch-prioritized routing (`moe.batch_prioritized`), whose slot order depends on later
-tokens' scores. For the same reason a causal stack fills capacity slots token by token
-(`moe.fill_order=''` resolves to 'token' there, to GShard's choice-major 'choice' in an
-encoder): with choice-major filling and k >= 2, whether a token keeps its second expert
-depends on later tokens' first choices.
+sparse one. Expert Choice (`moe.router == 'experts_choose'`) and Soft MoE (`'soft_moe'`) see
+future tokens (`routers.NON_CAUSAL_ROUTERS`), so a causal stack (the decoder-only model, the
+encoder-decoder's decoder) with sparse layers refuses them; so does batch-prioritized routing
+(`moe.batch_prioritized`), whose slot order depends on later tokens' scores. For the same
+reason a causal stack fills capacity slots token by token (`moe.fill_order=''` resolves to
+'token' there, to GShard's choice-major 'choice' in an encoder): with choice-major filling and
+k >= 2, whether a token keeps its second expert depends on later tokens' first choices.
 
 Padding. A token is padding where its segment id is 0 (when segment ids are given), else, in an
 encoder, where its id is 0. Without segment ids a decoder treats every token as real: its inputs
@@ -82,6 +82,7 @@ from moe_jax.config import DECODER_KINDS, KINDS
 from moe_jax.experts import dense_matmul
 from moe_jax.layers import FeedForward, MoeAux, MoeFeedForward
 from moe_jax.rope_attention import GroupedQueryAttention
+from moe_jax.routers import NON_CAUSAL_ROUTERS
 
 PLACEMENTS = ("every", "bottom", "top")
 # The stacked (scan) axis of block parameters is replicated: no logical name.
@@ -402,17 +403,17 @@ class TransformerStack(nnx.Module):
             config.moe.router = config.moe.decoder_router
         # a causal stack fills slots token by token, so no token's slots depend on later ones
         config.moe.fill_order = config.moe.fill_order or ("token" if causal else "choice")
+        router = config.moe.router
         if (
             causal
-            and config.moe.router == "experts_choose"
+            and router in NON_CAUSAL_ROUTERS
             and any(True in pattern for pattern, _ in self.plan)
         ):
             raise ValueError(
-                "moe.router='experts_choose' (Expert Choice) lets each expert pick tokens from "
-                "the whole group, future tokens included, so it cannot be used in a causal "
-                "decoder; in an encoder-decoder give the decoder a tokens-choose router "
-                "(--config.moe.decoder_router=tokens_choose), or choose a tokens-choose router "
-                "for every stack (moe.router='tokens_choose')."
+                f"moe.router={router!r} {NON_CAUSAL_ROUTERS[router]}, so it cannot be used in "
+                "a causal decoder; in an encoder-decoder give the decoder a tokens-choose "
+                "router (--config.moe.decoder_router=tokens_choose), or choose a tokens-choose "
+                "router for every stack (moe.router='tokens_choose')."
             )
         if (
             causal

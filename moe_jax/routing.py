@@ -33,7 +33,9 @@ class Routing(NamedTuple):
       probs: f32[G, T, E] router probabilities (softmax of the logits unless a router says
         otherwise), for the load-balancing losses and metrics.
       expert_index: i32[G, T, K] the K experts each token chose, before capacity drops
-        (tokens-choose routers); None for expert-choice routing.
+        (tokens-choose routers); None for expert-choice routing. A router that gives tokens a
+        varying number of experts (ReLU routing, `moe_jax.relu_routing`) has K = E and marks
+        the unchosen entries -1.
     """
 
     token_index: jax.Array
@@ -54,19 +56,19 @@ def expert_capacity(
     The result is then rounded up to a multiple of `multiple_of`, and is never below 1. The factor
     counts tokens, not assignments (T5X/GShard): top-2 with room for both choices uses 2.0.
     """
-    num_tokens = _check_int("num_tokens", num_tokens, 1)
-    num_experts = _check_int("num_experts", num_experts, 1)
+    num_tokens = check_int("num_tokens", num_tokens, 1)
+    num_experts = check_int("num_experts", num_experts, 1)
     if not capacity_factor > 0:
         raise ValueError(
             f"capacity_factor must be > 0, got {capacity_factor!r}; use 1.0-2.0 for typical runs."
         )
-    min_capacity = _check_int("min_capacity", min_capacity, 0)
-    multiple_of = _check_int("multiple_of", multiple_of, 1)
+    min_capacity = check_int("min_capacity", min_capacity, 0)
+    multiple_of = check_int("multiple_of", multiple_of, 1)
     capacity = max(1, min_capacity, int(round(capacity_factor * num_tokens / num_experts)))
     return multiple_of * math.ceil(capacity / multiple_of)
 
 
-def _check_int(name: str, value: int, low: int, high: int | None = None) -> int:
+def check_int(name: str, value: int, low: int, high: int | None = None) -> int:
     """`value` as a Python int in [low, high], or a ValueError naming `name`."""
     try:
         value = operator.index(value)
@@ -83,7 +85,7 @@ _SECOND_POLICIES = ("random", "all", "sampling")
 _SCORES = ("softmax", "sigmoid")
 
 
-def _float_logits(logits: jax.Array) -> jax.Array:
+def float_logits(logits: jax.Array) -> jax.Array:
     """Checks that logits are f32[G, T, E] (any float dtype in) and casts them to float32."""
     logits = jnp.asarray(logits)
     if logits.ndim != 3:
@@ -94,7 +96,7 @@ def _float_logits(logits: jax.Array) -> jax.Array:
     return logits.astype(jnp.float32)
 
 
-def _static_capacity(capacity: int | None, num_tokens: int) -> int:
+def static_capacity(capacity: int | None, num_tokens: int) -> int:
     """C as a static int: `capacity`, or T (no drops) when it is None."""
     if capacity is None:
         return num_tokens
@@ -113,7 +115,8 @@ def _static_capacity(capacity: int | None, num_tokens: int) -> int:
     return capacity
 
 
-def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+def check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    """A ValueError naming `name` and the allowed values unless `value` is one of them."""
     if value not in allowed:
         raise ValueError(f"{name} must be one of {allowed}, got {value!r}.")
 
@@ -133,7 +136,7 @@ def real_token_mask(padding_mask: jax.Array | None, shape: tuple[int, int]) -> j
     return padding_mask.astype(jnp.bool_)
 
 
-def _choose_top_k(
+def choose_top_k(
     scores: jax.Array,
     selection_scores: jax.Array,
     *,
@@ -149,10 +152,10 @@ def _choose_top_k(
     Returns (expert_index i32[G, T, K], token_index i32[G, E, C], weight f32[G, E, C]).
     """
     num_groups, num_tokens, num_experts = scores.shape
-    k = _check_int("k", k, 1, num_experts)
-    capacity = _static_capacity(capacity, num_tokens)
-    _check_choice("normalize", normalize, _NORMALIZE)
-    _check_choice("fill_order", fill_order, FILL_ORDERS)
+    k = check_int("k", k, 1, num_experts)
+    capacity = static_capacity(capacity, num_tokens)
+    check_choice("normalize", normalize, _NORMALIZE)
+    check_choice("fill_order", fill_order, FILL_ORDERS)
     real = real_token_mask(padding_mask, (num_groups, num_tokens))
     _, expert_index = jax.lax.top_k(selection_scores, k)  # [G, T, K]
     top_scores = jnp.take_along_axis(scores, expert_index, axis=-1)  # [G, T, K]
@@ -212,9 +215,9 @@ def tokens_choose(
       Routing with probs = softmax(logits) f32[G, T, E] (padding included) and
       expert_index i32[G, T, K].
     """
-    logits = _float_logits(logits)
+    logits = float_logits(logits)
     probs = jax.nn.softmax(logits, axis=-1)  # [G, T, E]
-    expert_index, token_index, weight = _choose_top_k(
+    expert_index, token_index, weight = choose_top_k(
         probs,
         probs,
         k=k,
@@ -259,8 +262,8 @@ def gshard_top2(
     Returns:
       Routing with expert_index i32[G, T, 2] holding both choices before any drop.
     """
-    _check_choice("second_policy", second_policy, _SECOND_POLICIES)
-    _check_choice("fill_order", fill_order, FILL_ORDERS)
+    check_choice("second_policy", second_policy, _SECOND_POLICIES)
+    check_choice("fill_order", fill_order, FILL_ORDERS)
     if isinstance(threshold, (int, float)) and not threshold > 0:
         raise ValueError(f"threshold must be > 0, got {threshold!r}; the paper uses 0.5.")
     if rng is None and second_policy != "all":
@@ -288,13 +291,13 @@ def _gshard_top2(
     fill_order: str,
 ) -> Routing:
     """`gshard_top2` after its argument checks; see there."""
-    logits = _float_logits(logits)
+    logits = float_logits(logits)
     num_groups, num_tokens, num_experts = logits.shape
     if num_experts < 2:
         raise ValueError(
             f"gshard_top2 needs at least 2 experts (logits' last axis), got {num_experts}."
         )
-    capacity = _static_capacity(capacity, num_tokens)
+    capacity = static_capacity(capacity, num_tokens)
     real = real_token_mask(padding_mask, (num_groups, num_tokens))
     probs = jax.nn.softmax(logits, axis=-1)  # [G, T, E]
     _, expert_index = jax.lax.top_k(probs, 2)  # [G, T, 2]
@@ -338,9 +341,9 @@ def experts_choose(
     Returns:
       Routing with expert_index None.
     """
-    logits = _float_logits(logits)
+    logits = float_logits(logits)
     num_groups, num_tokens, _ = logits.shape
-    capacity = _static_capacity(capacity, num_tokens)
+    capacity = static_capacity(capacity, num_tokens)
     if capacity > num_tokens:
         raise ValueError(
             f"capacity must be <= tokens per group ({num_tokens}) for experts_choose, "
@@ -365,7 +368,7 @@ def hash_expert(token_ids: jax.Array, num_experts: int) -> jax.Array:
     h ^= h >> 16 to fold the well-mixed high bits into the low ones, and expert = h mod E.
     Consecutive ids therefore do not land on consecutive experts, unlike id mod E.
     """
-    num_experts = _check_int("num_experts", num_experts, 1)
+    num_experts = check_int("num_experts", num_experts, 1)
     hashed = jnp.asarray(token_ids).astype(jnp.uint32) * jnp.uint32(0x9E3779B1)
     hashed = hashed ^ (hashed >> 16)
     return (hashed % jnp.uint32(num_experts)).astype(jnp.int32)
@@ -395,9 +398,9 @@ def hash_routing(
             "token_ids must be an integer array [G, T], "
             f"got {token_ids.dtype}{list(token_ids.shape)}."
         )
-    num_experts = _check_int("num_experts", num_experts, 1)
+    num_experts = check_int("num_experts", num_experts, 1)
     num_groups, num_tokens = token_ids.shape
-    capacity = _static_capacity(capacity, num_tokens)
+    capacity = static_capacity(capacity, num_tokens)
     real = real_token_mask(padding_mask, (num_groups, num_tokens))
     expert_index = hash_expert(token_ids, num_experts)[..., None]  # [G, T, 1]
     probs = jax.nn.one_hot(expert_index[..., 0], num_experts, dtype=jnp.float32)  # [G, T, E]
@@ -475,13 +478,13 @@ def biased_top_k(
       Routing with probs = scores renormalised to sum to 1 over experts f32[G, T, E] (for the
       losses and metrics) and expert_index i32[G, T, K] the biased selection.
     """
-    logits = _float_logits(logits)
+    logits = float_logits(logits)
     bias = jnp.asarray(bias).astype(jnp.float32)
     if bias.shape != logits.shape[-1:]:
         raise ValueError(f"bias must be f32[E] = [{logits.shape[-1]}], got shape {bias.shape}.")
-    _check_choice("score", score, _SCORES)
+    check_choice("score", score, _SCORES)
     scores = jax.nn.sigmoid(logits) if score == "sigmoid" else jax.nn.softmax(logits, axis=-1)
-    expert_index, token_index, weight = _choose_top_k(
+    expert_index, token_index, weight = choose_top_k(
         scores,
         scores + bias,
         k=k,
@@ -579,9 +582,10 @@ def router_metrics(routing: Routing, padding_mask: jax.Array | None = None) -> d
     """Scalar routing diagnostics (f32) and the per-expert load f32[E]; padding tokens excluded.
 
     - fraction_tokens_dropped: real tokens that fill no slot, over real tokens.
-    - fraction_assignments_dropped: tokens-choose routers: the K * (real tokens) requested
-      assignments that got no slot (capacity drops, and GShard's skipped second choices);
-      expert choice (expert_index None): the E * C slots offered that stayed empty.
+    - fraction_assignments_dropped: tokens-choose routers: the requested assignments (K per
+      real token, or its entries >= 0 for ReLU routing) that got no slot (capacity drops, and
+      GShard's skipped second choices); expert choice (expert_index None): the E * C slots
+      offered that stayed empty.
     - router_confidence: mean over real tokens of the top-1 router probability max_e probs.
     - expert_usage: fraction of experts that fill at least one slot.
     - expert_load: f32[E] filled slots per expert over all filled slots (sums to 1; zeros if
@@ -595,7 +599,8 @@ def router_metrics(routing: Routing, padding_mask: jax.Array | None = None) -> d
         requested = jnp.float32(routing.token_index.size)
         placed = jnp.sum(routing.token_index >= 0).astype(jnp.float32)
     else:
-        requested = routing.expert_index.shape[-1] * num_real
+        chosen = jnp.sum(routing.expert_index >= 0, axis=-1)  # [G, T]
+        requested = jnp.sum(chosen * real)
         placed = jnp.sum(slots * real)
     filled_per_expert = jnp.sum(routing.token_index >= 0, axis=(0, 2)).astype(jnp.float32)  # [E]
     return {

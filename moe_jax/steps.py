@@ -6,9 +6,10 @@
 a mesh like any jitted function of arrays.
 
 Loss: masked mean cross-entropy over the target weights, plus `loss.aux_coef` times the
-load-balancing loss and `loss.z_coef` times the router z-loss, each *summed* over the sparse
-layers (as T5X and ST-MoE do). The metrics `aux_loss` and `z_loss` are those sums without their
-coefficients; `fraction_dropped` and `router_confidence` are means over the sparse layers,
+load-balancing loss, `loss.z_coef` times the router z-loss and ReMoE's L1 penalty (which carries
+its own adaptive coefficient), each *summed* over the sparse layers (as T5X and ST-MoE do). The
+metrics `aux_loss` and `z_loss` are those sums without their coefficients, `l1_loss` the L1
+sum; `fraction_dropped` and `router_confidence` are means over the sparse layers,
 `router_logit_max` the largest absolute router logit of any sparse layer, and `expert_load`
 (filled slots, after capacity) and `expert_load_routed` (the router's choices, before capacity)
 are `f32[num_sparse_layers, E]`.
@@ -114,10 +115,12 @@ def compute_loss(model, batch: dict, config, *, deterministic: bool, teacher_log
     if aux is not None:
         aux_loss = aux.load_balancing_loss.sum()  # summed over the sparse layers
         z_loss = aux.router_z_loss.sum()
-        loss = loss + config.loss.aux_coef * aux_loss + config.loss.z_coef * z_loss
+        l1_loss = aux.router_l1_loss.sum()
+        loss = loss + config.loss.aux_coef * aux_loss + config.loss.z_coef * z_loss + l1_loss
         step_metrics.update(
             aux_loss=aux_loss,
             z_loss=z_loss,
+            l1_loss=l1_loss,
             fraction_dropped=aux.fraction_tokens_dropped.mean(),
             router_confidence=aux.router_confidence.mean(),
             router_logit_max=aux.router_logit_max.max(),

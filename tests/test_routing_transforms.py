@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moe_jax import routing
+from moe_jax import balanced_routing, relu_routing, routing
 
 # G=2, T=5, E=3, C=2.
 LOGITS = (2.0 * np.random.default_rng(0).normal(size=(2, 5, 3))).astype(np.float32)
@@ -28,6 +28,12 @@ ROUTERS = {
     "gshard_random": lambda x: routing.gshard_top2(x, capacity=2, rng=KEY),
     "experts_choose": lambda x: routing.experts_choose(x, capacity=2),
     "biased_top_k": lambda x: routing.biased_top_k(x, BIAS, k=2, capacity=2),
+    "base_layer": lambda x: balanced_routing.base_layer(x, capacity=2, balanced=True),
+    "sinkhorn_top_k": lambda x: balanced_routing.sinkhorn_top_k(
+        x, k=2, capacity=2, balanced=True, num_iterations=3
+    ),
+    "relu_routing": lambda x: relu_routing.relu_routing(x, capacity=2),
+    "forced_balanced": lambda x: balanced_routing.forced_balanced(x, k=2, capacity=2),
 }
 # GShard's sampled second expert has its own gradient path (weights of a drawn expert).
 GRADIENT_ROUTERS = {

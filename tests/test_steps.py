@@ -20,6 +20,7 @@ class FixedModel:
         aux = MoeAux(
             load_balancing_loss=jnp.array([1.0, 2.0]),
             router_z_loss=jnp.array([0.5, 0.5]),
+            router_l1_loss=jnp.array([0.02, 0.03]),
             fraction_tokens_dropped=jnp.array([0.25, 0.75]),
             fraction_assignments_dropped=jnp.array([0.25, 0.75]),
             router_confidence=jnp.array([0.5, 0.7]),
@@ -34,7 +35,8 @@ class FixedModel:
 def test_loss_is_masked_cross_entropy_plus_summed_aux_terms():
     # Tokens 1 and 2 have uniform logits over 2 classes: cross-entropy ln 2 each. Token 3 (target
     # 1, logits [10, 0]) would add ~10 but its weight is 0. Layers sum: balancing 1 + 2 = 3,
-    # z-loss 0.5 + 0.5 = 1, so loss = ln 2 + 0.1 * 3 + 0.01 * 1.
+    # z-loss 0.5 + 0.5 = 1, ReMoE's L1 (its coefficient inside) 0.02 + 0.03 = 0.05, so
+    # loss = ln 2 + 0.1 * 3 + 0.01 * 1 + 0.05.
     config = default_config()
     config.loss.aux_coef = 0.1
     config.loss.z_coef = 0.01
@@ -46,10 +48,11 @@ def test_loss_is_masked_cross_entropy_plus_summed_aux_terms():
         "positions": jnp.arange(3)[None],
     }
     loss, metrics = compute_loss(FixedModel(), batch, config, deterministic=False)
-    assert float(loss) == pytest.approx(math.log(2) + 0.3 + 0.01, rel=1e-6)
+    assert float(loss) == pytest.approx(math.log(2) + 0.3 + 0.01 + 0.05, rel=1e-6)
     assert float(metrics["cross_entropy"]) == pytest.approx(math.log(2), rel=1e-6)
     assert float(metrics["aux_loss"]) == pytest.approx(3.0)
     assert float(metrics["z_loss"]) == pytest.approx(1.0)
+    assert float(metrics["l1_loss"]) == pytest.approx(0.05)
     assert float(metrics["fraction_dropped"]) == pytest.approx(0.5)
     assert float(metrics["router_logit_max"]) == 4.0  # the larger of the two layers'
     # argmax of [0, 0] is class 0: token 1 (target 0) right, token 2 (target 1) wrong

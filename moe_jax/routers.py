@@ -1,0 +1,292 @@
+"""The NNX router: the router weights of every router kind, and the call that routes with them.
+
+`Router(config, rngs)` holds the weights of the kind `config.moe.router` (`ROUTERS`), always
+float32, and `route, logits = router(x, capacity=..., deterministic=...)` calls that kind's pure
+function (`moe_jax.routing`, `balanced_routing`, `relu_routing`, `cosine_routing`, `soft_moe`)
+on each device's own groups. `layers.MoeFeedForward` owns a Router; this module is the part of
+the layers floor that binds router parameters (`moe_jax.layers` re-exports `Router`).
+
+Kinds and their weights (logical axis names in brackets, as `out_sharding` metadata):
+- `tokens_choose`, `gshard_top2`, `experts_choose`, `aux_free`, `base_layer`, `sinkhorn`,
+  `remoe`, `forced_balanced`: `kernel: [M, E]` ('embed', None); logits x @ kernel.
+- `noisy_top_k`: `kernel` and `noise_kernel: [M, E]` (Shazeer et al. 2017).
+- `cosine`: `projection: [M, D]` ('embed', None), `expert_embeddings: [D, E]`,
+  `log_temperature: []` (X-MoE; D = `moe.cosine_dim`, tau starts at `moe.cosine_temperature`).
+- `soft_moe`: `slots: [M, E, S]` ('embed', None, None) and `scale: []` (Soft MoE); S slots per
+  expert are `moe.expert_capacity`, or, when that is 0, the capacity of `moe.group_size` tokens
+  at `moe.capacity_factor_train` (fixed when the router is built: each slot is a parameter).
+- `hash`: no weights (the token id decides).
+
+Variables that are not parameters (gradients and `nnx.Optimizer(..., wrt=nnx.Param)` leave
+them alone; the MoE layer moves them in training): `aux_free`'s `bias: RouterBias` f32[E]
+(DeepSeek-V3) and `remoe`'s `l1_coefficient: L1Coefficient` f32[] (ReMoE's adaptive lambda).
+
+Training and evaluation differ (`deterministic`): training jitters the router input (Switch,
+`moe.router_jitter`), draws the noise of noisy top-k gating and GShard's random second choice,
+and balances BASE layers (auction) and S-BASE (Sinkhorn) over the group; evaluation routes each
+token on its own clean logits (GShard keeps every second choice that fits, BASE and S-BASE
+take the top experts greedily).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from moe_jax import (
+    balanced_routing,
+    cosine_routing,
+    experts,
+    parallel,
+    relu_routing,
+    routing,
+    soft_moe,
+)
+
+ROUTERS = (
+    "tokens_choose",
+    "gshard_top2",
+    "experts_choose",
+    "hash",
+    "noisy_top_k",
+    "aux_free",
+    "soft_moe",
+    "base_layer",
+    "sinkhorn",
+    "remoe",
+    "cosine",
+    "forced_balanced",
+)
+# routers whose every call mixes a token's routing with its group's later tokens, in training
+# and evaluation alike: causal stacks refuse them (`models.TransformerStack`), for this reason
+NON_CAUSAL_ROUTERS = {
+    "experts_choose": "(Expert Choice) lets each expert pick tokens from the whole group, "
+    "future tokens included",
+    "soft_moe": "(Soft MoE) mixes the whole group, future tokens included, into every slot",
+}
+# routers with a balancing statistic counted where `loss.aux_scope` says (`losses.AUX_SCOPES`):
+# the f_e P_e losses (aux_free's only at scope 'sequence' or 'global', DeepSeek-V3's
+# complementary loss) and ReMoE's load-balanced L1
+SCOPED_LOSS_ROUTERS = ("tokens_choose", "gshard_top2", "cosine", "aux_free", "remoe")
+# routers that route on `x @ kernel`
+_LINEAR_ROUTERS = (
+    "tokens_choose",
+    "gshard_top2",
+    "experts_choose",
+    "noisy_top_k",
+    "aux_free",
+    "base_layer",
+    "sinkhorn",
+    "remoe",
+    "forced_balanced",
+)
+
+
+def logical_param(value: jax.Array, names: tuple[str | None, ...]) -> nnx.Param:
+    """An `nnx.Param` carrying its logical axis names as `out_sharding` metadata."""
+    return nnx.Param(value, out_sharding=names, eager_sharding=False)
+
+
+def check_config_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    """A ValueError naming the setting and its allowed values unless `value` is one of them."""
+    if value not in allowed:
+        raise ValueError(f"Unknown {name} {value!r}; use one of {allowed}.")
+
+
+class RouterBias(nnx.Variable):
+    """Aux-loss-free selection bias f32[E]: updated by the layer in training, never by gradients."""
+
+
+class L1Coefficient(nnx.Variable):
+    """ReMoE's L1 coefficient lambda f32[]: updated by the layer in training, never by gradients."""
+
+
+def soft_moe_slots(moe) -> int:
+    """Slots per expert of a Soft MoE router from the `config.moe` settings (see module doc)."""
+    if moe.expert_capacity > 0:
+        return int(moe.expert_capacity)
+    if moe.group_size > 0:
+        return routing.expert_capacity(
+            moe.group_size,
+            moe.num_experts,
+            moe.capacity_factor_train,
+            min_capacity=moe.min_capacity,
+        )
+    raise ValueError(
+        "router 'soft_moe' learns one vector per slot, so its slot count is fixed when the "
+        "layer is built; with moe.group_size=0 (a group per sequence) set moe.expert_capacity "
+        "(slots per expert), e.g. --config.moe.expert_capacity=1."
+    )
+
+
+class Router(nnx.Module):
+    """Router of kind `config.moe.router`; float32 weights and maths whatever the model dtype.
+
+    Choices take capacity slots in `config.moe.fill_order` ('choice' | 'token'; '' is 'choice'
+    here, and `models.TransformerStack` makes it 'token' in causal stacks). See the module doc
+    for the kinds, their weights and what training changes.
+    """
+
+    def __init__(self, config, rngs: nnx.Rngs):
+        moe = config.moe
+        check_config_choice("router", moe.router, ROUTERS)
+        self.kind = moe.router
+        self.num_experts = moe.num_experts
+        self.k = moe.k
+        if self.kind == "gshard_top2" and self.k != 2:
+            raise ValueError(f"router 'gshard_top2' routes k=2 experts; set moe.k=2, not {self.k}.")
+        if self.kind == "base_layer" and self.k != 1:
+            raise ValueError(
+                f"router 'base_layer' assigns each token one expert (BASE layers); set moe.k=1, "
+                f"not {self.k}."
+            )
+        self.jitter = float(moe.router_jitter)
+        self.batch_prioritized = bool(moe.batch_prioritized)
+        # '' outside a stack: TransformerStack resolves it by the stack's causality
+        self.fill_order = moe.fill_order or "choice"
+        check_config_choice("fill_order", self.fill_order, routing.FILL_ORDERS)
+        # aux_free always renormalises its k affinities (DeepSeek-V3, Sec. 2.1.2); moe.normalize
+        # is the setting of the tokens-choose routers only
+        self.normalize = "topk" if self.kind == "aux_free" else moe.normalize
+        self.second_policy = moe.second_policy
+        self.second_threshold = float(moe.second_threshold)
+        self.sinkhorn_iterations = int(moe.sinkhorn_iterations)
+        d_model, num_experts = config.model.d_model, moe.num_experts
+        init = experts.truncated_normal_init(moe.router_init_scale)
+        if self.kind in _LINEAR_ROUTERS:
+            self.kernel = logical_param(
+                init(rngs.params(), (d_model, num_experts)), ("embed", None)
+            )
+        if self.kind == "noisy_top_k":
+            # zero noise weights start as plain top-k (Shazeer et al. 2017, Appendix A)
+            self.noise_kernel = logical_param(
+                jnp.zeros((d_model, num_experts), jnp.float32), ("embed", None)
+            )
+        if self.kind == "aux_free":
+            self.bias = RouterBias(jnp.zeros((num_experts,), jnp.float32))
+        if self.kind == "remoe":
+            self.l1_coefficient = L1Coefficient(jnp.float32(moe.remoe_l1_init))
+        if self.kind == "cosine":
+            if not moe.cosine_dim >= 1 or not moe.cosine_temperature > 0:
+                raise ValueError(
+                    f"router 'cosine' needs moe.cosine_dim >= 1 and moe.cosine_temperature > 0, "
+                    f"got {moe.cosine_dim!r} and {moe.cosine_temperature!r}; X-MoE uses 16."
+                )
+            shape = (d_model, moe.cosine_dim)
+            self.projection = logical_param(init(rngs.params(), shape), ("embed", None))
+            shape = (moe.cosine_dim, num_experts)
+            self.expert_embeddings = logical_param(init(rngs.params(), shape), (None, None))
+            temperature = jnp.log(jnp.float32(moe.cosine_temperature))
+            self.log_temperature = logical_param(temperature, ())
+        if self.kind == "soft_moe":
+            self.num_slots = soft_moe_slots(moe)
+            shape = (d_model, num_experts, self.num_slots)
+            self.slots = logical_param(init(rngs.params(), shape), ("embed", None, None))
+            self.scale = logical_param(jnp.ones((), jnp.float32), ())
+        self.rules = parallel.logical_rules(config)
+        self.rngs = rngs["router"].fork()
+
+    def __call__(
+        self,
+        x: jax.Array,
+        *,
+        capacity: int | None,
+        deterministic: bool,
+        token_ids: jax.Array | None = None,
+        padding_mask: jax.Array | None = None,
+    ) -> tuple[routing.Routing | soft_moe.SoftRouting, jax.Array | None]:
+        """Route `x: [G, T, M]`: the routing and f32[G, T, E] logits (None for hash and Soft MoE).
+
+        `token_ids: i32[G, T]` is required by hash routing; `padding_mask: bool[G, T]` marks
+        the real tokens (padding takes no slot). Soft MoE returns a `soft_moe.SoftRouting`
+        with `capacity` slots per expert.
+        """
+        if self.kind == "hash":
+            if token_ids is None:
+                raise ValueError("router 'hash' needs token_ids; pass layer(x, token_ids=ids).")
+            route = parallel.per_device_groups(
+                lambda ids, mask: routing.hash_routing(
+                    ids, num_experts=self.num_experts, capacity=capacity, padding_mask=mask
+                ),
+                token_ids,
+                padding_mask,
+                rules=self.rules,
+            )
+            return route, None
+        x = x.astype(jnp.float32)
+        if not deterministic and self.jitter > 0:
+            x = x * jax.random.uniform(
+                self.rngs(), x.shape, minval=1.0 - self.jitter, maxval=1.0 + self.jitter
+            )
+        if self.kind == "soft_moe":
+            slot_logits = soft_moe.soft_moe_logits(x, self.slots[...], self.scale[...])
+            route = parallel.per_device_groups(
+                soft_moe.soft_moe_routing, slot_logits, padding_mask, rules=self.rules
+            )  # dispatch and combine weights [G, T, E, S]
+            return route, None
+        if self.kind == "noisy_top_k":
+            noise_rng = None if deterministic else self.rngs()
+            logits = routing.noisy_logits(
+                x, self.kernel[...], self.noise_kernel[...], noise_rng
+            )  # [G, T, E]
+        elif self.kind == "cosine":
+            logits = cosine_routing.cosine_logits(
+                x, self.projection[...], self.expert_embeddings[...], self.log_temperature[...]
+            )  # [G, T, E]
+        else:
+            logits = experts.dense_matmul(x, self.kernel[...].astype(jnp.float32))  # [G, T, E]
+        # evaluation is deterministic: GShard keeps every second choice that fits
+        second_policy = "all" if deterministic else self.second_policy
+        rng = self.rngs() if self.kind == "gshard_top2" and second_policy != "all" else None
+        select = functools.partial(
+            self._select,
+            capacity=capacity,
+            second_policy=second_policy,
+            balanced=not deterministic,
+        )
+        # each device routes only its own groups (see parallel.per_device_groups)
+        route = parallel.per_device_groups(select, logits, padding_mask, rng=rng, rules=self.rules)
+        return route, logits
+
+    def _select(
+        self,
+        logits: jax.Array,
+        padding_mask: jax.Array | None,
+        *,
+        capacity: int | None,
+        second_policy: str,
+        balanced: bool,
+        rng: jax.Array | None = None,
+    ) -> routing.Routing:
+        """The router kind's slot assignment for f32[G, T, E] logits."""
+        common = dict(capacity=capacity, padding_mask=padding_mask)
+        top_k = dict(k=self.k, normalize=self.normalize, fill_order=self.fill_order, **common)
+        if self.kind in ("tokens_choose", "noisy_top_k", "cosine"):
+            return routing.tokens_choose(logits, batch_prioritized=self.batch_prioritized, **top_k)
+        if self.kind == "gshard_top2":
+            return routing.gshard_top2(
+                logits,
+                rng=rng,
+                second_policy=second_policy,
+                threshold=self.second_threshold,
+                fill_order=self.fill_order,
+                **common,
+            )
+        if self.kind == "experts_choose":
+            return routing.experts_choose(logits, **common)
+        if self.kind == "base_layer":
+            return balanced_routing.base_layer(logits, balanced=balanced, **common)
+        if self.kind == "sinkhorn":
+            return balanced_routing.sinkhorn_top_k(
+                logits, balanced=balanced, num_iterations=self.sinkhorn_iterations, **top_k
+            )
+        if self.kind == "remoe":
+            return relu_routing.relu_routing(logits, **common)
+        if self.kind == "forced_balanced":
+            return balanced_routing.forced_balanced(logits, **top_k)
+        return routing.biased_top_k(
+            logits, self.bias[...], batch_prioritized=self.batch_prioritized, **top_k
+        )
