@@ -60,12 +60,18 @@ ROUTERS = (
     "cosine",
     "forced_balanced",
 )
-# routers whose every call mixes a token's routing with its group's later tokens, in training
-# and evaluation alike: causal stacks refuse them (`models.TransformerStack`), for this reason
+# routers that make a token's routing depend on its group's later tokens: causal stacks refuse
+# them (`models.TransformerStack`), for this reason. BASE and S-BASE do so in training only
+# (the balanced assignment of the whole group); a decoder trained so would see the future there
+# and meet a different router at evaluation, as batch-prioritized routing would.
 NON_CAUSAL_ROUTERS = {
     "experts_choose": "(Expert Choice) lets each expert pick tokens from the whole group, "
     "future tokens included",
     "soft_moe": "(Soft MoE) mixes the whole group, future tokens included, into every slot",
+    "base_layer": "(BASE layers) assigns a group's tokens to experts jointly in training, so a "
+    "token's expert depends on later tokens",
+    "sinkhorn": "(S-BASE) balances a group's token-expert matrix in training, so a token's "
+    "experts depend on later tokens",
 }
 # routers with a balancing statistic counted where `loss.aux_scope` says (`losses.AUX_SCOPES`):
 # the f_e P_e losses (aux_free's only at scope 'sequence' or 'global', DeepSeek-V3's

@@ -431,9 +431,12 @@ def test_hash_routing_gets_token_ids():
 
 
 @pytest.mark.parametrize("kind", ["decoder", "encoder_decoder"])
-def test_expert_choice_refused_in_causal_decoder(kind):
-    config = micro_config(kind, router="experts_choose")
-    with pytest.raises(ValueError, match="experts_choose.*causal decoder"):
+@pytest.mark.parametrize("router", ["experts_choose", "soft_moe", "base_layer", "sinkhorn"])
+def test_routers_that_see_later_tokens_are_refused_in_causal_stacks(kind, router):
+    # BASE and S-BASE balance a group jointly in training, so a token's expert there depends on
+    # later tokens, as with Expert Choice and Soft MoE always
+    config = micro_config(kind, router=router, k=1)
+    with pytest.raises(ValueError, match=f"{router}.*causal decoder"):
         models.build_model(config, rngs=nnx.Rngs(0))
 
 

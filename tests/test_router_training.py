@@ -18,15 +18,18 @@ VOCAB, LENGTH, STEPS = 32, 16, 5
 def micro_config(router):
     config = default_config()
     model = config.model
-    # Soft MoE is for encoders: an encoder-decoder with a tokens-choose decoder
-    model.kind = "encoder_decoder" if router == "soft_moe" else "decoder"
+    # Soft MoE, BASE and S-BASE are for encoders: an encoder-decoder with a tokens-choose decoder
+    encoder_only = router in ("soft_moe", "base_layer", "sinkhorn")
+    model.kind = "encoder_decoder" if encoder_only else "decoder"
     model.vocab_size, model.d_model, model.num_heads, model.head_dim = VOCAB, 16, 2, 8
     model.d_ff, model.num_layers, model.num_encoder_layers, model.num_decoder_layers = 32, 2, 2, 1
     moe = config.moe
     moe.router, moe.decoder_router, moe.num_experts, moe.group_size = router, "", 4, 16
     moe.k, moe.backend = 1 if router == "base_layer" else 2, "gather"
+    if encoder_only:
+        moe.decoder_router = "tokens_choose"
     if router == "soft_moe":
-        moe.decoder_router, moe.backend, moe.expert_capacity = "tokens_choose", "einsum", 2
+        moe.backend, moe.expert_capacity = "einsum", 2
     if router == "remoe":
         moe.remoe_l1_init = 1e-3
     config.train.learning_rate, config.train.warmup_steps = 1e-2, 1
