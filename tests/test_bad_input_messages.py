@@ -6,11 +6,16 @@ The Hugging Face checkpoints are tiny Switch Transformers written by `moe_jax.hf
 """
 
 import os
+import shutil
 
 import jax
 import pytest
+from flax import nnx
+from tiny_training import TINY_TRAINING, configured
 
-from moe_jax import train
+from moe_jax import hf, train
+from moe_jax.config import load_config_file
+from moe_jax.models import build_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_SWITCH = os.path.join(ROOT, "configs", "switch.py") + ":tiny"
@@ -45,3 +50,51 @@ def test_missing_config_file_names_the_closest_one(capsys):
     assert line.count("swich.py") == 1, line  # the path once, as given
     unlike = parse_flags_error(["train", "--config=configs/zzzz.py:tiny"], capsys)
     assert "e.g. --config=configs/switch.py:tiny" in unlike
+
+
+@pytest.fixture(scope="module")
+def switch_dir(tmp_path_factory) -> str:
+    """A Hugging Face switch_transformers checkpoint: 2 + 2 layers of d_model 32, 4 experts."""
+    config = load_config_file(TINY_SWITCH)
+    config.model.update(
+        kind="encoder_decoder",
+        d_model=32,
+        num_heads=2,
+        head_dim=16,
+        d_ff=64,
+        ffn_activation="relu",
+        tie_embeddings=True,
+        hf_model_type="switch_transformers",
+    )
+    config.moe.num_experts = 4
+    directory = str(tmp_path_factory.mktemp("switch_hf"))
+    hf.save(config, build_model(config, rngs=nnx.Rngs(0)), directory)
+    return directory
+
+
+def copy_of(directory: str, tmp_path) -> str:
+    copy = str(tmp_path / "checkpoint")
+    shutil.copytree(directory, copy)
+    return copy
+
+
+def test_truncated_safetensors_is_named_in_one_line(switch_dir, tmp_path, capsys):
+    directory = copy_of(switch_dir, tmp_path)
+    weights = os.path.join(directory, "model.safetensors")
+    os.truncate(weights, os.path.getsize(weights) // 2)  # an interrupted download
+    with pytest.raises(ValueError) as error:
+        hf.load(directory)
+    message = one_line(str(error.value))
+    assert weights in message and "truncated or damaged" in message
+    assert "download it again" in message
+    # train --config=configs/hf.py:DIR reads it while parsing its flags
+    line = parse_flags_error(
+        ["train", f"--config=configs/hf.py:{directory}", "--workdir=w"], capsys
+    )
+    assert weights in line and "truncated or damaged" in line
+    # train.init_from=hf:DIR reads it before anything is written
+    config = configured(load_config_file(TINY_SWITCH), TINY_TRAINING, {})
+    config.train.init_from = f"hf:{directory}"
+    with pytest.raises(train.SetupError) as error:
+        train.run(config, str(tmp_path / "run"), devices=ONE_DEVICE)
+    assert weights in one_line(str(error.value))

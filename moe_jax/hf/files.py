@@ -19,7 +19,7 @@ import os
 from collections.abc import Callable, Iterable
 
 import numpy as np
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 CONFIG_FILE = "config.json"
@@ -51,8 +51,8 @@ class CheckpointReader:
             )
         with open(config_path, encoding="utf-8") as file:
             self.config = json.load(file)
-        self._file_of = self._tensor_files()
         self._handles: dict[str, object] = {}
+        self._file_of = self._tensor_files()
         self.shapes: dict[str, tuple[int, ...]] = {}
         for name, filename in self._file_of.items():
             tensor_slice = self._open(filename).get_slice(name)
@@ -79,13 +79,18 @@ class CheckpointReader:
                 f"{self.directory} holds neither {SINGLE_FILE} nor {INDEX_FILE}; only safetensors "
                 "checkpoints are read (convert a pytorch_model.bin with transformers first)."
             )
-        with safe_open(single, framework="np") as handle:
-            return {name: SINGLE_FILE for name in handle.keys()}
+        return {name: SINGLE_FILE for name in self._open(SINGLE_FILE).keys()}
 
     def _open(self, filename: str):
         if filename not in self._handles:
             path = os.path.join(self.directory, filename)
-            self._handles[filename] = safe_open(path, framework="np")
+            try:
+                self._handles[filename] = safe_open(path, framework="np")
+            except SafetensorError as error:
+                raise ValueError(
+                    f"{path} is not a readable safetensors file ({error}): it is truncated or "
+                    "damaged, as an interrupted download leaves it; download it again."
+                ) from None
         return self._handles[filename]
 
     def get(self, name: str) -> np.ndarray:
