@@ -5,6 +5,7 @@ error handling can be called, else as a subprocess) and checks the line it print
 The Hugging Face checkpoints are tiny Switch Transformers written by `moe_jax.hf.save`.
 """
 
+import json
 import os
 import shutil
 
@@ -98,3 +99,21 @@ def test_truncated_safetensors_is_named_in_one_line(switch_dir, tmp_path, capsys
     with pytest.raises(train.SetupError) as error:
         train.run(config, str(tmp_path / "run"), devices=ONE_DEVICE)
     assert weights in one_line(str(error.value))
+
+
+def test_switch_config_with_no_sparse_layer_names_the_mistake(switch_dir, tmp_path, capsys):
+    directory = copy_of(switch_dir, tmp_path)
+    path = os.path.join(directory, "config.json")
+    with open(path, encoding="utf-8") as file:
+        hf_config = json.load(file)
+    # transformers' default of 3 sparse layers per stack on 2 layers: step 2 // 3 = 0, no expert
+    hf_config.update(num_sparse_encoder_layers=3, num_sparse_decoder_layers=3)
+    with open(path, "w", encoding="utf-8") as file:
+        json.dump(hf_config, file)
+    line = parse_flags_error(
+        ["train", f"--config=configs/hf.py:{directory}", "--workdir=w"], capsys
+    )
+    assert f"hf.py:{directory}: switch_transformers config.json" in line
+    assert "puts experts in no layer: encoder_sparse_step=0 and decoder_sparse_step=0" in line
+    assert "num_sparse_encoder_layers=3" in line and "set both steps to 2" in line
+    assert "cannot express" not in line
