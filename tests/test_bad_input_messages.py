@@ -8,13 +8,17 @@ The Hugging Face checkpoints are tiny Switch Transformers written by `moe_jax.hf
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import jax
 import pytest
+import tokenizers
 from flax import nnx
 from tiny_training import TINY_TRAINING, configured
+from tokenizers import models, pre_tokenizers
 
-from moe_jax import hf, train
+from moe_jax import generate, hf, train
 from moe_jax.config import load_config_file
 from moe_jax.models import build_model
 
@@ -117,3 +121,30 @@ def test_switch_config_with_no_sparse_layer_names_the_mistake(switch_dir, tmp_pa
     assert "puts experts in no layer: encoder_sparse_step=0 and decoder_sparse_step=0" in line
     assert "num_sparse_encoder_layers=3" in line and "set both steps to 2" in line
     assert "cannot express" not in line
+
+
+def test_generate_hf_without_a_tokenizer_says_so_and_how_to_pass_ids(switch_dir, tmp_path):
+    command = [sys.executable, "-m", "moe_jax.generate", f"--hf={switch_dir}", "--prompt=hello"]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1 and done.stdout == ""
+    line = one_line(done.stderr)
+    assert "has no tokenizer.json (no tokenizer files)" in line and "--prompt_ids=" in line
+    # a Llama-style folder with the SentencePiece file only
+    sentencepiece = copy_of(switch_dir, tmp_path)
+    open(os.path.join(sentencepiece, "tokenizer.model"), "wb").close()
+    with pytest.raises(ValueError) as error:
+        generate._hf_model(sentencepiece, "hello", [])
+    message = one_line(str(error.value))
+    assert "only tokenizer.model, a SentencePiece model" in message
+    assert "sentencepiece" not in message  # transformers' advice to install the library
+
+
+def test_generate_hf_tokenizes_with_tokenizer_json(switch_dir, tmp_path):
+    directory = copy_of(switch_dir, tmp_path)
+    vocabulary = {"<pad>": 0, "</s>": 1, "<unk>": 2, "hello": 5, "experts": 7}
+    tokenizer = tokenizers.Tokenizer(models.WordLevel(vocabulary, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.save(os.path.join(directory, "tokenizer.json"))
+    _, ids, decode_text, eos_id, _ = generate._hf_model(directory, "hello experts", [])
+    assert ids == [5, 7] and eos_id == 1  # config.json's eos_token_id
+    assert decode_text([7, 5]) == "experts hello"

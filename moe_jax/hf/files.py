@@ -32,6 +32,19 @@ def _shard_name(index: int, count: int) -> str:
     return f"model-{index:05d}-of-{count:05d}.safetensors"
 
 
+def read_config(directory: str) -> dict:
+    """The parsed `config.json` of the checkpoint directory `directory`."""
+    config_path = os.path.join(directory, CONFIG_FILE)
+    if not os.path.isfile(config_path):
+        raise ValueError(
+            f"{os.path.abspath(directory)} is not a Hugging Face checkpoint: it has no "
+            f"{CONFIG_FILE} (download one with `huggingface-cli download ORG/NAME --local-dir "
+            "DIR`)."
+        )
+    with open(config_path, encoding="utf-8") as file:
+        return json.load(file)
+
+
 class CheckpointReader:
     """Reads one Hugging Face checkpoint directory, one tensor at a time.
 
@@ -43,14 +56,7 @@ class CheckpointReader:
 
     def __init__(self, directory: str):
         self.directory = os.path.abspath(directory)
-        config_path = os.path.join(self.directory, CONFIG_FILE)
-        if not os.path.isfile(config_path):
-            raise ValueError(
-                f"{self.directory} is not a Hugging Face checkpoint: it has no {CONFIG_FILE} "
-                f"(download one with `huggingface-cli download ORG/NAME --local-dir DIR`)."
-            )
-        with open(config_path, encoding="utf-8") as file:
-            self.config = json.load(file)
+        self.config = read_config(self.directory)
         self._handles: dict[str, object] = {}
         self._file_of = self._tensor_files()
         self.shapes: dict[str, tuple[int, ...]] = {}
