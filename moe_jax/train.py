@@ -120,7 +120,6 @@ def check_config(config) -> None:
         raise ValueError(
             f"moe.k={moe.k} exceeds moe.num_experts={moe.num_experts}; lower k or add experts."
         )
-    optim.make_optimizer(train)
 
 
 def _check_groups(config, mesh, dataset: data.Dataset) -> None:
@@ -327,6 +326,9 @@ def _prepare(config, workdir: str, devices) -> _Prepared:
         existing.close()
     if resume_step is None:
         hf.init_from(config)  # checks a train.init_from checkpoint against the config
+    # the optimizer and schedule checks come last: a warmup longer than a short trial's
+    # num_steps must not hide the error of the setting being tried, and a resume's horizon
+    # is the stored one (keep_stored_horizon above)
     optimizer, schedule = optim.make_optimizer(config.train)
     _, params, _, model_state = nnx.split(abstract_model, nnx.Param, nnx.RngState, ...)
     abstract_state = TrainState(

@@ -148,3 +148,17 @@ def test_generate_hf_tokenizes_with_tokenizer_json(switch_dir, tmp_path):
     _, ids, decode_text, eos_id, _ = generate._hf_model(directory, "hello experts", [])
     assert ids == [5, 7] and eos_id == 1  # config.json's eos_token_id
     assert decode_text([7, 5]) == "experts hello"
+
+
+def test_the_settings_own_error_comes_before_the_warmup_check(tmp_path):
+    # tiny's 50 warmup steps exceed a 5-step trial, but the trial's real mistake is reported
+    config = load_config_file(TINY_SWITCH)
+    config.train.num_steps = 5
+    config.data.name = "text:/no/such/corpus.txt"
+    with pytest.raises(train.SetupError) as error:
+        train.run(config, str(tmp_path / "run"))
+    assert "/no/such/corpus.txt" in one_line(str(error.value))
+    config.data.name = "synthetic"
+    config.train.warmup_steps = 60
+    with pytest.raises(train.SetupError, match="train.warmup_steps=60 must be smaller"):
+        train.run(config, str(tmp_path / "run"))
