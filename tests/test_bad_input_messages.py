@@ -18,7 +18,8 @@ from flax import nnx
 from tiny_training import TINY_TRAINING, configured
 from tokenizers import models, pre_tokenizers
 
-from moe_jax import generate, hf, train
+from moe_jax import config as config_module
+from moe_jax import convert, generate, hf, train
 from moe_jax.config import load_config_file
 from moe_jax.models import build_model
 
@@ -162,3 +163,53 @@ def test_the_settings_own_error_comes_before_the_warmup_check(tmp_path):
     config.train.warmup_steps = 60
     with pytest.raises(train.SetupError, match="train.warmup_steps=60 must be smaller"):
         train.run(config, str(tmp_path / "run"))
+
+
+# a converted run small enough to train a step: what `convert` and `train` are both given
+CONVERTED_RUN = {
+    "train.num_steps": 1,
+    "train.batch_size": 2,
+    "train.seq_len": 16,
+    "train.warmup_steps": 0,
+    "train.eval_every": 0,
+}
+
+
+@pytest.fixture(scope="module")
+def converted_run(switch_dir, tmp_path_factory) -> str:
+    """The workdir `moe_jax.convert --hf=switch_dir` writes with the CONVERTED_RUN settings."""
+    config = configured(hf.load_config(switch_dir), CONVERTED_RUN, {})
+    workdir = str(tmp_path_factory.mktemp("converted"))
+    convert.hf_to_run(switch_dir, workdir, config, devices=ONE_DEVICE)
+    return workdir
+
+
+def converted_run_config(switch_dir: str):
+    """The config of `train --config=configs/hf.py:DIR` with the CONVERTED_RUN settings."""
+    return configured(load_config_file(f"configs/hf.py:{switch_dir}"), CONVERTED_RUN, {})
+
+
+def test_training_a_converted_run_with_other_data_shows_the_convert_command(
+    switch_dir, converted_run
+):
+    config = converted_run_config(switch_dir)
+    config.data.name = "tiny_shakespeare"
+    with pytest.raises(train.SetupError) as error:
+        train.run(config, converted_run, devices=ONE_DEVICE)
+    message = str(error.value)
+    assert "data.name: 'synthetic' (checkpoint) vs 'tiny_shakespeare' (this run)" in message
+    hint = message.splitlines()[-1]
+    assert hint.startswith("Step 0 is what moe_jax.convert wrote from")
+    assert f"python -m moe_jax.convert --hf={switch_dir} --workdir=NEW_WORKDIR" in hint
+    assert hint.endswith(f"--config=configs/hf.py:{switch_dir} --config.data.name=tiny_shakespeare")
+
+
+def test_convert_to_hf_of_a_run_from_scratch_names_model_type(tmp_path, capsys):
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    (workdir / "config.json").write_text(config_module.default_config().to_json())
+    write = lambda: convert.run_to_hf(str(workdir), str(tmp_path / "out"))
+    assert convert.run_tool("moe_jax.convert", ["convert"], write) == 1
+    line = one_line(capsys.readouterr().err)
+    assert "--model_type" in line and "switch_transformers" in line
+    assert not (tmp_path / "out").exists()
