@@ -127,6 +127,19 @@ def check_resume(stored: dict, current: dict, step: int, directory: str) -> dict
     return changes
 
 
+def resume_message(step: int, num_steps: int, changes: dict) -> str:
+    """The line a resume from `step` prints: the step and the allowed `changes`, or, for a run
+    already at `num_steps`, that there is nothing to train and how to train further."""
+    shown = ", ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in changes.items())
+    if step >= num_steps:
+        return (
+            f"the run is already at step {step} of train.num_steps={num_steps}: nothing to train; "
+            f"raise it to train further, e.g. --config.train.num_steps={2 * num_steps} (the "
+            "learning-rate schedule keeps its horizon)"
+        )
+    return f"resuming from step {step} of {num_steps}" + (f" with {shown}" if changes else "")
+
+
 def _converted_run_hint(stored: dict, refused: dict) -> str:
     """For a step-0 checkpoint `moe_jax.convert --hf=DIR` wrote, a line with the convert
     command that writes it with this run's `refused` settings (convert takes `--config`

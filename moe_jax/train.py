@@ -625,10 +625,11 @@ def _write_identity(workdir: str, prepared: _Prepared, start: int, *, resumed: b
     if not multihost.is_main_process():
         return
     os.makedirs(workdir, exist_ok=True)
-    if resumed and prepared.changes:
-        changes = prepared.changes.items()
-        shown = ", ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in changes)
-        sys.stderr.write(f"moe_jax.train: resuming at step {start} with {shown}\n")
+    if resumed:
+        message = run_identity.resume_message(
+            start, prepared.config.train.num_steps, prepared.changes
+        )
+        sys.stderr.write(f"moe_jax.train: {message}\n")
     path = os.path.join(workdir, "config.json")
     with open(path + ".tmp", "w", encoding="utf-8") as file:
         file.write(prepared.config.to_json_best_effort(indent=2) + "\n")

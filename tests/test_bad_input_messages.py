@@ -213,3 +213,19 @@ def test_convert_to_hf_of_a_run_from_scratch_names_model_type(tmp_path, capsys):
     line = one_line(capsys.readouterr().err)
     assert "--model_type" in line and "switch_transformers" in line
     assert not (tmp_path / "out").exists()
+
+
+def test_a_resume_says_its_step_and_a_finished_run_how_to_train_on(
+    switch_dir, converted_run, tmp_path, capsys
+):
+    workdir = str(tmp_path / "run")
+    shutil.copytree(converted_run, workdir)
+    config = converted_run_config(switch_dir)
+    train.run(config, workdir, devices=ONE_DEVICE)
+    assert "moe_jax.train: resuming from step 0 of 1\n" in capsys.readouterr().err
+    train.run(config, workdir, devices=ONE_DEVICE)
+    assert one_line(capsys.readouterr().err) == (
+        "moe_jax.train: the run is already at step 1 of train.num_steps=1: nothing to train; "
+        "raise it to train further, e.g. --config.train.num_steps=2 (the learning-rate "
+        "schedule keeps its horizon)"
+    )
