@@ -229,3 +229,11 @@ def test_a_resume_says_its_step_and_a_finished_run_how_to_train_on(
         "raise it to train further, e.g. --config.train.num_steps=2 (the learning-rate "
         "schedule keeps its horizon)"
     )
+
+
+def test_a_mesh_size_that_does_not_fit_names_the_sizes_that_do(tmp_path):
+    config = load_config_file(TINY_SWITCH)
+    config.mesh.expert = 3  # on the 8 test devices
+    with pytest.raises(train.SetupError) as error:
+        train.run(config, str(tmp_path / "run"))
+    assert "on 8 devices each axis size must be one of 1, 2, 4, 8" in one_line(str(error.value))
