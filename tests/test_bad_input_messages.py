@@ -18,6 +18,7 @@ from flax import nnx
 from tiny_training import TINY_TRAINING, configured
 from tokenizers import models, pre_tokenizers
 
+from experiments import routing_report
 from moe_jax import config as config_module
 from moe_jax import convert, generate, hf, train
 from moe_jax.config import load_config_file
@@ -237,3 +238,20 @@ def test_a_mesh_size_that_does_not_fit_names_the_sizes_that_do(tmp_path):
     with pytest.raises(train.SetupError) as error:
         train.run(config, str(tmp_path / "run"))
     assert "on 8 devices each axis size must be one of 1, 2, 4, 8" in one_line(str(error.value))
+
+
+def test_routing_report_without_its_trace_says_how_to_make_one(tmp_path, capsys):
+    trace = tmp_path / "trace.jsonl"
+    with pytest.raises(SystemExit) as exit_info:
+        routing_report.main([f"--trace={trace}"])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert "Traceback" not in error
+    assert (
+        error.strip()
+        .splitlines()[-1]
+        .endswith(
+            f"--trace={trace}: no such file; write it first with python -m moe_jax.score "
+            f"--workdir=WORKDIR --text=FILE --out={trace}"
+        )
+    )
