@@ -1,8 +1,11 @@
-# moe_jax: `make run` trains the tiny Switch model; `make test` runs the test suite.
+# moe_jax: `make run` trains the tiny Switch model on tiny Shakespeare; `make test` runs the
+# test suite.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 WORKDIR ?= runs/switch_tiny
+# more `--config.KEY=VALUE` for `make run`, e.g. TRAIN_FLAGS=--config.train.num_steps=1200
+TRAIN_FLAGS ?=
 # On a CPU host (no NVIDIA GPU or TPU device file), glibc's malloc keeps freed memory instead of
 # unmapping it: XLA's CPU runtime frees and reallocates every step's buffers, and each mapping
 # faults its pages in again (README, "Speed on a CPU"). A GLIBC_TUNABLES already set is kept.
@@ -31,8 +34,10 @@ lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
+# the README's first model: its generate and score examples read $(WORKDIR)
 run: venv
-	$(ALLOCATOR) $(PY) -m moe_jax.train --config=configs/switch.py:tiny --workdir=$(WORKDIR)
+	$(ALLOCATOR) $(PY) -m moe_jax.train --config=configs/switch.py:tiny \
+		--config.data.name=tiny_shakespeare --workdir=$(WORKDIR) $(TRAIN_FLAGS)
 
 # the MoE layer table of experiments/BENCHMARKS.md (about 10 minutes on 2 cores)
 bench: venv

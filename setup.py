@@ -20,6 +20,7 @@ setup(
         "ml_collections>=1.0",
         "numpy>=1.26",
         "safetensors>=0.4",
+        "tokenizers>=0.15",  # a Hugging Face checkpoint's tokenizer.json (moe_jax.generate --hf)
         "absl-py",
         "tqdm",
         "tensorboardX",

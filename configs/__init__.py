@@ -5,17 +5,30 @@ Each `configs/<family>.py` exposes `get_config(variant: str)`, starting from
 `python -m moe_jax.train --config=configs/switch.py:tiny` do), so that `configs` is importable.
 """
 
+import difflib
+
 import ml_collections
 
 T5_VOCAB_SIZE = 32128  # T5's 32000 SentencePiece ids + 100 sentinels, rounded up to 128 (T5X)
 TINY_VOCAB_SIZE = 384  # 259 byte ids (moe_jax.data) + 125 span sentinels, a multiple of 128
 
 
+def check_variant(variant: str, known: tuple[str, ...], suffix: str = "") -> None:
+    """Raises ValueError when `variant` is not one of `known`, naming the closest one; `suffix`
+    is said after the list (split_variant's '-E')."""
+    if variant in known:
+        return
+    matches = difflib.get_close_matches(variant, known, n=1)
+    hint = f"did you mean {matches[0]!r}? " if matches else ""
+    raise ValueError(
+        f"unknown variant {variant!r}; {hint}the variants are {', '.join(known)}{suffix}."
+    )
+
+
 def split_variant(variant: str, known: tuple[str, ...]) -> tuple[str, int | None]:
     """'base-16' -> ('base', 16); 'base' -> ('base', None). Raises ValueError on unknown names."""
     name, sep, experts = variant.partition("-")
-    if name not in known:
-        raise ValueError(f"Unknown variant {variant!r}; use one of {known} (optionally '-E').")
+    check_variant(name, known, suffix=" (optionally '-E' for E experts, e.g. 'base-16')")
     if not sep:
         return name, None
     if not experts.isdigit() or int(experts) < 1:

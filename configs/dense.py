@@ -30,7 +30,7 @@ of `experiments/benchmark_train.py`: large enough that matmuls dominate a CPU st
 
 import ml_collections
 
-from configs import set_small, set_t5_pretraining, set_t5_size, set_tiny
+from configs import check_variant, set_small, set_t5_pretraining, set_t5_size, set_tiny
 from moe_jax.config import default_config
 
 # name: (d_model, d_ff, num_heads, layers per stack, FFN activation), Switch Transformer Table 9
@@ -44,8 +44,7 @@ VARIANTS = (*SIZES, "tiny", "small")
 
 def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     """The dense config `variant` (one of `VARIANTS`)."""
-    if variant not in VARIANTS:
-        raise ValueError(f"Unknown dense variant {variant!r}; use one of {VARIANTS}.")
+    check_variant(variant, VARIANTS)
     config = default_config()
     config.moe.num_experts = 0
     config.loss.aux_coef = 0.0

@@ -36,7 +36,7 @@ config keeps moe_jax's causal default (`moe.fill_order=''`, token by token in a 
 
 import ml_collections
 
-from configs import set_tiny
+from configs import check_variant, set_tiny
 from moe_jax.config import default_config
 
 GLAM_VOCAB_SIZE = 256_000  # "256K" SentencePiece vocabulary (Sec. 5)
@@ -74,8 +74,7 @@ def set_glam_routing(config: ml_collections.ConfigDict) -> None:
 
 def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     """The GLaM config `variant` (one of `VARIANTS`)."""
-    if variant not in VARIANTS:
-        raise ValueError(f"Unknown GLaM variant {variant!r}; use one of {VARIANTS}.")
+    check_variant(variant, VARIANTS)
     config = default_config()
     set_glam_routing(config)
     if variant == "tiny":

@@ -23,7 +23,13 @@ Optimizer settings of `8x7b` are the codebase defaults (AdamW, cosine), not the 
 
 import ml_collections
 
-from configs import TINY_VOCAB_SIZE, set_rope_decoder, set_rope_decoder_scale, set_tiny
+from configs import (
+    TINY_VOCAB_SIZE,
+    check_variant,
+    set_rope_decoder,
+    set_rope_decoder_scale,
+    set_tiny,
+)
 from moe_jax.config import default_config
 
 # variant: the sizes `set_rope_decoder` takes (8x7b: Table 1 and the released config.json)
@@ -67,8 +73,7 @@ def set_mixtral_routing(config: ml_collections.ConfigDict) -> None:
 
 def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     """The Mixtral config `variant` (one of `VARIANTS`)."""
-    if variant not in VARIANTS:
-        raise ValueError(f"Unknown Mixtral variant {variant!r}; use one of {VARIANTS}.")
+    check_variant(variant, VARIANTS)
     config = default_config()
     if variant == "tiny":
         set_tiny(config, kind="rope_decoder")

@@ -25,7 +25,13 @@ corpus with the CPU recipe (AdamW).
 
 import ml_collections
 
-from configs import TINY_VOCAB_SIZE, set_rope_decoder, set_rope_decoder_scale, set_tiny
+from configs import (
+    TINY_VOCAB_SIZE,
+    check_variant,
+    set_rope_decoder,
+    set_rope_decoder_scale,
+    set_tiny,
+)
 from moe_jax.config import default_config
 
 # variant: (the sizes `set_rope_decoder` takes, experts, k); 1b_7b: the released config.json
@@ -77,8 +83,7 @@ def set_olmoe_routing(config: ml_collections.ConfigDict, *, num_experts: int, k:
 
 def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     """The OLMoE config `variant` (one of `VARIANTS`)."""
-    if variant not in VARIANTS:
-        raise ValueError(f"Unknown OLMoE variant {variant!r}; use one of {VARIANTS}.")
+    check_variant(variant, VARIANTS)
     config = default_config()
     if variant == "tiny":
         set_tiny(config, kind="rope_decoder")

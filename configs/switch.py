@@ -31,8 +31,10 @@ train/eval capacity factors 1.25 / 2.0 (Table 1 and T5X); load-balancing coeffic
 (base), 4096 (large, xxl), 2048 (c) as in T5X; T5's Adafactor/rsqrt recipe. Table 7 gives
 Switch-Base with 16/32/64/128/256 experts: 1.1B / 2.0B / 3.8B / 7.4B / 14.7B.
 
-`tiny` (the job `make run` trains): a decoder-only LM, 4 layers of d_model 128 with 8 top-1
-experts at every other FFN, byte-level synthetic corpus, AdamW; a few minutes on 2 CPU cores.
+`tiny`: a decoder-only LM, 4 layers of d_model 128 with 8 top-1 experts at every other FFN,
+byte-level synthetic corpus, AdamW; a few minutes on 2 CPU cores. `make run` trains it on the
+bundled tiny Shakespeare text instead (`--config.data.name=tiny_shakespeare`), so that the text
+it generates reads as text.
 `--config.model.kind=encoder_decoder` turns it into a 2 + 2 layer encoder-decoder.
 
 `stdlib` is the model of experiments/RESULTS.md (m), the smallest Switch we found to beat its

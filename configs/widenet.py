@@ -21,7 +21,7 @@ sharing one attention and one 8-expert top-2 MoE.
 
 import ml_collections
 
-from configs import set_tiny
+from configs import check_variant, set_tiny
 from moe_jax.config import default_config
 
 VARIANTS = ("nlp_16e", "tiny")
@@ -29,8 +29,7 @@ VARIANTS = ("nlp_16e", "tiny")
 
 def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     """The WideNet config `variant` (one of `VARIANTS`)."""
-    if variant not in VARIANTS:
-        raise ValueError(f"Unknown widenet variant {variant!r}; use one of {VARIANTS}.")
+    check_variant(variant, VARIANTS)
     config = default_config()
     model, moe = config.model, config.moe
     model.share_layers = True

@@ -32,6 +32,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
+from experiments.routing_report import layer_name
 from experiments.sweep import (
     RESULTS_FILE,
     SEED_KEY,
@@ -40,6 +41,7 @@ from experiments.sweep import (
     parse_baseline,
     read_metrics,
 )
+from moe_jax import score, train
 
 CAPACITY_KEY = "moe.capacity_factor_train"
 
@@ -77,15 +79,30 @@ def plot_loss_curves(runs: dict[str, list[dict]], out_dir: Path) -> Path:
     return save(figure, out_dir / "loss_curves.png")
 
 
-def plot_expert_load(name: str, records: list[dict], out_dir: Path) -> Path | None:
-    """Heatmaps of `expert_load` (f32[layers, E] per record: each expert's share of the filled
-    slots) with x step, y expert, one panel per sparse layer."""
-    train = [r for r in records if r.get("split") == "train" and "expert_load" in r]
-    if not train:
+def sparse_layer_names(run_dir: Path) -> list[str] | None:
+    """The names of the run's sparse layers, bottom to top, encoder first (`expert_load`'s rows),
+    as the routing report gives them ('decoder layer 1'); None for a run without config.json."""
+    try:
+        config = train.config_from_workdir(str(run_dir))
+    except (FileNotFoundError, ValueError):
         return None
-    steps = [r["step"] for r in train]
-    load = np.asarray([r["expert_load"] for r in train], dtype=np.float64)  # [S, layers, E]
+    return [layer_name(stack, layer) for stack, layer in score.sparse_layers(config)]
+
+
+def plot_expert_load(
+    name: str, records: list[dict], out_dir: Path, layer_names: list[str] | None = None
+) -> Path | None:
+    """Heatmaps of `expert_load` (f32[layers, E] per record: each expert's share of the filled
+    slots) with x step, y expert, one panel per sparse layer, labelled by `layer_names`
+    (`sparse_layer_names`; without them 'sparse layer i', counting from 0)."""
+    train_records = [r for r in records if r.get("split") == "train" and "expert_load" in r]
+    if not train_records:
+        return None
+    steps = [r["step"] for r in train_records]
+    load = np.asarray([r["expert_load"] for r in train_records], dtype=np.float64)  # [S, layers, E]
     num_layers, num_experts = load.shape[1], load.shape[2]
+    if layer_names is None or len(layer_names) != num_layers:
+        layer_names = [f"sparse layer {layer}" for layer in range(num_layers)]
     figure, axes = plt.subplots(
         num_layers, 1, figsize=(10, 1.2 + 1.6 * num_layers), squeeze=False, sharex=True
     )
@@ -98,7 +115,7 @@ def plot_expert_load(name: str, records: list[dict], out_dir: Path) -> Path | No
             vmin=0.0,
             extent=(steps[0], steps[-1], -0.5, num_experts - 0.5),
         )
-        axis.set_ylabel(f"layer {layer}\nexpert")
+        axis.set_ylabel(f"{layer_names[layer]}\nexpert")
         figure.colorbar(image, ax=axis, label="load")
     axes[-1, 0].set_xlabel("step")
     axes[0, 0].set_title(
@@ -400,7 +417,10 @@ def make_plots(directory: Path, baseline: dict[str, str] | None = None) -> list[
             "workdir or a sweep directory"
         )
     written = [plot_loss_curves(runs, directory)]
-    written += [plot_expert_load(name, records, directory) for name, records in runs.items()]
+    single_run = (directory / "metrics.jsonl").exists()
+    for name, records in runs.items():
+        names = sparse_layer_names(directory if single_run else directory / name)
+        written.append(plot_expert_load(name, records, directory, names))
     written += [plot_dropped_vs_capacity(directory), plot_router_logits(runs, directory)]
     if (directory / SEED_RESULTS_FILE).exists():
         written += [plot_final_eval_seeds(directory), plot_loss_curves_seeds(directory, runs)]

@@ -29,6 +29,11 @@ import numpy as np
 DROPPED = -1
 
 
+def layer_name(stack: str, layer: int) -> str:
+    """How reports and figures name a sparse layer: 'decoder layer 3' (its index in its stack)."""
+    return f"{stack} layer {layer}"
+
+
 class RoutingTable:
     """A trace as arrays: `tokens i32[N, S]` the token each of the S MoE layers routed at each
     of the N scored positions, `top_expert i32[N, S]` its heaviest expert (-1: dropped),
@@ -37,7 +42,7 @@ class RoutingTable:
     def __init__(self, records: Sequence[dict]):
         if not records or not records[0]["routing"]:
             raise ValueError("the trace has no MoE layers: score a sparse model.")
-        self.layers = [f"{r['stack']} layer {r['layer']}" for r in records[0]["routing"]]
+        self.layers = [layer_name(r["stack"], r["layer"]) for r in records[0]["routing"]]
         self.tokens = np.array([[r["token"] for r in rec["routing"]] for rec in records])
         self.top_expert = np.array(
             [
@@ -67,6 +72,13 @@ def token_label(token: int) -> str:
         char = chr(token - 3)
         return repr(char)[1:-1] if char.isprintable() and char != " " else repr(char)
     return f"#{token}"
+
+
+def markdown_code(text: str) -> str:
+    """`text` as a markdown code span that keeps a table row whole: `|` is escaped, and a text
+    with a backtick is fenced by two backticks and spaces."""
+    text = text.replace("|", "\\|")
+    return f"`` {text} ``" if "`" in text else f"`{text}`"
 
 
 def _majority(tokens: np.ndarray, experts: np.ndarray) -> tuple[dict[int, int], int]:
@@ -122,6 +134,7 @@ def plot_token_layer_grid(table: RoutingTable, path: str | None, *, num_tokens: 
     if path:
         matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
 
     experts = table.top_expert[:num_tokens].T  # [S, n]
     num_experts = max(int(table.top_expert.max()) + 1, 1)
@@ -141,6 +154,16 @@ def plot_token_layer_grid(table: RoutingTable, path: str | None, *, num_tokens: 
             if routed[s, i]:
                 axis.text(i, s, str(experts[s, i]), ha="center", va="center", fontsize=6)
     axis.set_xlabel("token (the top layer's input; numbers: the expert)")
+    legend = [Patch(color=colours(e), label=f"expert {e}") for e in range(num_experts)]
+    legend.append(Patch(facecolor="white", edgecolor="grey", label="dropped"))
+    axis.legend(
+        handles=legend,
+        title="top expert",
+        loc="upper left",
+        bbox_to_anchor=(1.01, 1.0),
+        fontsize=7,
+        title_fontsize=7,
+    )
     fig.tight_layout()
     if path:
         fig.savefig(path, dpi=120)
@@ -157,7 +180,7 @@ def report(table: RoutingTable, *, top: int = 5) -> str:
         lines.append("| expert | load | top tokens (share) |")
         lines.append("|---|---|---|")
         for expert, (load, tokens) in expert_top_tokens(table.assignments[s], top=top).items():
-            shown = ", ".join(f"`{token_label(t)}` {share:.0%}" for t, share in tokens)
+            shown = ", ".join(f"{markdown_code(token_label(t))} {share:.0%}" for t, share in tokens)
             lines.append(f"| {expert} | {load} | {shown} |")
         lines.append("")
     lines += [
@@ -182,7 +205,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--tokens", type=int, default=64, help="positions in the figure")
     parser.add_argument("--top", type=int, default=5, help="tokens listed per expert")
     args = parser.parse_args(argv)
-    table = load_trace(args.trace)
+    try:
+        table = load_trace(args.trace)
+    except FileNotFoundError:
+        parser.error(
+            f"--trace={args.trace}: no such file; write it first with python -m moe_jax.score "
+            f"--workdir=WORKDIR --text=FILE --out={args.trace}"
+        )
+    except ValueError as error:  # not JSON lines, or no MoE layer in it
+        parser.error(f"--trace={args.trace}: {error}")
     if args.figure:
         plot_token_layer_grid(table, args.figure, num_tokens=args.tokens)
     print(f"{len(table.tokens)} tokens, mean loss {table.loss.mean():.4f} nats\n")

@@ -232,14 +232,33 @@ def resolve_config_spec(spec: str) -> str:
     if not os.path.isfile(path) and os.path.isfile(REPOSITORY / path):
         path = str(REPOSITORY / path)
     if not os.path.isfile(path):
+        places = " and ".join(dict.fromkeys([os.getcwd(), str(REPOSITORY)]))
         raise ValueError(
-            f"--config={spec}: no config file {path!r} in {os.getcwd()} or in {REPOSITORY}; pass "
-            "one of configs/*.py with a variant, e.g. --config=configs/switch.py:tiny."
+            f"--config={spec} names no file (looked in {places}); "
+            + _config_file_hint(path, colon + variant)
         )
     folder = Path(path).resolve().parent
     if (folder / "__init__.py").is_file() and str(folder.parent) not in sys.path:
         sys.path.insert(0, str(folder.parent))
     return path + colon + variant
+
+
+def _config_file_hint(path: str, variant: str) -> str:
+    """What to pass instead of the missing config file `path`: the file of the closest name in
+    the same folder (from the working directory or the repository), else the usual example."""
+    folder = Path(path).parent
+    names = sorted(
+        {
+            file.stem
+            for base in (Path.cwd(), REPOSITORY)
+            for file in (base / folder).glob("*.py")
+            if file.name != "__init__.py"
+        }
+    )
+    matches = difflib.get_close_matches(Path(path).stem, names, n=1, cutoff=0.6)
+    if matches:
+        return f"did you mean --config={folder / matches[0]}.py{variant}?"
+    return "pass one of configs/*.py with a variant, e.g. --config=configs/switch.py:tiny."
 
 
 def resolve_config_argv(argv: list[str]) -> list[str]:
@@ -253,26 +272,33 @@ def resolve_config_argv(argv: list[str]) -> list[str]:
 
 
 def load_config_file(spec: str) -> ml_collections.ConfigDict:
-    """`get_config(VARIANT)` of `--config=PATH[:VARIANT]`."""
+    """`get_config(VARIANT)` of `--config=PATH[:VARIANT]`. A ValueError of the file's
+    `get_config` (an unknown variant, a checkpoint `configs/hf.py` cannot read) is raised again
+    prefixed with the `--config` argument."""
     path, _, variant = resolve_config_spec(spec).partition(":")
     module_spec = importlib.util.spec_from_file_location("_moe_jax_config_check", path)
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
-    return module.get_config(variant) if variant else module.get_config()
+    try:
+        return module.get_config(variant) if variant else module.get_config()
+    except ValueError as error:
+        raise ValueError(f"--config={spec}: {error}") from None
 
 
 def check_config_overrides(argv: list[str]) -> None:
-    """Raises ValueError for a `--config.KEY=...` naming no key, suggesting close matches."""
+    """Raises ValueError when the `--config` file gives no config (`load_config_file`) or a
+    `--config.KEY=...` names no key of it, suggesting close matches; run before absl parses
+    the flags, whose own report of a failing config file is a traceback."""
     overrides = [
         arg.removeprefix("--config.").split("=", 1)[0]
         for arg in argv[1:]
         if arg.startswith("--config.")
     ]
-    if not overrides:
-        return
     specs = [arg.split("=", 1)[1] for arg in argv[1:] if arg.startswith("--config=")]
     if not specs:
-        raise ValueError("--config.KEY overrides need --config=PATH:VARIANT first.")
+        if overrides:
+            raise ValueError("--config.KEY overrides need --config=PATH:VARIANT first.")
+        return
     known = list(config_keys(load_config_file(specs[-1])))
     for key in overrides:
         if key not in known:

@@ -4,13 +4,21 @@
     python -m moe_jax.convert --hf=/path/to/switch-base-8 --workdir=runs/switch8
     python -m moe_jax.train --config=configs/hf.py:/path/to/switch-base-8 --workdir=runs/switch8
 
+    # the same with other training settings: give them to both commands
+    python -m moe_jax.convert --hf=/path/to/switch-base-8 --workdir=runs/switch8_ts \
+        --config=configs/hf.py:/path/to/switch-base-8 --config.data.name=tiny_shakespeare
+    python -m moe_jax.train --config=configs/hf.py:/path/to/switch-base-8 \
+        --workdir=runs/switch8_ts --config.data.name=tiny_shakespeare
+
     # a run's latest checkpoint -> Hugging Face (loads with transformers' from_pretrained)
     python -m moe_jax.convert --workdir=runs/switch8 --to_hf=/path/to/out
 
 `--hf` takes the run's config from `--config` (default `configs/hf.py:DIR`, the checkpoint's
 architecture with the default training settings) and writes `config.json` and an orbax
 checkpoint of step 0 with `moe_jax.train.save_initial_checkpoint`; resume with the same
-`--config`. `--to_hf` reads the run's `config.json`, restores its latest checkpoint and writes
+`--config` and overrides: step 0 already holds the run's identity (`moe_jax.run_identity`), so a
+train command with other data or schedule settings is refused, with the convert command that
+fits it. `--to_hf` reads the run's `config.json`, restores its latest checkpoint and writes
 it with `moe_jax.hf.save` in the family `config.model.hf_model_type` (or `--model_type`).
 """
 
@@ -20,7 +28,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from moe_jax import cli, hf, train
-from moe_jax.hf.family import family_of
+from moe_jax.hf.family import family_names, family_of
 
 
 def hf_to_run(hf_dir: str, workdir: str, config=None, *, devices=None) -> str:
@@ -38,7 +46,13 @@ def run_to_hf(workdir: str, hf_dir: str, model_type: str = "", **save_options) -
     config = train.config_from_workdir(workdir)
     if model_type:
         config.model.hf_model_type = model_type
-    family_of(config)  # refuses an unknown or unset family before restoring anything
+    elif not config.model.hf_model_type:
+        raise ValueError(
+            f"--workdir={workdir} holds a run that did not start from a Hugging Face checkpoint "
+            "(its config.json has no model.hf_model_type): name the family to write with "
+            f"--model_type, one of {', '.join(family_names())}."
+        )
+    family_of(config)  # refuses an unknown family before restoring anything
     _, model, _ = train.restore_for_inference(workdir)
     return hf.save(config, model, hf_dir, **save_options)
 

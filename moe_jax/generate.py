@@ -7,41 +7,62 @@
 `--workdir` restores the latest checkpoint of a training run (`train.restore_for_inference`)
 and uses the byte-level tokenizer of `moe_jax.data`; a decoder-only prompt starts with the start
 token 0, as the training rows do, and may be at most `train.seq_len` long with its new tokens.
-`--hf` loads a Hugging Face checkpoint directory (`moe_jax.hf.load`) and its tokenizer with
-`transformers.AutoTokenizer`; without one in the directory pass `--prompt_ids=1,2,3`. Decoding
-is `moe_jax.decode.generate` (KV cache; the decode-time routing rule is in its docstring).
+`--hf` loads a Hugging Face checkpoint directory (`moe_jax.hf.load`) and its `tokenizer.json`
+with the `tokenizers` library (what transformers' fast tokenizers are built on); a directory
+without one (a SentencePiece model alone, or no tokenizer) needs the prompt as token ids,
+`--prompt_ids=1,2,3`, and prints the new ids. Generation stops at the `eos_token_id` of the
+checkpoint's config.json. Decoding is `moe_jax.decode.generate` (KV cache; the decode-time
+routing rule is in its docstring).
 """
 
 from __future__ import annotations
 
+import os
 import sys
 
 import jax
 import numpy as np
+import tokenizers
 from absl import app, flags
 
 from moe_jax import cli, data, decode, train
 from moe_jax.config import DECODER_KINDS
 
+TOKENIZER_FILE = "tokenizer.json"
+SENTENCEPIECE_FILES = ("spiece.model", "tokenizer.model")  # T5 / Switch, Llama / Mixtral
+
+
+def _hf_tokenizer(directory: str) -> tokenizers.Tokenizer:
+    """The tokenizer of `DIR/tokenizer.json`, read with the `tokenizers` library."""
+    path = os.path.join(directory, TOKENIZER_FILE)
+    if os.path.isfile(path):
+        return tokenizers.Tokenizer.from_file(path)
+    sentencepiece = [
+        name for name in SENTENCEPIECE_FILES if os.path.isfile(os.path.join(directory, name))
+    ]
+    found = (
+        f"only {sentencepiece[0]}, a SentencePiece model, which is not read here; "
+        "transformers' AutoTokenizer.from_pretrained(DIR).save_pretrained(DIR) writes "
+        f"{TOKENIZER_FILE} beside it"
+        if sentencepiece
+        else "no tokenizer files"
+    )
+    raise ValueError(
+        f"--hf={directory} has no {TOKENIZER_FILE} ({found}): pass the prompt as ids of the "
+        "checkpoint's vocabulary with --prompt_ids=ID,ID,... (the output prints as ids too)."
+    )
+
 
 def _hf_model(directory: str, prompt: str, prompt_ids: list[int]):
     """`(model, ids, decode_text, eos_id, max_length)` for a Hugging Face checkpoint."""
     from moe_jax import hf  # the optional Hugging Face interop
+    from moe_jax.hf import files
 
-    config, model = hf.load(directory)
-    tokenizer = None
-    if not prompt_ids:
-        from transformers import AutoTokenizer  # a test-only dependency: import on demand
-
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(directory)
-        except (OSError, ValueError) as error:
-            raise ValueError(
-                f"--hf={directory} has no tokenizer ({error}); pass the prompt as token ids "
-                "with --prompt_ids=1,2,3."
-            ) from error
-        prompt_ids = tokenizer(prompt)["input_ids"]
-    eos_id = tokenizer.eos_token_id if tokenizer is not None else None
+    eos_id = files.read_config(directory).get("eos_token_id")  # refuses a non-checkpoint first
+    tokenizer = None if prompt_ids else _hf_tokenizer(directory)
+    if tokenizer is not None:
+        prompt_ids = tokenizer.encode(prompt).ids
+    _, model = hf.load(directory)
 
     def decode_text(ids):
         if tokenizer is None:

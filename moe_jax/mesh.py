@@ -61,13 +61,15 @@ def make_mesh(
         if len(devices) % known:
             raise ValueError(
                 f"cannot fill mesh axis {fill[0]!r}: {len(devices)} devices do not divide by "
-                f"the other axes' product {known} ({_describe(sizes)})."
+                f"the other axes' product {known} ({_describe(sizes)}); "
+                f"{_fitting_sizes(len(devices))}."
             )
         sizes[fill[0]] = len(devices) // known
     if math.prod(sizes.values()) != len(devices):
         raise ValueError(
             f"mesh {_describe(sizes)} needs {math.prod(sizes.values())} devices but "
-            f"{len(devices)} are available; make the product equal {len(devices)} or use -1."
+            f"{len(devices)} are available; make the product equal {len(devices)} or use -1 "
+            f"({_fitting_sizes(len(devices))})."
         )
     shape = tuple(int(sizes[name]) for name in MESH_AXES)
     return jax.make_mesh(
@@ -79,6 +81,12 @@ def mesh_from_config(config: Any, *, devices: Sequence[Any] | None = None) -> Me
     """`make_mesh` with the sizes of `config.mesh` (data, expert, model)."""
     mesh_config = config.mesh
     return make_mesh(mesh_config.data, mesh_config.expert, mesh_config.model, devices=devices)
+
+
+def _fitting_sizes(num_devices: int) -> str:
+    """The axis sizes a mesh over `num_devices` devices can have: the divisors."""
+    divisors = [str(size) for size in range(1, num_devices + 1) if num_devices % size == 0]
+    return f"on {num_devices} devices each axis size must be one of {', '.join(divisors)}"
 
 
 def _describe(sizes: Mapping[str, int]) -> str:

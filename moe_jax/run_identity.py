@@ -26,6 +26,7 @@ import datetime
 import importlib.metadata
 import json
 import os
+import shlex
 
 import ml_collections
 
@@ -101,6 +102,7 @@ def check_resume(stored: dict, current: dict, step: int, directory: str) -> dict
         for key, values in changes.items()
         if not resumable(key) and checkpoint.ABSENT not in values
     }
+    refused_keys = bool(refused)  # config keys; else the shapes, below, may differ
     if not refused and stored["shapes"] != current["shapes"]:
         old, new = stored["shapes"], current["shapes"]
         refused = {
@@ -120,8 +122,39 @@ def check_resume(stored: dict, current: dict, step: int, directory: str) -> dict
             "--workdir. A resume may change only: "
             + ", ".join(sorted(RESUMABLE_KEYS))
             + ", and mesh.*."
+            + (_converted_run_hint(stored, refused) if step == 0 and refused_keys else "")
         )
     return changes
+
+
+def resume_message(step: int, num_steps: int, changes: dict) -> str:
+    """The line a resume from `step` prints: the step and the allowed `changes`, or, for a run
+    already at `num_steps`, that there is nothing to train and how to train further."""
+    shown = ", ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in changes.items())
+    if step >= num_steps:
+        return (
+            f"the run is already at step {step} of train.num_steps={num_steps}: nothing to train; "
+            f"raise it to train further, e.g. --config.train.num_steps={2 * num_steps} (the "
+            "learning-rate schedule keeps its horizon)"
+        )
+    return f"resuming from step {step} of {num_steps}" + (f" with {shown}" if changes else "")
+
+
+def _converted_run_hint(stored: dict, refused: dict) -> str:
+    """For a step-0 checkpoint `moe_jax.convert --hf=DIR` wrote, a line with the convert
+    command that writes it with this run's `refused` settings (convert takes `--config`
+    overrides); empty for other runs."""
+    source = stored["config"].get("train", {}).get("init_from", "")
+    if not source.startswith("hf:"):
+        return ""
+    hf_dir = shlex.quote(source.removeprefix("hf:"))
+    overrides = " ".join(shlex.quote(f"--config.{key}={new}") for key, (_, new) in refused.items())
+    return (
+        f"\nStep 0 is what moe_jax.convert wrote from {hf_dir} with the settings of its --config "
+        "(configs/hf.py:DIR unless given); convert again with this run's settings, into a new "
+        f"workdir, and train that: python -m moe_jax.convert --hf={hf_dir} "
+        f"--workdir=NEW_WORKDIR --config=configs/hf.py:{hf_dir} {overrides}"
+    )
 
 
 def library_versions() -> dict[str, str]:

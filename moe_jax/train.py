@@ -120,7 +120,6 @@ def check_config(config) -> None:
         raise ValueError(
             f"moe.k={moe.k} exceeds moe.num_experts={moe.num_experts}; lower k or add experts."
         )
-    optim.make_optimizer(train)
 
 
 def _check_groups(config, mesh, dataset: data.Dataset) -> None:
@@ -327,6 +326,9 @@ def _prepare(config, workdir: str, devices) -> _Prepared:
         existing.close()
     if resume_step is None:
         hf.init_from(config)  # checks a train.init_from checkpoint against the config
+    # the optimizer and schedule checks come last: a warmup longer than a short trial's
+    # num_steps must not hide the error of the setting being tried, and a resume's horizon
+    # is the stored one (keep_stored_horizon above)
     optimizer, schedule = optim.make_optimizer(config.train)
     _, params, _, model_state = nnx.split(abstract_model, nnx.Param, nnx.RngState, ...)
     abstract_state = TrainState(
@@ -623,10 +625,11 @@ def _write_identity(workdir: str, prepared: _Prepared, start: int, *, resumed: b
     if not multihost.is_main_process():
         return
     os.makedirs(workdir, exist_ok=True)
-    if resumed and prepared.changes:
-        changes = prepared.changes.items()
-        shown = ", ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in changes)
-        sys.stderr.write(f"moe_jax.train: resuming at step {start} with {shown}\n")
+    if resumed:
+        message = run_identity.resume_message(
+            start, prepared.config.train.num_steps, prepared.changes
+        )
+        sys.stderr.write(f"moe_jax.train: {message}\n")
     path = os.path.join(workdir, "config.json")
     with open(path + ".tmp", "w", encoding="utf-8") as file:
         file.write(prepared.config.to_json_best_effort(indent=2) + "\n")

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -162,6 +163,44 @@ def test_token_id_accuracy_literal_case():
     # all: {5: 0 (3 of 4), 6: 1 (3 of 3), 7: 2 (1 of 1)}
     accuracy = routing_report.token_id_accuracy(tokens, experts)
     assert accuracy == {"held_out": 0.5, "in_sample": 7 / 8, "baseline": 0.25}
+
+
+def literal_trace(tokens: list[int], experts: list[int]) -> routing_report.RoutingTable:
+    """A one-layer trace of `tokens` (byte ids) routed to `experts` (-1: dropped)."""
+    return routing_report.RoutingTable(
+        [
+            {
+                "loss": 1.0,
+                "routing": [
+                    {
+                        "stack": "decoder",
+                        "layer": 1,
+                        "token": token,
+                        "experts": [] if expert < 0 else [expert],
+                    }
+                ],
+            }
+            for token, expert in zip(tokens, experts, strict=True)
+        ]
+    )
+
+
+def test_report_tables_keep_their_columns_for_backtick_and_pipe_tokens():
+    byte = lambda char: ord(char) + 3  # the byte-level tokenizer's ids are 3 + the byte
+    table = literal_trace([byte("`"), byte("|"), byte("`"), byte("a")], [0, 0, 1, 1])
+    rows = [line for line in routing_report.report(table).splitlines() if line.startswith("| 0 ")]
+    (row,) = rows
+    assert row == "| 0 | 2 | `` ` `` 50%, `\\|` 50% |"
+    # a markdown table row splits at the pipes no backslash escapes: expert, load, tokens
+    assert len(re.split(r"(?<!\\)\|", row.strip("|"))) == 3
+
+
+def test_routing_figure_has_a_legend_of_the_experts_and_dropped():
+    table = literal_trace([40, 41, 42, 43], [0, 2, -1, 1])
+    figure = routing_report.plot_token_layer_grid(table, None)
+    labels = [text.get_text() for text in figure.axes[0].get_legend().get_texts()]
+    assert labels == ["expert 0", "expert 1", "expert 2", "dropped"]
+    assert [label.get_text() for label in figure.axes[0].get_yticklabels()] == ["decoder layer 1"]
 
 
 def test_score_and_generate_clis(hash_run, tmp_path):

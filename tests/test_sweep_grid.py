@@ -3,11 +3,15 @@ error-bar plots (experiments/plot.py), on hand-written run directories, without 
 
 import csv
 import json
+import os
 
 import numpy as np
 import pytest
 
 from experiments import plot, sweep
+from moe_jax.config import load_config_file
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_grid_is_the_product_of_the_axes_in_order():
@@ -203,3 +207,18 @@ def test_bad_seeds_are_refused_before_any_run(tmp_path, capsys, bad, message):
     assert error.value.code == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "s").exists()
+
+
+def test_expert_load_panels_name_the_sparse_layers_as_the_routing_report(tmp_path, monkeypatch):
+    # configs/switch.py:tiny: 4 decoder layers, experts in every other FFN (layers 1 and 3)
+    config = load_config_file(os.path.join(ROOT, "configs", "switch.py") + ":tiny")
+    (tmp_path / "config.json").write_text(config.to_json())
+    load = [[0.5, 0.5, 0, 0, 0, 0, 0, 0], [0.125] * 8]  # [sparse layers, experts]
+    records = [{"step": step, "split": "train", "expert_load": load} for step in (10, 20)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    figures = {}
+    monkeypatch.setattr(plot, "save", lambda figure, path: figures.setdefault(path.name, figure))
+    plot.make_plots(tmp_path)
+    axes = figures[f"expert_load_{tmp_path.name}.png"].axes
+    labels = [axis.get_ylabel() for axis in axes if axis.get_ylabel() != "load"]  # not colorbars
+    assert labels == ["decoder layer 1\nexpert", "decoder layer 3\nexpert"]

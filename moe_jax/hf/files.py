@@ -19,7 +19,7 @@ import os
 from collections.abc import Callable, Iterable
 
 import numpy as np
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 CONFIG_FILE = "config.json"
@@ -30,6 +30,19 @@ DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
 
 def _shard_name(index: int, count: int) -> str:
     return f"model-{index:05d}-of-{count:05d}.safetensors"
+
+
+def read_config(directory: str) -> dict:
+    """The parsed `config.json` of the checkpoint directory `directory`."""
+    config_path = os.path.join(directory, CONFIG_FILE)
+    if not os.path.isfile(config_path):
+        raise ValueError(
+            f"{os.path.abspath(directory)} is not a Hugging Face checkpoint: it has no "
+            f"{CONFIG_FILE} (download one with `huggingface-cli download ORG/NAME --local-dir "
+            "DIR`)."
+        )
+    with open(config_path, encoding="utf-8") as file:
+        return json.load(file)
 
 
 class CheckpointReader:
@@ -43,16 +56,9 @@ class CheckpointReader:
 
     def __init__(self, directory: str):
         self.directory = os.path.abspath(directory)
-        config_path = os.path.join(self.directory, CONFIG_FILE)
-        if not os.path.isfile(config_path):
-            raise ValueError(
-                f"{self.directory} is not a Hugging Face checkpoint: it has no {CONFIG_FILE} "
-                f"(download one with `huggingface-cli download ORG/NAME --local-dir DIR`)."
-            )
-        with open(config_path, encoding="utf-8") as file:
-            self.config = json.load(file)
-        self._file_of = self._tensor_files()
+        self.config = read_config(self.directory)
         self._handles: dict[str, object] = {}
+        self._file_of = self._tensor_files()
         self.shapes: dict[str, tuple[int, ...]] = {}
         for name, filename in self._file_of.items():
             tensor_slice = self._open(filename).get_slice(name)
@@ -79,13 +85,18 @@ class CheckpointReader:
                 f"{self.directory} holds neither {SINGLE_FILE} nor {INDEX_FILE}; only safetensors "
                 "checkpoints are read (convert a pytorch_model.bin with transformers first)."
             )
-        with safe_open(single, framework="np") as handle:
-            return {name: SINGLE_FILE for name in handle.keys()}
+        return {name: SINGLE_FILE for name in self._open(SINGLE_FILE).keys()}
 
     def _open(self, filename: str):
         if filename not in self._handles:
             path = os.path.join(self.directory, filename)
-            self._handles[filename] = safe_open(path, framework="np")
+            try:
+                self._handles[filename] = safe_open(path, framework="np")
+            except SafetensorError as error:
+                raise ValueError(
+                    f"{path} is not a readable safetensors file ({error}): it is truncated or "
+                    "damaged, as an interrupted download leaves it; download it again."
+                ) from None
         return self._handles[filename]
 
     def get(self, name: str) -> np.ndarray:

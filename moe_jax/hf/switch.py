@@ -120,6 +120,19 @@ class SwitchFamily:
             hf_sparse_step(hf, "decoder", num_decoder),
         )
         wanted = (hf_sparse_flags(num_encoder, steps[0]), hf_sparse_flags(num_decoder, steps[1]))
+        if not any(wanted[0] + wanted[1]):
+            counts = ", ".join(
+                f"num_sparse_{stack}_layers={hf.get(f'num_sparse_{stack}_layers', 3)}"
+                for stack in ("encoder", "decoder")
+            )
+            raise ValueError(
+                f"switch_transformers config.json puts experts in no layer: encoder_sparse_step="
+                f"{steps[0]} and decoder_sparse_step={steps[1]} for {num_encoder} and "
+                f"{num_decoder} layers ({counts}); a Switch Transformer needs experts: set both "
+                "steps to 2 (every other layer, as the published checkpoints) or 1 (every layer). "
+                "transformers derives a step as num_layers // num_sparse_*_layers, 0 when the "
+                "count exceeds the layers."
+            )
         placement = next(
             (
                 candidate
