@@ -27,8 +27,18 @@ from jax.sharding import AbstractMesh, AxisType, PartitionSpec
 from tiny_training import TINY_TRAINING, configured
 from xla_flags import flags_with_devices
 
-from moe_jax import checkpoint, data, decode, metrics, optim, parallel, run_identity, train
-from moe_jax.config import load_config_file
+from moe_jax import (
+    checkpoint,
+    data,
+    decode,
+    metrics,
+    optim,
+    parallel,
+    run_identity,
+    train,
+    train_state,
+)
+from moe_jax.config import check_config_overrides, load_config_file
 from moe_jax.models import build_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -326,11 +336,11 @@ def test_incompatible_checkpoint_is_refused(reference):
 def test_unknown_config_key_suggests_close_matches(tmp_path):
     argv = ["train", f"--config={CONFIG}", "--config.train.num_stepz=3"]
     with pytest.raises(ValueError, match=r"did you mean --config\.train\.num_steps"):
-        train.check_config_overrides(argv)
+        check_config_overrides(argv)
     argv = ["train", f"--config={CONFIG}", "--config.trian.num_steps=3"]
     with pytest.raises(ValueError, match=r"--config\.train\.num_steps"):
-        train.check_config_overrides(argv)
-    train.check_config_overrides(["train", f"--config={CONFIG}", "--config.train.num_steps=3"])
+        check_config_overrides(argv)
+    check_config_overrides(["train", f"--config={CONFIG}", "--config.train.num_steps=3"])
 
 
 def test_cli_reports_bad_input_with_status(tmp_path, cache_dir):
@@ -595,7 +605,7 @@ def test_optimizer_moments_take_their_parameters_sharding(name):
     optimizer, _ = optim.make_optimizer(config.train)
     model = nnx.eval_shape(lambda: build_model(config, rngs=nnx.Rngs(0)))
     with jax.sharding.use_abstract_mesh(mesh):
-        state, _, _ = train._abstract_state(model, config, mesh, optimizer)
+        state, _, _ = train_state.abstract_state(model, config, mesh, optimizer)
     specs = {
         jax.tree_util.keystr(path): (leaf.shape, leaf.sharding.spec)
         for path, leaf in jax.tree_util.tree_flatten_with_path(state.opt_state)[0]
