@@ -9,17 +9,11 @@ import jax
 from absl import app, flags, logging
 
 from moe_jax.config import check_config_overrides, resolve_config_argv
+from moe_jax.tpu_chips import TPU_DEVICE_FILES
 
-# Device files of an accelerator JAX can use: TPU (v2-v4 /dev/accel*, v5e and later
-# /dev/vfio/*), NVIDIA GPU (nvidiactl: also in containers), AMD GPU; the Makefile's test for a
-# CPU host (its ALLOCATOR) reads the first three.
-ACCELERATOR_DEVICE_FILES = (
-    "/dev/accel0",
-    "/dev/vfio/0",
-    "/dev/nvidia0",
-    "/dev/nvidiactl",
-    "/dev/kfd",
-)
+# Device files of an accelerator JAX can use: TPU, NVIDIA GPU (nvidiactl: also in containers),
+# AMD GPU; the Makefile's test for a CPU host (its ALLOCATOR) reads the first three.
+ACCELERATOR_DEVICE_FILES = (*TPU_DEVICE_FILES, "/dev/nvidia0", "/dev/nvidiactl", "/dev/kfd")
 
 
 def use_cpu_without_accelerator() -> bool:

@@ -163,7 +163,8 @@ def default_config() -> ml_collections.ConfigDict:
                 {
                     "batch": ("data", "expert"),
                     "length": None,
-                    "embed": None,
+                    "embed": None,  # weights' embedding dim; ("data", "expert") is FSDP
+                    "activation_embed": None,  # activations' embedding dim
                     "mlp": "model",
                     "heads": "model",
                     "kv": None,
