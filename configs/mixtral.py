@@ -23,7 +23,7 @@ Optimizer settings of `8x7b` are the codebase defaults (AdamW, cosine), not the 
 
 import ml_collections
 
-from configs import TINY_VOCAB_SIZE, set_rope_decoder, set_rope_decoder_scale, set_tiny
+from configs import TINY_VOCAB_SIZE, set_fsdp, set_rope_decoder, set_rope_decoder_scale, set_tiny
 from moe_jax.config import default_config
 
 # variant: the sizes `set_rope_decoder` takes (8x7b: Table 1 and the released config.json)
@@ -76,4 +76,6 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
         set_rope_decoder_scale(config, seq_len=32_768)  # the 32k-token context (Sec. 2)
     set_rope_decoder(config, **SIZES[variant])
     set_mixtral_routing(config)
+    if variant == "8x7b":  # 47B: FSDP (`configs.set_fsdp`)
+        set_fsdp(config)
     return config

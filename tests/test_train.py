@@ -27,6 +27,7 @@ from jax.sharding import AbstractMesh, AxisType, PartitionSpec
 from tiny_training import TINY_TRAINING, configured
 from xla_flags import flags_with_devices
 
+from configs import set_fsdp
 from moe_jax import (
     checkpoint,
     data,
@@ -239,7 +240,8 @@ def test_sigterm_saves_and_kill_resumes_exactly(cache_dir, tmp_path):
     assert train_losses(workdir) == reference_losses
 
 
-def test_eight_devices_match_one_device(reference, tmp_path):
+@pytest.mark.parametrize("fsdp", [False, True], ids=["replicated", "fsdp"])
+def test_eight_devices_match_one_device(reference, tmp_path, fsdp):
     _, reference_losses = reference
     steps = 10  # of the reference's schedule, whose horizon is NUM_STEPS
     config = small_config(
@@ -249,11 +251,27 @@ def test_eight_devices_match_one_device(reference, tmp_path):
         train__num_steps=steps,
         train__schedule_steps=NUM_STEPS,
     )
+    if fsdp:
+        set_fsdp(config)
     result = train.run(config, str(tmp_path), devices=jax.devices())
     assert result.step == steps
     sharded = np.array([loss for _, loss in train_losses(tmp_path)])
     single = np.array([loss for _, loss in reference_losses[:steps]])
     np.testing.assert_allclose(sharded, single, rtol=1e-3)
+    # FSDP: each device holds 1/8 of the embedding table and of Adam's moments of it, and
+    # 1/2 (data) of an expert's input weight, its 4 experts split over 'expert'
+    embedding = result.state.params["embed"]["embedding"]  # f32[384, 32]
+    moment = result.state.opt_state[1][0].mu["embed"]["embedding"]
+    expert_wi = result.state.params["decoder"]["segments"][0][0]["layers"][1]["ffn"]["wi"]
+    shards = {
+        "embedding": embedding.sharding.shard_shape(embedding.shape),
+        "moment": moment.sharding.shard_shape(moment.shape),
+        "expert_wi": expert_wi.sharding.shard_shape(expert_wi.shape[-3:]),
+    }
+    if fsdp:
+        assert shards == {"embedding": (384, 4), "moment": (384, 4), "expert_wi": (1, 16, 64)}
+    else:
+        assert shards == {"embedding": (384, 32), "moment": (384, 32), "expert_wi": (1, 32, 64)}
 
 
 def test_divergence_stops_and_keeps_the_last_good_checkpoint(monkeypatch, tmp_path, cache_dir):
