@@ -29,7 +29,8 @@ their sources are in `moe_jax.tpu_chips`.
 `--batch=max` searches the largest global batch (a multiple of the batch shards, in whole
 routing groups) whose training step fits, compiling the training step once per candidate;
 `--batch=N` sets `train.batch_size`. `--json=FILE` writes the figures, per device unless a key
-says otherwise.
+says otherwise; `--hlo_dir=DIR` the steps' optimized HLO (`train_step.hlo.txt`,
+`eval_step.hlo.txt`).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from __future__ import annotations
 import collections
 import json
 import math
+import os
 import sys
 import time
 from typing import Any, NamedTuple
@@ -75,6 +77,7 @@ class Step(NamedTuple):
     stats: HloStats | None  # None when it does not fit
     cost_analysis_flops: float | None
     model_flops: float  # moe_jax.flops, per device
+    hlo: str | None  # the optimized HLO text (None when it does not fit)
 
 
 # ------------------------------------------------------------------------------ compiling
@@ -163,7 +166,7 @@ def _compile(target: Target, jitted, args: tuple, train: bool, spec: dict) -> St
         if sizes is None:
             raise ValueError(f"XLA:TPU refused the program: {str(error).splitlines()[0]}") from None
         figures = {**known, "temporaries": None, "total": sizes[0]}
-        return Step(False, time.perf_counter() - start, figures, None, None, per_device)
+        return Step(False, time.perf_counter() - start, figures, None, None, per_device, None)
     seconds = time.perf_counter() - start
     memory = compiled.memory_analysis()
     total = (
@@ -182,8 +185,8 @@ def _compile(target: Target, jitted, args: tuple, train: bool, spec: dict) -> St
         "code": memory.generated_code_size_in_bytes,
     }
     cost = compiled.cost_analysis()
-    stats = hlo_stats(compiled.as_text())
-    return Step(True, seconds, figures, stats, float(cost["flops"]), per_device)
+    text = compiled.as_text()
+    return Step(True, seconds, figures, hlo_stats(text), float(cost["flops"]), per_device, text)
 
 
 def _abstract_batch(target: Target, spec: dict) -> dict:
@@ -447,6 +450,7 @@ def _define_flags():
     flags.DEFINE_string("topology", None, "TPU slice, e.g. v5e:4x4 or v4:2x2x1.")
     flags.DEFINE_string("batch", "", "Global batch: N, or 'max' for the largest that fits.")
     flags.DEFINE_string("json", None, "Write the figures to this JSON file.")
+    flags.DEFINE_string("hlo_dir", None, "Write the steps' optimized HLO text into this folder.")
     flags.DEFINE_bool("eval_step", True, "Compile the eval step too.")
     flags.mark_flags_as_required(["config", "topology"])
     return config
@@ -475,6 +479,12 @@ def run(config, options, spec: str) -> str:
             target = with_batch(target, int(options.batch))
         train = compile_train_step(target)
     evaluation = compile_eval_step(target) if options.eval_step else None
+    if options.hlo_dir:
+        os.makedirs(options.hlo_dir, exist_ok=True)
+        for name, step in (("train_step", train), ("eval_step", evaluation)):
+            if step is not None and step.hlo is not None:
+                with open(os.path.join(options.hlo_dir, f"{name}.hlo.txt"), "w") as file:
+                    file.write(step.hlo)
     if options.json:
         with open(options.json, "w", encoding="utf-8") as file:
             json.dump(report(target, train, evaluation), file, indent=2)

@@ -67,7 +67,7 @@ _DTYPE_BYTES = {
     "c64": 8,
     "c128": 16,
 }
-_ARRAY = re.compile(r"\b(" + "|".join(_DTYPE_BYTES) + r")\[([\d,]*)\]")
+_ARRAY = re.compile(r"\b(" + "|".join(_DTYPE_BYTES) + r")\[([\d,]*)\](\{[^}]*\})?")
 _HEADER = re.compile(r"^(ENTRY )?%?([\w.\-]+) \(.*\{$")
 _NAME = re.compile(r"%([\w.\-]+)")
 # instructions that move no data through HBM (or whose data the instructions using it count;
@@ -166,13 +166,20 @@ def array_dims(shape: str) -> list[tuple[str, tuple[int, ...]]]:
     tuple)."""
     return [
         (dtype, tuple(int(d) for d in dims.split(",") if d))
-        for dtype, dims in _ARRAY.findall(shape)
+        for dtype, dims, _ in _ARRAY.findall(shape)
     ]
 
 
-def shape_bytes(shape: str) -> int:
-    """Bytes of the arrays in a shape text."""
-    return int(sum(_DTYPE_BYTES[dtype] * math.prod(dims) for dtype, dims in array_dims(shape)))
+def shape_bytes(shape: str, *, hbm_only: bool = False) -> int:
+    """Bytes of the arrays in a shape text; with `hbm_only`, of those in HBM (XLA:TPU writes
+    another memory space, such as the VMEM a prefetch fills, as `S(n)` in the layout)."""
+    return int(
+        sum(
+            _DTYPE_BYTES[dtype] * math.prod(int(d) for d in dims.split(",") if d)
+            for dtype, dims, layout in _ARRAY.findall(shape)
+            if not (hbm_only and re.search(r"S\([1-9]", layout))
+        )
+    )
 
 
 # ------------------------------------------------------------------------ call structure
@@ -336,52 +343,82 @@ def _matmul_flops(op: Instruction, shapes: dict[str, str]) -> float:
 _SLICING = frozenset({"dynamic-slice", "slice", "gather"})
 
 
-def _fused_traffic(op: Instruction, fused: list[Instruction], shapes: dict[str, str]) -> int:
+def _read_bytes(fused: list[Instruction], name: str, full: int, computations: dict) -> int:
+    """Bytes the instructions of a fused computation read of its value `name` (`full` bytes):
+    the slices taken of it (through bitcasts and nested fusions); nothing for the buffer a
+    dynamic-update-slice writes in place; `full` for any other use."""
+    total = 0
+    for use in (inner for inner in fused if name in inner.operands):
+        if use.opcode in _SLICING and use.operands[0] == name:
+            total += shape_bytes(use.shape, hbm_only=True)
+        elif use.opcode == "dynamic-update-slice" and use.operands[0] == name:
+            continue
+        elif use.opcode == "bitcast":
+            total += _read_bytes(fused, use.name, full, computations)
+        elif use.opcode == "fusion" and (inner := _called(use, computations)) is not None:
+            parameters = _parameters(inner)
+            for index, operand in enumerate(use.operands):
+                if operand == name and index in parameters:
+                    total += _read_bytes(inner, parameters[index], full, computations)
+        else:
+            return full
+    return min(total, full)
+
+
+def _called(op: Instruction, computations: dict) -> list[Instruction] | None:
+    called = re.search(r"calls=%([\w.\-]+)", op.attributes)
+    return computations.get(called.group(1)) if called else None
+
+
+def _parameters(fused: list[Instruction]) -> dict[int, str]:
+    return {int(inner.arguments): inner.name for inner in fused if inner.opcode == "parameter"}
+
+
+def _written_bytes(result: Instruction, by_name: dict) -> int:
+    """Bytes a fusion writes of one of its results: a dynamic-update-slice (behind bitcasts)
+    writes its update in place, anything else its whole shape."""
+    while result.opcode == "bitcast" and result.operands[0] in by_name:
+        result = by_name[result.operands[0]]
+    if result.opcode == "dynamic-update-slice":
+        return shape_bytes(by_name[result.operands[1]].shape, hbm_only=True)
+    return shape_bytes(result.shape, hbm_only=True)
+
+
+def _fused_traffic(op: Instruction, fused: list[Instruction], computations: dict, shapes) -> int:
     """HBM bytes a fusion reads and writes: an operand that the fusion only slices counts its
-    slices, the buffer a dynamic-update-slice writes in place counts its update, not the whole
-    (a scanned layer slices its weights out of the stacked array, and writes its activations
-    into one)."""
-    users: dict[str, list[Instruction]] = defaultdict(list)
-    for inner in fused:
-        for name in inner.operands:
-            users[name].append(inner)
-    parameters = {
-        int(inner.arguments): inner.name for inner in fused if inner.opcode == "parameter"
-    }
+    slices, a buffer it updates in place its update (a scanned layer slices its weights out of
+    the stacked arrays and writes its activations into others)."""
+    parameters = _parameters(fused)
     total = 0
     for index, operand in enumerate(op.operands):
-        uses = users.get(parameters.get(index, ""), [])
-        if uses and all(use.opcode in _SLICING for use in uses):
-            total += sum(shape_bytes(use.shape) for use in uses)
-        elif uses and all(use.opcode == "dynamic-update-slice" for use in uses):
-            continue  # the buffer updated in place; the update counts below
-        else:
-            total += shape_bytes(shapes.get(operand, ""))
+        full = shape_bytes(shapes.get(operand, ""), hbm_only=True)
+        if index in parameters:
+            full = _read_bytes(fused, parameters[index], full, computations)
+        total += full
     by_name = {inner.name: inner for inner in fused}
     root = next(inner for inner in fused if inner.root)
     results = [by_name[name] for name in root.operands] if root.opcode == "tuple" else [root]
-    for result in results:
-        if result.opcode == "dynamic-update-slice":
-            total += shape_bytes(by_name[result.operands[1]].shape)
-        else:
-            total += shape_bytes(result.shape)
-    return total
+    return total + sum(_written_bytes(result, by_name) for result in results)
 
 
 def _traffic(op: Instruction, computations: dict, shapes: dict[str, str]) -> int:
-    """HBM bytes an unfused instruction reads and writes (its operands and result; slices and
-    in-place updates count their slices)."""
+    """HBM bytes an unfused instruction reads and writes: its operands and result in HBM;
+    slices and in-place updates count their slices; an asynchronous copy or slice (a prefetch
+    into VMEM) the data it moves."""
     if op.opcode in _NO_TRAFFIC or op.opcode.endswith("-done"):
         return 0
+    operands = sum(shape_bytes(shapes.get(name, "")) for name in op.operands)
+    if op.opcode in ("copy-start", "slice-start"):  # its result holds the source and the copy
+        return shape_bytes(op.shape) - operands
     if op.opcode == "dynamic-slice":
-        return 2 * shape_bytes(op.shape)
+        return 2 * shape_bytes(op.shape, hbm_only=True)
     if op.opcode == "dynamic-update-slice":
-        return 2 * shape_bytes(shapes.get(op.operands[1], ""))
-    called = re.search(r"calls=%([\w.\-]+)", op.attributes)
-    if op.opcode == "fusion" and called and called.group(1) in computations:
-        return _fused_traffic(op, computations[called.group(1)], shapes)
-    operands = sum(shape_bytes(shapes[name]) for name in op.operands if name in shapes)
-    return operands + shape_bytes(op.shape)
+        return 2 * shape_bytes(shapes.get(op.operands[1], ""), hbm_only=True)
+    fused = _called(op, computations) if op.opcode == "fusion" else None
+    if fused is not None:
+        return _fused_traffic(op, fused, computations, shapes)
+    in_hbm = sum(shape_bytes(shapes.get(name, ""), hbm_only=True) for name in op.operands)
+    return in_hbm + shape_bytes(op.shape, hbm_only=True)
 
 
 def _collective(op: Instruction, computation: str, shapes: dict[str, str]) -> tuple[str, int]:

@@ -156,6 +156,28 @@ def test_scanned_loops_count_their_trip_count_times():
     assert [(item.count, item.bytes, item.group_size) for item in reduces] == [(5, 8 * 32 * 4, 4)]
 
 
+def test_hbm_traffic_counts_what_moves_through_hbm():
+    # f32[4096, 4096] arrays of 64 MiB: x * 2 + y reads two and writes one (XLA agrees); a
+    # scan adding the 6 slices of a stacked f32[6, 4096, 4096] to a carry that stays in VMEM
+    # reads each slice once, and moves the carry in and out: 6 x 64 + 64 + 64 MiB
+    mesh = jax.sharding.Mesh(np.array(tpu_chips.slice_devices("v5e:2x2")[:1]), ("x",))
+    on_device = NamedSharding(mesh, PartitionSpec())
+    x = jax.ShapeDtypeStruct((4096, 4096), jnp.float32, sharding=on_device)
+    stacked = jax.ShapeDtypeStruct((6, 4096, 4096), jnp.float32, sharding=on_device)
+    mib = 1 << 20
+    compiled = jax.jit(lambda x, y: x * 2 + y).lower(x, x).compile()
+    assert hlo_stats(compiled.as_text()).memory_bytes == 3 * 64 * mib
+    assert compiled.cost_analysis()["bytes accessed"] == 3 * 64 * mib
+
+    def add_slices(carry, slices):
+        return jax.lax.scan(lambda c, s: (c + s, None), carry, slices)[0]
+
+    scanned = jax.jit(add_slices).lower(x, stacked).compile()
+    stats = hlo_stats(scanned.as_text())
+    assert list(stats.loops.values()) == [6]
+    assert stats.memory_bytes == pytest.approx((6 + 2) * 64 * mib, rel=1e-6)
+
+
 def test_out_of_memory_figures_are_read_from_the_compiler_message():
     message = (
         "RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
@@ -248,3 +270,20 @@ def test_commands_choose_the_cpu_on_a_host_without_an_accelerator():
     else:
         assert result.stdout.split() == ["True", "cpu", "8"]  # the suite's 8 host devices
         assert "TPU" not in result.stderr, result.stderr
+
+
+def test_the_largest_batch_is_searched_in_whole_units(compiled, monkeypatch):
+    # the search over a step that fits up to 44 rows: units of 4 (the batch shards; groups of
+    # one 32-token row), doubling from train.batch_size 8 to 64, then bisecting to 44
+    _, target, step = compiled["glam", "v5e:2x2"]
+    assert aot.batch_unit(target) == 4
+    tried = []
+
+    def compile_train_step(candidate):
+        batch = candidate.config.train.batch_size
+        return step._replace(fits=batch <= 44)
+
+    monkeypatch.setattr(aot, "compile_train_step", compile_train_step)
+    found, found_step = aot.largest_batch(target, lambda batch, step: tried.append(batch))
+    assert found.config.train.batch_size == 44 and found_step.fits
+    assert tried == [8, 16, 32, 64, 48, 40, 44]
