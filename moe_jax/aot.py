@@ -427,8 +427,9 @@ def format_report(spec: str, target: Target, train: Step, evaluation: Step | Non
         "per device",
         f"slice   {mesh.size} devices of {chip.device_kind} ({share} per chip), "
         f"{_size(target.hbm_bytes)} HBM available to XLA per device",
-        f"mesh    {sizes}; batch {rows} x {config.train.seq_len} tokens ({rows // shards} rows per "
-        f"batch shard, {shards} shards); dtype {config.model.dtype}",
+        f"mesh    {sizes}; batch {rows} x {config.train.seq_len} tokens ({rows // shards} "
+        f"row{'s' if rows // shards > 1 else ''} per batch shard, {shards} shards); dtype "
+        f"{config.model.dtype}",
         *format_step("train step", train, target),
     ]
     if evaluation is not None:

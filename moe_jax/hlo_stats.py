@@ -262,11 +262,14 @@ def _runs(entry: str, computations: dict) -> tuple[dict[str, int], dict, list[st
 # ------------------------------------------------------------------------------ counting
 
 
-def _group_size(attributes: str) -> int:
+def _group_size(attributes: str, devices: int) -> int:
+    """Devices per group of a collective; `replica_groups={}` is one group of all `devices`."""
+    if "replica_groups={}" in attributes:
+        return devices
     iota = re.search(r"replica_groups=\[(\d+),(\d+)\]<=", attributes)
     if iota:
         return int(iota.group(2))
-    mesh = re.search(r"replica_groups=mesh\[([^\]]*)\] \{([^}]*)\}", attributes)
+    mesh = re.search(r"replica_groups=mesh\[([^\]]*)\][^{]*\{([^}]*)\}", attributes)
     if mesh:
         sizes = dict(re.findall(r"'(\w+)'=(\d+)", mesh.group(1)))
         return math.prod(int(sizes[axis]) for axis in re.findall(r"'(\w+)'", mesh.group(2)))
@@ -438,6 +441,8 @@ def hlo_stats(text: str) -> HloStats:
     docstring), from `jax.jit(f).lower(...).compile().as_text()`."""
     entry, computations = parse_module(text)
     runs, loops, unread, callers = _runs(entry, computations)
+    found = re.search(r"num_partitions=(\d+)", text[: text.find("\n")])
+    partitions = int(found.group(1)) if found else 1
     shapes = {op.name: op.shape for ops in computations.values() for op in ops}
     collectives, flops, memory = [], 0.0, 0.0
     for name, ops in computations.items():
@@ -455,5 +460,6 @@ def hlo_stats(text: str) -> HloStats:
             if "async_collective_fusion_config" in op.attributes and not started:
                 continue  # a continuation or the done part of an asynchronous collective
             kind, size = _collective(op, name, shapes)
-            collectives.append(Collective(kind, times, size, _group_size(op.attributes), op.name))
+            group = _group_size(op.attributes, partitions)
+            collectives.append(Collective(kind, times, size, group, op.name))
     return HloStats(collectives, flops, memory, loops, unread)

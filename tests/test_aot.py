@@ -22,7 +22,7 @@ from tiny_training import TINY_TRAINING, configured
 from configs import set_fsdp
 from moe_jax import aot, cli, parallel, tpu_chips
 from moe_jax.config import load_config_file
-from moe_jax.hlo_stats import hlo_stats
+from moe_jax.hlo_stats import _group_size, hlo_stats
 from moe_jax.models import count_params
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -178,6 +178,25 @@ def test_hbm_traffic_counts_what_moves_through_hbm():
     assert stats.memory_bytes == pytest.approx((6 + 2) * 64 * mib, rel=1e-6)
 
 
+@pytest.mark.parametrize(
+    "attributes, group_size",
+    [
+        ("replica_groups={{0,4},{1,5},{2,6},{3,7}}, use_global_device_ids=true", 2),
+        ("replica_groups=[2,2]<=[2,2]T(1,0), dimensions={2}", 2),
+        ("replica_groups=mesh['axis_0'=4,'axis_1'=2,'axis_2'=1] {'axis_0','axis_2'}, ", 4),
+        (
+            "replica_groups=mesh['axis_0'=1,'axis_1'=4,'axis_2'=1,'axis_3'=4], "
+            "device_ids=([4,4]T(1,0)) {'axis_1','axis_3'}, dimensions={1}",
+            16,
+        ),  # fmt: skip
+        ("replica_groups={}, dimensions={0}", 16),  # one group of all 16 partitions
+        ("source_target_pairs={{0,1},{1,2},{2,3},{3,0}}", 2),
+    ],
+)
+def test_group_sizes_of_the_replica_group_forms_xla_tpu_writes(attributes, group_size):
+    assert _group_size(attributes, 16) == group_size
+
+
 def test_out_of_memory_figures_are_read_from_the_compiler_message():
     message = (
         "RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
@@ -219,7 +238,9 @@ def _aot(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_an_unknown_topology_is_a_one_line_error_naming_the_known_ones():
-    result = _aot("--config=configs/glam.py:tiny", "--topology=v7:2x2x1")
+    # (FSDP's rule parses from the command line: the run gets as far as the topology)
+    fsdp = "--config.mesh.rules.embed=('data', 'expert')"
+    result = _aot("--config=configs/glam.py:tiny", fsdp, "--topology=v7:2x2x1")
     assert result.returncode == 1
     error = [line for line in result.stderr.splitlines() if line.startswith("moe_jax.aot")]
     assert error == [
