@@ -41,6 +41,9 @@ setup(
             # (pip finds 2.13.0+cpu among the local wheels; PyPI's default wheel pulls CUDA)
             "torch==2.13.0",
             "transformers>=5,<6",
+            # libtpu, the TPU compiler, matching the installed jax: moe_jax.aot and its tests
+            # compile for TPU slices on this CPU host (a CPU run is unaffected: moe_jax.cli)
+            "jax[tpu]",
         ],
         "experiments": ["matplotlib", "pandas", "tensorboard"],
         "notebooks": ["jupyter", "nbclient", "nbformat", "ipykernel", "matplotlib"],

@@ -94,6 +94,15 @@ def set_t5_pretraining(config: ml_collections.ConfigDict) -> None:
     config.data.inputs_length = 512
 
 
+def set_fsdp(config: ml_collections.ConfigDict) -> None:
+    """FSDP (ZeRO-3): every weight's embedding dim (logical 'embed') splits over the batch's mesh
+    axes ('data' and 'expert'; an expert weight's over 'data', its expert dim taking 'expert'),
+    so parameters and optimizer state are sharded over all data-parallel devices. XLA
+    all-gathers each weight where it is used and reduce-scatters its gradient; activations keep
+    their embedding dim whole (`activation_embed`, `moe_jax.mesh`)."""
+    config.mesh.rules.embed = ("data", "expert")
+
+
 def set_tiny(config: ml_collections.ConfigDict, *, kind: str) -> None:
     """A model that trains on 2 CPU cores in minutes: d_model 128, 4 heads, seq 128, batch 16.
 

@@ -36,7 +36,7 @@ config keeps moe_jax's causal default (`moe.fill_order=''`, token by token in a 
 
 import ml_collections
 
-from configs import check_variant, set_tiny
+from configs import check_variant, set_fsdp, set_tiny
 from moe_jax.config import default_config
 
 GLAM_VOCAB_SIZE = 256_000  # "256K" SentencePiece vocabulary (Sec. 5)
@@ -49,6 +49,9 @@ SIZES = {
     "64b_64e": (64, 8192, 32768, 128, 128),
 }
 VARIANTS = (*SIZES, "tiny")
+# FSDP (`configs.set_fsdp`) where the float32 parameters and Adafactor's state of the experts a
+# device holds do not fit one chip's HBM (27B and up; 0.1B/64E's 1.9B fit replicated)
+FSDP_VARIANTS = ("1.7b_64e", "8b_64e", "64b_64e")
 
 
 def set_glam_routing(config: ml_collections.ConfigDict) -> None:
@@ -104,4 +107,6 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     train.grad_clip_norm = 0.0
     train.weight_decay = 0.0
     config.data.name = "tfds:c4"
+    if variant in FSDP_VARIANTS:
+        set_fsdp(config)
     return config

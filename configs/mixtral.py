@@ -26,6 +26,7 @@ import ml_collections
 from configs import (
     TINY_VOCAB_SIZE,
     check_variant,
+    set_fsdp,
     set_rope_decoder,
     set_rope_decoder_scale,
     set_tiny,
@@ -81,4 +82,6 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
         set_rope_decoder_scale(config, seq_len=32_768)  # the 32k-token context (Sec. 2)
     set_rope_decoder(config, **SIZES[variant])
     set_mixtral_routing(config)
+    if variant == "8x7b":  # 47B: FSDP (`configs.set_fsdp`)
+        set_fsdp(config)
     return config

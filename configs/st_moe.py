@@ -30,7 +30,7 @@ dense FFN (so one sparse layer per stack), span corruption on the synthetic corp
 
 import ml_collections
 
-from configs import set_t5_pretraining, set_t5_size, set_tiny, split_variant
+from configs import set_fsdp, set_t5_pretraining, set_t5_size, set_tiny, split_variant
 from moe_jax.config import default_config
 
 # name: (d_model, d_ff, num_heads, head_dim, layers per stack, experts, z-loss coefficient)
@@ -40,6 +40,7 @@ SIZES = {
     "32b": (5120, 20480, 64, 128, 24, 64, 1e-3),
 }
 VARIANTS = (*SIZES, "tiny")
+FSDP_VARIANTS = ("32b",)  # ST-MoE-32B's 269B: FSDP (`configs.set_fsdp`); base and l fit
 
 
 def set_st_moe_routing(config: ml_collections.ConfigDict) -> None:
@@ -87,6 +88,8 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
         config.moe.group_size = 4096
         config.loss.z_coef = z_coef
         set_t5_pretraining(config)
+        if name in FSDP_VARIANTS:
+            set_fsdp(config)
     if num_experts is not None:
         config.moe.num_experts = num_experts
     return config

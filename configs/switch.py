@@ -57,7 +57,7 @@ of `experiments/benchmark_train.py`: large enough that matmuls dominate a CPU st
 
 import ml_collections
 
-from configs import set_small, set_t5_pretraining, set_t5_size, set_tiny, split_variant
+from configs import set_fsdp, set_small, set_t5_pretraining, set_t5_size, set_tiny, split_variant
 from moe_jax.config import default_config
 
 # name: (d_model, d_ff, num_heads, layers per stack, experts, sparse_every, activation, group)
@@ -68,6 +68,7 @@ SIZES = {
     "c": (2080, 6144, 32, 15, 2048, 1, "relu", 2048),
 }
 VARIANTS = (*SIZES, "tiny", "stdlib", "small")
+FSDP_VARIANTS = ("large", "xxl", "c")  # 26B and up: FSDP (`configs.set_fsdp`); base's 7B fit
 
 
 def set_switch_routing(config: ml_collections.ConfigDict) -> None:
@@ -123,6 +124,8 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
         config.moe.sparse_every = every
         config.moe.group_size = group
         set_t5_pretraining(config)
+        if name in FSDP_VARIANTS:
+            set_fsdp(config)
     if num_experts is not None:
         config.moe.num_experts = num_experts
     return config

@@ -12,10 +12,10 @@ Five compiled functions are timed round-robin (`benchmark_moe`'s helpers), `--st
 - `step`: the full training step with the config's optimizer.
 
 Backward is `fwd+bwd - forward` and the optimizer `step - fwd+bwd`. Model FLOPs per token are
-counted from the config (decoder-only): 2 per multiply-add of every active matmul (attention
-projections, scores and context, the dense or top-K expert FFN, router, logits; causal scores
-counted in full), three times that for forward + backward. MFU is those FLOPs per step over
-the step time, against the f32 (and bf16) matmul rate measured here, and against
+counted from the config (decoder-only, `moe_jax.flops`): 2 per multiply-add of every active
+matmul (attention projections, scores and context, the dense or top-K expert FFN, router,
+logits; causal scores counted in full), three times that for forward + backward. MFU is those
+FLOPs per step over the step time, against the f32 (and bf16) matmul rate measured here, and against
 `--peak-tflops` when given (the chip's datasheet peak for the dtype, which a measured square
 matmul of `--ceiling-size` may not reach on an accelerator). `--platform` is
 `benchmark_moe`'s.
@@ -33,9 +33,9 @@ import optax
 from flax import nnx
 
 from experiments.benchmark_moe import _measure, add_platform_argument, select_platform
-from moe_jax import experts, optim, steps
+from moe_jax import experts, flops, optim, steps
 from moe_jax.config import DECODER_KINDS, load_config_file
-from moe_jax.models import build_model, sparse_layer_flags
+from moe_jax.models import build_model
 
 PARTS = ("f32 matmul", "bf16 matmul", "forward", "fwd+bwd", "step")
 
@@ -48,20 +48,9 @@ class _Timed(NamedTuple):
 
 
 def model_flops_per_token(config) -> float:
-    """Forward FLOPs per token of the active matmuls of a decoder-only `config` (see above)."""
-    model, moe = config.model, config.moe
-    d_model, length = model.d_model, config.train.seq_len
-    heads, kv_heads = model.num_heads, model.num_kv_heads or model.num_heads
-    attention_width = heads * model.head_dim
-    projections = 2 * d_model * (2 * attention_width + 2 * kv_heads * model.head_dim)
-    scores_and_context = 2 * 2 * length * attention_width
-    matrices = 3 if experts.is_gated(model.ffn_activation) else 2
-    dense_ffn = 2 * d_model * model.d_ff * matrices
-    per_layer = []
-    for sparse in sparse_layer_flags(model.num_layers, moe):
-        ffn = dense_ffn * moe.k + 2 * d_model * moe.num_experts if sparse else dense_ffn
-        per_layer.append(projections + scores_and_context + ffn)
-    return sum(per_layer) + 2 * d_model * model.vocab_size
+    """Forward FLOPs per token of the active matmuls of a decoder-only `config`."""
+    length = config.train.seq_len
+    return flops.forward_flops(config, batch_size=1, length=length) / length
 
 
 def _batch(config) -> dict[str, jax.Array]:

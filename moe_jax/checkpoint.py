@@ -10,8 +10,8 @@ A checkpoint `WORKDIR/checkpoints/<step>/` holds three items:
   shape. It is written with the step, so each checkpoint says which run it belongs to.
 
 `Checkpoints.restore_parts` reads a part of the state only (the leaves not marked `SKIP`): the
-inference reader (`moe_jax.train.restore_for_inference`) skips the step and the optimizer state,
-whose moments are twice the parameters' size under Adam.
+inference reader (`moe_jax.train_state.restore_for_inference`) skips the step and the optimizer
+state, whose moments are twice the parameters' size under Adam.
 
 `config_changes` compares a stored identity with the current run's and returns the keys that
 differ; `moe_jax.train` refuses to resume when any of them is not in its list of keys that may

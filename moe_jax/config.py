@@ -185,7 +185,10 @@ def default_config() -> ml_collections.ConfigDict:
                 {
                     "batch": ("data", "expert"),
                     "length": None,
-                    "embed": None,
+                    # weights' embedding dim: None replicated, ("data", "expert") FSDP; typed
+                    # `object` so that --config.mesh.rules.embed="('data', 'expert')" sets it
+                    "embed": ml_collections.FieldReference(None, field_type=object),
+                    "activation_embed": None,  # activations' embedding dim
                     "mlp": "model",
                     "heads": "model",
                     "kv": None,

@@ -105,4 +105,4 @@ def main(argv, config_flag) -> int:
 
 if __name__ == "__main__":
     _config_flag = _define_flags()
-    app.run(lambda argv: main(argv, _config_flag), flags_parser=train.parse_flags)
+    app.run(lambda argv: main(argv, _config_flag), flags_parser=cli.parse_flags)

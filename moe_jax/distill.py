@@ -24,7 +24,7 @@ import os
 from absl import app, flags
 from ml_collections import config_flags
 
-from moe_jax import train
+from moe_jax import cli, train
 
 
 def distill_config(config, teacher: str, *, alpha: float, temperature: float):
@@ -42,7 +42,7 @@ def _define_flags():
     flags.DEFINE_string("workdir", None, "The student's run directory.")
     flags.DEFINE_float("alpha", 0.25, "Share of the soft-target term (Switch Table 6: 0.25).")
     flags.DEFINE_float("temperature", 1.0, "Softmax temperature of the soft targets.")
-    train.define_multihost_flags()
+    cli.define_multihost_flags()
     flags.mark_flags_as_required(["config", "teacher", "workdir"])
     return config
 
@@ -57,4 +57,4 @@ def main(argv, config_flag) -> int:
 
 if __name__ == "__main__":
     _config_flag = _define_flags()
-    app.run(functools.partial(main, config_flag=_config_flag), flags_parser=train.parse_flags)
+    app.run(functools.partial(main, config_flag=_config_flag), flags_parser=cli.parse_flags)

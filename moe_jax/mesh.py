@@ -2,8 +2,14 @@
 
 Mesh axes are `('data', 'expert', 'model')`, always `AxisType.Auto` (GSPMD propagates shardings
 between the constraints we place). Parameters and activations name their dimensions with
-*logical* axes (`batch, length, embed, mlp, heads, kv, vocab, expert`); one rules table
-(`config.mesh.rules`) maps each logical axis to zero, one or several mesh axes.
+*logical* axes (`batch, length, embed, activation_embed, mlp, heads, kv, vocab, expert`); one
+rules table (`config.mesh.rules`) maps each logical axis to zero, one or several mesh axes.
+
+A weight's embedding dim is `embed` and an activation's is `activation_embed` (MaxText's
+names), so that FSDP can split weights along it while activations, whose batch dim the batch
+axes already split, keep it whole: `embed -> ('data', 'expert')` shards every weight (and its
+optimizer moments) over all data-parallel devices (`configs.set_fsdp`), and XLA all-gathers a
+weight where it is used and reduce-scatters its gradient.
 """
 
 from __future__ import annotations
@@ -14,21 +20,37 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, PartitionSpec
 
 MESH_AXES = ("data", "expert", "model")
-LOGICAL_AXES = ("batch", "length", "embed", "mlp", "heads", "kv", "vocab", "expert")
+LOGICAL_AXES = (
+    "batch",
+    "length",
+    "embed",
+    "activation_embed",
+    "mlp",
+    "heads",
+    "kv",
+    "vocab",
+    "expert",
+)
+
+# TPU kinds whose two TensorCores per chip jax's mesh layouts place (mesh_utils)
+TWO_CORE_KINDS = ("TPU v2", "TPU v3")
 
 MeshAxes = tuple[str, ...]
 Rules = tuple[tuple[str, MeshAxes], ...]
 AnyMesh = Mesh | jax.sharding.AbstractMesh
 
 # Logical axis -> mesh axes. Groups (and so the batch) split over data and expert devices; the
-# hidden dims of FFNs and experts, attention heads and the vocabulary over 'model'.
+# hidden dims of FFNs and experts, attention heads and the vocabulary over 'model'; weights are
+# not split along their embedding dim (no FSDP) and activations never are.
 DEFAULT_RULES: Rules = (
     ("batch", ("data", "expert")),
     ("length", ()),
     ("embed", ()),
+    ("activation_embed", ()),
     ("mlp", ("model",)),
     ("heads", ("model",)),
     ("kv", ()),
@@ -46,7 +68,8 @@ def make_mesh(
     """A `('data', 'expert', 'model')` mesh with Auto axes over `devices` (default: all).
 
     One size may be -1: it takes the devices the other two leave. Raises a ValueError when the
-    sizes' product differs from the device count.
+    sizes' product differs from the device count. On a TPU slice the devices follow its
+    physical axes (`jax.make_mesh`), split where the shape needs it.
     """
     devices = list(jax.devices() if devices is None else devices)
     sizes = {"data": data, "expert": expert, "model": model}
@@ -72,9 +95,27 @@ def make_mesh(
             f"({_fitting_sizes(len(devices))})."
         )
     shape = tuple(int(sizes[name]) for name in MESH_AXES)
-    return jax.make_mesh(
-        shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices
-    )
+    axis_types = (AxisType.Auto,) * len(MESH_AXES)
+    if _cores_as_devices(devices):
+        grid = np.array(sorted(devices, key=lambda device: device.id)).reshape(shape)
+        return Mesh(grid, MESH_AXES, axis_types=axis_types)
+    try:
+        return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types, devices=devices)
+    except (ValueError, NotImplementedError):
+        # no layout along the slice's physical axes (data 8 x expert 8 on a 4x4x4 v5p torus):
+        # split them (every data x expert x model shape of v3:4x4, v5e:4x4, v5p:4x4x4 and
+        # v6e:8x8 lays out so)
+        grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+        return Mesh(grid, MESH_AXES, axis_types=axis_types)
+
+
+def _cores_as_devices(devices: list) -> bool:
+    """True for TPU chips past v3 whose two TensorCores are two devices (libtpu's v4 topology
+    descriptions), which jax's physical layouts refuse; their devices go in torus order (by id:
+    chip by chip, core by core)."""
+    chips = {tuple(getattr(device, "coords", ())) for device in devices}
+    kind = getattr(devices[0], "device_kind", "")
+    return len(chips) < len(devices) and kind.startswith("TPU") and kind not in TWO_CORE_KINDS
 
 
 def mesh_from_config(config: Any, *, devices: Sequence[Any] | None = None) -> Mesh:

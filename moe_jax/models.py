@@ -72,6 +72,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from moe_jax import parallel
 from moe_jax.attention import (
     MultiHeadAttention,
     RelativePositionBias,
@@ -85,6 +86,9 @@ from moe_jax.rope_attention import GroupedQueryAttention
 from moe_jax.routers import NON_CAUSAL_ROUTERS
 
 PLACEMENTS = ("every", "bottom", "top")
+# logical names of the residual stream's dims: rows over the batch axes, its embedding dim as
+# an activation's (`moe_jax.mesh`)
+RESIDUAL_AXES = ("batch", "length", "activation_embed")
 # The stacked (scan) axis of block parameters is replicated: no logical name.
 _SCAN_METADATA = {nnx.PARTITION_NAME: None}
 
@@ -194,6 +198,7 @@ class TransformerLayer(nnx.Module):
         model = config.model
         self.sparse, self.cross, self.rotary = sparse, cross, rotary
         self.dtype = jnp.dtype(model.dtype)
+        self.rules = parallel.logical_rules(config)  # for the residual stream's sharding
 
         def norm() -> RMSNorm:
             return _rms_norm(config)
@@ -219,6 +224,7 @@ class TransformerLayer(nnx.Module):
         self, x: jax.Array, inputs: LayerInputs, *, deterministic: bool
     ) -> tuple[jax.Array, MoeAux | None]:
         """`x: [B, L, M]` -> (`[B, L, M]`, the sparse FFN's `MoeAux` or None)."""
+        x = parallel.constrain(x, RESIDUAL_AXES, self.rules)  # FSDP splits weights, not x
 
         def residual(x: jax.Array, y: jax.Array) -> jax.Array:
             return x + self.dropout(y, deterministic=deterministic).astype(x.dtype)

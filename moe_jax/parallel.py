@@ -7,7 +7,8 @@
   `batch_sharding`, `batch_shards`, `check_batch`, `check_groups`) and routing each device's own
   groups (`per_device_groups`).
 - `moe_jax.sharded`: NNX state on a mesh from its variables' logical names
-  (`state_shardings`, `create_sharded`, `shard_module`).
+  (`state_shardings`, `create_sharded`, `shard_module`), and activations held to their logical
+  names' sharding (`constrain`).
 - `moe_jax.expert_parallel`: dispatch -> experts -> combine with the experts split over the
   mesh (`expert_parallel_dispatch_combine`, `'shard_map'` or `'gspmd'`), and the MoE layers'
   hook `ExpertParallel`, which reads the mesh set with `jax.set_mesh` when the layer is traced.
@@ -44,7 +45,7 @@ from moe_jax.mesh import (
     mesh_axes_of,
     mesh_from_config,
 )
-from moe_jax.sharded import create_sharded, shard_module, state_shardings
+from moe_jax.sharded import constrain, create_sharded, shard_module, state_shardings
 
 __all__ = [
     "DEFAULT_RULES",
@@ -62,6 +63,7 @@ __all__ = [
     "check_batch",
     "check_divisible",
     "check_groups",
+    "constrain",
     "create_sharded",
     "current_mesh",
     "expert_axis_size",

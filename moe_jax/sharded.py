@@ -15,7 +15,16 @@ from flax import nnx
 from flax.core import spmd as flax_spmd
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from moe_jax.mesh import AnyMesh, Rules, check_divisible, logical_rules, logical_to_spec, spec_entry
+from moe_jax.mesh import (
+    AnyMesh,
+    Rules,
+    axis_size,
+    check_divisible,
+    current_mesh,
+    logical_rules,
+    logical_to_spec,
+    spec_entry,
+)
 
 
 def _variable_spec(variable: nnx.Variable, rules: Rules) -> PartitionSpec:
@@ -50,22 +59,41 @@ def state_shardings(tree: Any, mesh: AnyMesh, rules: Any = None) -> Any:
     )
 
 
+def constrain(x: jax.Array, names: tuple[str | None, ...], rules: Any = None) -> jax.Array:
+    """`x` held to the sharding that its dims' logical `names` give on the mesh set with
+    `jax.set_mesh` (`jax.lax.with_sharding_constraint`); unchanged without a mesh, and a dim
+    that does not split evenly (a batch of one when decoding) stays whole."""
+    mesh = current_mesh()
+    if mesh is None:
+        return x
+    entries = []
+    for size, entry in zip(x.shape, logical_to_spec(names, rules)):
+        axes = () if entry is None else (entry,) if isinstance(entry, str) else entry
+        entries.append(entry if size % axis_size(mesh, axes) == 0 else None)
+    return jax.lax.with_sharding_constraint(x, PartitionSpec(*entries))
+
+
 def create_sharded(constructor: Callable[[], Any], mesh: Mesh, rules: Any = None) -> Any:
     """Build an NNX module (or optimizer) with every parameter born on its shards.
 
     `constructor()` runs abstractly first (`nnx.eval_shape`) to learn the state's shapes and
-    logical names; then one `jax.jit` of the constructor, its state constrained to the
-    `state_shardings`, materialises each array directly in its sharded layout (no full copy on
-    one device). The mesh is set (`jax.set_mesh`) and the rules are installed as Flax's logical
-    axis rules while `constructor` runs, so Variables created with eager sharding also resolve.
+    logical names; then one `jax.jit` of the constructor, its state
+    constrained to the `state_shardings`, materialises each array directly in its sharded layout
+    (no full copy on one device). The mesh is set (`jax.set_mesh`) and the rules are installed as
+    Flax's logical axis rules while that runs, so Variables created with eager sharding also
+    resolve.
     Optimizers too: `create_sharded(lambda: nnx.Optimizer(model, tx, wrt=nnx.Param), mesh)`.
     """
     rules = logical_rules(rules)
     flax_rules = tuple((logical, spec_entry(axes)) for logical, axes in rules)
+    # the shapes and names first, every name resolved to no mesh axis: Flax resolves each dim's
+    # names on their own, without dropping a mesh axis an earlier dim took (FSDP's expert
+    # weights), and `state_shardings` resolves them as the rules mean
+    replicated = tuple((logical, None) for logical, _ in rules)
+    with jax.set_mesh(mesh), flax_spmd.logical_axis_rules(replicated):
+        graphdef, abstract_state = nnx.split(nnx.eval_shape(constructor))
+    shardings = state_shardings(abstract_state, mesh, rules)
     with jax.set_mesh(mesh), flax_spmd.logical_axis_rules(flax_rules):
-        abstract = nnx.eval_shape(constructor)
-        graphdef, abstract_state = nnx.split(abstract)
-        shardings = state_shardings(abstract_state, mesh, rules)
 
         @jax.jit
         def init_state() -> Any:

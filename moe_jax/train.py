@@ -24,7 +24,9 @@ the same devices). SIGTERM (TPU/GCE preemption) and SIGINT (Ctrl-C) save a check
 gradient norm or parameter norm stops the run with `TrainingDiverged`; it is checked before each
 checkpoint, so the checkpoints on disk are always finite.
 
-The loss and the jit-compiled train and eval steps are in `moe_jax.steps`.
+The loss and the train and eval steps are in `moe_jax.steps`; the state (abstract model,
+shardings, optimizer state), the checks of a config on a mesh and the steps' jitted forms, which
+`moe_jax.aot` compiles for TPU slices, are in `moe_jax.train_state`.
 
 Multi-host: `jax.distributed` starts when `--coordinator_address` (with `--num_processes` and
 `--process_id`) is given, or when a cluster is detected from its environment (a multi-worker
@@ -34,7 +36,6 @@ arguments itself. Every process runs the same command; each loads its share of t
 """
 
 import functools
-import json
 import os
 import signal
 import sys
@@ -44,7 +45,6 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
@@ -52,16 +52,21 @@ from absl import app, flags
 from flax import nnx
 from ml_collections import config_flags
 
-from moe_jax import checkpoint, cli, data, hf, metrics, multihost, optim, parallel, run_identity
-from moe_jax.config import (
-    EVAL_FULL_PASS,
-    KINDS,
-    check_config_overrides,
-    default_config,
-    resolve_config_argv,
+from moe_jax import (
+    checkpoint,
+    cli,
+    data,
+    hf,
+    metrics,
+    multihost,
+    optim,
+    parallel,
+    run_identity,
+    train_state,
 )
-from moe_jax.models import build_model
-from moe_jax.steps import TrainState, make_eval_step, make_train_step, stand_in_rng_state
+from moe_jax.config import EVAL_FULL_PASS
+from moe_jax.steps import TrainState
+from moe_jax.train_state import config_from_workdir, restore_for_inference
 
 
 class TrainingDiverged(RuntimeError):
@@ -82,62 +87,6 @@ class RunResult(NamedTuple):
     stopped_by: str | None = None  # 'SIGTERM' | 'SIGINT' when preempted
 
 
-def check_config(config) -> None:
-    """Raises ValueError naming the key for settings no run can use."""
-    train = config.train
-    for key in ("num_steps", "batch_size", "seq_len", "log_every", "checkpoint_every"):
-        if train[key] < 1:
-            raise ValueError(f"train.{key}={train[key]} must be >= 1.")
-    if train.keep_checkpoints < 1:
-        raise ValueError(f"train.keep_checkpoints={train.keep_checkpoints} must be >= 1.")
-    if train.eval_steps < 1 and train.eval_steps != EVAL_FULL_PASS:
-        raise ValueError(
-            f"train.eval_steps={train.eval_steps} must be >= 1 (batches per evaluation) or "
-            f"{EVAL_FULL_PASS} (the whole validation split once)."
-        )
-    if train.schedule_steps < 0:
-        raise ValueError(
-            f"train.schedule_steps={train.schedule_steps} must be >= 0 (0: train.num_steps)."
-        )
-    if train.eval_every < 0:
-        raise ValueError(f"train.eval_every={train.eval_every} must be >= 0 (0: no evaluation).")
-    distill = config.distill
-    if not 0.0 <= distill.alpha <= 1.0:
-        raise ValueError(
-            f"distill.alpha={distill.alpha} must be in [0, 1] (the soft targets' share)."
-        )
-    if distill.temperature <= 0:
-        raise ValueError(f"distill.temperature={distill.temperature} must be > 0.")
-    for key in ("aux_coef", "z_coef"):
-        if config.loss[key] < 0:
-            raise ValueError(f"loss.{key}={config.loss[key]} must be >= 0.")
-    if config.model.kind not in KINDS:
-        raise ValueError(f"model.kind={config.model.kind!r} must be one of {KINDS}.")
-    moe = config.moe
-    if moe.num_experts and moe.k < 1:
-        raise ValueError(f"moe.k={moe.k} routes each token to no expert; set moe.k >= 1.")
-    if moe.num_experts and moe.k > moe.num_experts:
-        raise ValueError(
-            f"moe.k={moe.k} exceeds moe.num_experts={moe.num_experts}; lower k or add experts."
-        )
-
-
-def _check_groups(config, mesh, dataset: data.Dataset) -> None:
-    """Each device's share of a batch must hold whole routing groups (see `moe_jax.parallel`)."""
-    shards = parallel.batch_shards(mesh, config.mesh.rules)
-    rows = config.train.batch_size // shards
-    group_size = config.moe.group_size
-    if config.moe.num_experts == 0 or shards == 1 or group_size == 0:  # 0: a group per row
-        return
-    for key, (shape, _) in dataset.element_spec.items():
-        if key.endswith("inputs") and (rows * shape[1]) % group_size:
-            raise ValueError(
-                f"each of the {shards} batch shards holds {rows} rows x {shape[1]} tokens of "
-                f"'{key}', which do not split into whole groups of moe.group_size={group_size}; "
-                f"set --config.moe.group_size to a divisor of {rows * shape[1]}."
-            )
-
-
 def _make_mesh(config, devices):
     """The mesh of `config.mesh`; on too few devices, says how to get more on a CPU."""
     try:
@@ -151,28 +100,6 @@ def _make_mesh(config, devices):
                 "(set before Python starts) gives that many host devices."
             ) from error
         raise
-
-
-def _check_divisible(abstract_model: nnx.Module, mesh, rules) -> None:
-    """Each sharded dim of every parameter and state variable splits evenly over its mesh axes
-    (read abstractly from the variables' logical axis names and `rules`)."""
-    state = nnx.state(abstract_model)
-    for path, variable in nnx.to_flat_state(state):
-        names = variable.get_metadata().get("out_sharding") or ()
-        shape = getattr(variable.get_value(), "shape", ())
-        for dim, (size, logical) in enumerate(zip(shape, names)):
-            if logical is None:
-                continue
-            axes = parallel.mesh_axes_of(logical, rules)
-            shards = parallel.axis_size(mesh, axes)
-            if size % shards:
-                sizes = ", ".join(f"mesh.{axis}={mesh.shape[axis]}" for axis in axes)
-                raise ValueError(
-                    f"parameter {'/'.join(map(str, path))} of shape {tuple(shape)}: dim {dim} "
-                    f"(logical axis {logical!r}) has size {size}, which does not split over mesh "
-                    f"axes {axes} of {shards} devices ({sizes}); choose mesh sizes that divide "
-                    f"{size}, or a model size that divides by {shards}."
-                )
 
 
 def _check_workdir(workdir: str) -> None:
@@ -260,21 +187,8 @@ def _load_teacher(teacher_workdir: str, mesh) -> tuple[tuple[nnx.GraphDef, Any],
     replicated over `mesh`."""
     teacher_config, teacher_model, _ = restore_for_inference(teacher_workdir)
     graphdef, teacher_state = nnx.split(teacher_model)
-    teacher_state = jax.device_put(teacher_state, _replicated(mesh))
+    teacher_state = jax.device_put(teacher_state, train_state.replicated(mesh))
     return (graphdef, teacher_config), teacher_state
-
-
-def _optimizer_shardings(optimizer, abstract_opt_state, params: nnx.State, mesh):
-    """A moment shaped like its parameter shares its sharding; the rest (counters, factored
-    second moments) is replicated."""
-    replicated = _replicated(mesh)
-    return optax.tree_utils.tree_map_params(
-        optimizer,
-        lambda leaf, param: param.sharding if leaf.shape == param.shape else replicated,
-        abstract_opt_state,
-        params,
-        transform_non_params=lambda _: replicated,
-    )
 
 
 class _Prepared(NamedTuple):
@@ -285,7 +199,9 @@ class _Prepared(NamedTuple):
     optimizer: optax.GradientTransformation
     schedule: optax.Schedule
     signature: dict
-    abstract_model: nnx.Module  # from nnx.eval_shape, outside any mesh
+    target: TrainState  # the abstract state with its shardings (`train_state.abstract_state`)
+    graphdef: nnx.GraphDef
+    rng_state: nnx.State
     resume_step: int | None  # the latest checkpoint's step, None for a fresh run
     changes: dict  # {key: (stored, now)} that a resume changes (all allowed)
 
@@ -294,7 +210,7 @@ def _prepare(config, workdir: str, devices) -> _Prepared:
     """Every check that can fail, in order, before the workdir is touched."""
     requested_horizon = config.train.schedule_steps
     config = run_identity.resolve(config)
-    check_config(config)
+    train_state.check_config(config)
     _check_workdir(workdir)
     _check_teacher(config, workdir)
     mesh = _make_mesh(config, devices)
@@ -309,9 +225,9 @@ def _prepare(config, workdir: str, devices) -> _Prepared:
         eval_data = data.dataset_from_config(config, "validation", **shares)
         if config.train.eval_steps == EVAL_FULL_PASS:
             eval_data.full_pass()  # raises for a split with no end (the synthetic corpus)
-    _check_groups(config, mesh, train_data)
-    abstract_model = nnx.eval_shape(lambda: build_model(config, rngs=nnx.Rngs(config.seed)))
-    _check_divisible(abstract_model, mesh, config.mesh.rules)
+    train_state.check_groups(config, mesh, train_data.element_spec)
+    abstract_model = train_state.abstract_model(config)
+    train_state.check_divisible(abstract_model, mesh, config.mesh.rules)
     directory = os.path.join(workdir, checkpoint.CHECKPOINT_DIR)
     stored, resume_step = None, None
     if os.path.isdir(directory):
@@ -330,14 +246,12 @@ def _prepare(config, workdir: str, devices) -> _Prepared:
     # num_steps must not hide the error of the setting being tried, and a resume's horizon
     # is the stored one (keep_stored_horizon above)
     optimizer, schedule = optim.make_optimizer(config.train)
-    _, params, _, model_state = nnx.split(abstract_model, nnx.Param, nnx.RngState, ...)
-    abstract_state = TrainState(
-        jax.ShapeDtypeStruct((), jnp.int32),
-        params,
-        model_state,
-        jax.eval_shape(optimizer.init, params),
+    # the shardings of the abstract state are the canonical ones: fresh and resumed runs
+    # compile the same step (and share a persistent compilation cache)
+    target, graphdef, rng_state = train_state.abstract_state(
+        abstract_model, config, mesh, optimizer
     )
-    signature = checkpoint.make_signature(config, abstract_state)
+    signature = checkpoint.make_signature(config, target)
     changes = {}
     if stored is not None:
         changes = run_identity.check_resume(stored, signature, resume_step, directory)
@@ -349,120 +263,12 @@ def _prepare(config, workdir: str, devices) -> _Prepared:
         optimizer,
         schedule,
         signature,
-        abstract_model,
+        target,
+        graphdef,
+        rng_state,
         resume_step,
         changes,
     )
-
-
-def _create_state(config, mesh, optimizer, initialize=None) -> TrainState:
-    """The state of a freshly initialised model, sharded over `mesh`; `initialize(model)`, if
-    given, then sets its parameters in place (e.g. `moe_jax.upcycle`)."""
-    model = parallel.create_sharded(
-        lambda: build_model(config, rngs=nnx.Rngs(config.seed)), mesh, config.mesh.rules
-    )
-    hf.init_from(config, model)  # the weights of train.init_from, if set
-    if initialize is not None:
-        initialize(model)
-    _, params, _, model_state = nnx.split(model, nnx.Param, nnx.RngState, ...)
-    opt_shardings = _optimizer_shardings(
-        optimizer, jax.eval_shape(optimizer.init, params), params, mesh
-    )
-    opt_state = jax.jit(optimizer.init, out_shardings=opt_shardings)(params)
-    step = jax.device_put(jnp.zeros((), jnp.int32), _replicated(mesh))
-    return TrainState(step, params, model_state, opt_state)
-
-
-def _abstract_state(
-    model: nnx.Module, config, mesh, optimizer
-) -> tuple[TrainState, nnx.GraphDef, nnx.State]:
-    """`(state, graphdef, rng_state)` from an abstract `model` (`nnx.eval_shape`): the state as
-    `jax.ShapeDtypeStruct`s with their shardings, what a checkpoint is restored onto."""
-    graphdef, params, rng_state, model_state = nnx.split(model, nnx.Param, nnx.RngState, ...)
-
-    def with_shardings(tree, shardings):
-        return jax.tree.map(
-            lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
-            tree,
-            shardings,
-        )
-
-    params = with_shardings(params, parallel.state_shardings(params, mesh, config.mesh.rules))
-    model_state = with_shardings(
-        model_state, parallel.state_shardings(model_state, mesh, config.mesh.rules)
-    )
-    opt_state = jax.eval_shape(optimizer.init, params)
-    opt_state = with_shardings(opt_state, _optimizer_shardings(optimizer, opt_state, params, mesh))
-    step = jax.ShapeDtypeStruct((), jnp.int32, sharding=_replicated(mesh))
-    return TrainState(step, params, model_state, opt_state), graphdef, rng_state
-
-
-def config_from_workdir(workdir: str) -> ml_collections.ConfigDict:
-    """The resolved config a run wrote to `WORKDIR/config.json`, as a locked ConfigDict (with the
-    `data.corpus` facts the run recorded, if any). Raises FileNotFoundError without the file and
-    ValueError for a key this version's `default_config()` lacks."""
-    path = os.path.join(workdir, "config.json")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"{workdir} has no config.json, so it holds no training run: train one first with "
-            f"python -m moe_jax.train --config=configs/switch.py:tiny --workdir={workdir}"
-        )
-    with open(path, encoding="utf-8") as file:
-        stored = json.load(file)
-    corpus = stored.get("data", {}).pop("corpus", None)  # added by run_identity.resolve
-    config = default_config()
-    try:
-        config.update(stored)  # ConfigDict casts JSON's lists back to tuples
-    except KeyError as error:
-        raise ValueError(f"{path}: {error}") from None
-    if corpus is not None:
-        with config.unlocked():
-            config.data.corpus = corpus
-    return config
-
-
-def restore_for_inference(workdir: str) -> tuple[ml_collections.ConfigDict, nnx.Module, int]:
-    """`(config, model, step)`: the model of the latest checkpoint in a training `workdir`,
-    on one device (the mesh of the run is not needed to read it). Only the parameters and the
-    model state are read; the optimizer state stays on disk (`Checkpoints.restore_parts`)."""
-    config = config_from_workdir(workdir)
-    directory = os.path.join(workdir, checkpoint.CHECKPOINT_DIR)
-    step = None
-    if os.path.isdir(directory):
-        checkpoints = checkpoint.Checkpoints(directory, keep=1, read_only=True)
-        step = checkpoints.latest_step()
-    if step is None:
-        raise FileNotFoundError(
-            f"{workdir} holds no checkpoint ({directory} is empty or missing): train it with "
-            f"python -m moe_jax.train --config=... --workdir={workdir}, or pass the workdir of "
-            "a finished run."
-        )
-    config.unlock()
-    config.mesh.update(data=1, expert=1, model=1)
-    config.lock()
-    mesh = parallel.mesh_from_config(config, devices=jax.devices()[:1])
-    optimizer, _ = optim.make_optimizer(config.train)
-    abstract_model = nnx.eval_shape(lambda: build_model(config, rngs=nnx.Rngs(config.seed)))
-    with jax.set_mesh(mesh):
-        target, graphdef, rng_state = _abstract_state(abstract_model, config, mesh, optimizer)
-        skipped = jax.tree.map(lambda _: checkpoint.SKIP, target.opt_state)
-        state = checkpoints.restore_parts(
-            step, target._replace(step=checkpoint.SKIP, opt_state=skipped)
-        )
-    checkpoints.close()
-    model = nnx.merge(graphdef, state.params, stand_in_rng_state(rng_state), state.model_state)
-    return config, model, step
-
-
-def _batch_shardings(dataset: data.Dataset, mesh, config) -> dict:
-    return {
-        key: parallel.batch_sharding(mesh, config.mesh.rules, len(shape))
-        for key, (shape, _) in dataset.element_spec.items()
-    }
-
-
-def _replicated(mesh):
-    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
 
 # ------------------------------------------------------------------------------- the loop
@@ -561,7 +367,7 @@ def _train_loop(config, workdir, prepared, state, train_step, eval_step, checkpo
     main = multihost.is_main_process()
     writer = metrics.MetricsWriter(workdir, enabled=main)
     progress = metrics.Progress(start_step=start, num_steps=train.num_steps, enabled=main)
-    rng = jax.device_put(jax.random.key(config.seed), _replicated(mesh))
+    rng = jax.device_put(jax.random.key(config.seed), train_state.replicated(mesh))
     spec = prepared.train_data.element_spec
     tokens_per_step = jax.process_count() * sum(
         int(np.prod(shape)) for key, (shape, _) in spec.items() if key.endswith("inputs")
@@ -637,6 +443,18 @@ def _write_identity(workdir: str, prepared: _Prepared, start: int, *, resumed: b
     run_identity.append_history(workdir, start, prepared.changes, resumed=resumed)
 
 
+def _create_state(config, mesh, optimizer, initialize=None):
+    """`train_state.create_state` with the weights of `train.init_from` (`moe_jax.hf`), if set,
+    then what `initialize(model)` sets in place."""
+
+    def initialize_model(model):
+        hf.init_from(config, model)
+        if initialize is not None:
+            initialize(model)
+
+    return train_state.create_state(config, mesh, optimizer, initialize_model)
+
+
 def run(config, workdir: str, *, devices=None) -> RunResult:
     """Train `config` in `workdir`, resuming from its latest checkpoint if there is one.
 
@@ -658,11 +476,7 @@ def run(config, workdir: str, *, devices=None) -> RunResult:
     if config.distill.teacher:  # restored outside the mesh context: it builds its own
         teacher, teacher_state = _load_teacher(config.distill.teacher, mesh)
     with jax.set_mesh(mesh):
-        # the shardings of the abstract state are the canonical ones: fresh and resumed runs
-        # compile the same step (and share a persistent compilation cache)
-        target, graphdef, rng_state = _abstract_state(
-            prepared.abstract_model, config, mesh, prepared.optimizer
-        )
+        target, graphdef, rng_state = prepared.target, prepared.graphdef, prepared.rng_state
         shardings = jax.tree.map(lambda leaf: leaf.sharding, target)
         latest = multihost.agree_on_step(prepared.resume_step)
         start = latest or 0
@@ -683,28 +497,26 @@ def run(config, workdir: str, *, devices=None) -> RunResult:
             state = _create_state(config, mesh, prepared.optimizer)
         if multihost.is_main_process():
             metrics.truncate_metrics(workdir, start)
-        step_fn = make_train_step(
-            graphdef, rng_state, prepared.optimizer, prepared.schedule, config, teacher
-        )
-
-        def constrained_step(state, batch, rng, teacher_state):
-            new_state, step_metrics = step_fn(state, batch, rng, teacher_state)
-            return jax.lax.with_sharding_constraint(new_state, shardings), step_metrics
-
-        batch_shardings = _batch_shardings(prepared.train_data, mesh, config)
-        jitted_step = jax.jit(
-            constrained_step,
-            in_shardings=(shardings, batch_shardings, _replicated(mesh), _replicated(mesh)),
-            donate_argnums=0,
+        jitted_step = train_state.jit_train_step(
+            graphdef,
+            rng_state,
+            prepared.optimizer,
+            prepared.schedule,
+            config,
+            mesh,
+            shardings,
+            prepared.train_data.element_spec,
+            teacher,
         )
 
         def train_step(state, batch, rng):
             return jitted_step(state, batch, rng, teacher_state)
 
-        eval_step = make_eval_step(graphdef, rng_state, config)
+        eval_step = None
         if prepared.eval_data is not None:
-            eval_shardings = _batch_shardings(prepared.eval_data, mesh, config)
-            eval_step = jax.jit(eval_step, in_shardings=(shardings, eval_shardings))
+            eval_step = train_state.jit_eval_step(
+                graphdef, rng_state, config, mesh, shardings, prepared.eval_data.element_spec
+            )
         return _train_loop(
             config, workdir, prepared, state, train_step, eval_step, checkpoints, start
         )
@@ -733,42 +545,12 @@ def save_initial_checkpoint(config, workdir: str, *, devices=None, initialize=No
 # -------------------------------------------------------------------------------- the CLI
 
 
-def parse_flags(argv: list[str]) -> list[str]:
-    """absl's flag parsing, after a one-line error for a missing config file or a misspelt
-    `--config.KEY` (`moe_jax.config`); a relative `--config` path works from any directory."""
-    try:
-        argv = resolve_config_argv(argv)
-        check_config_overrides(argv)
-    except ValueError as error:
-        sys.stderr.write(f"FATAL Flags parsing error: {error}\n")
-        sys.exit(2)
-    return app.parse_flags_with_usage(argv)
-
-
-def _cluster_detected() -> bool:
-    """True in a multi-process environment `jax.distributed.initialize()` can read by itself."""
-    env = os.environ
-    return (
-        "," in env.get("TPU_WORKER_HOSTNAMES", "")
-        or "MEGASCALE_COORDINATOR_ADDRESS" in env
-        or int(env.get("SLURM_NTASKS", "1") or 1) > 1
-        or int(env.get("OMPI_COMM_WORLD_SIZE", "1") or 1) > 1
-    )
-
-
-def define_multihost_flags() -> None:
-    """The flags that start `jax.distributed` (`run_command` reads them)."""
-    flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host).")
-    flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host).")
-    flags.DEFINE_integer("process_id", None, "This process's index (multi-host).")
-
-
 def _define_flags():
     config = config_flags.DEFINE_config_file(
         "config", None, "Config file and variant, e.g. configs/switch.py:tiny."
     )
     flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the config.")
-    define_multihost_flags()
+    cli.define_multihost_flags()
     flags.mark_flags_as_required(["config", "workdir"])
     return config
 
@@ -781,7 +563,7 @@ def run_command(argv: list[str], config, workdir: str) -> int:
     """The body of a training CLI (`moe_jax.train`, `moe_jax.distill`): trains `config` in
     `workdir` and reports bad setups and divergence on stderr with status 1."""
     options = cli.flag_values(argv)
-    if options.coordinator_address or _cluster_detected():
+    if options.coordinator_address or cli.cluster_detected():
         multihost.initialize(options.coordinator_address, options.num_processes, options.process_id)
     try:
         result = run(config, workdir)
@@ -808,4 +590,4 @@ def run_command(argv: list[str], config, workdir: str) -> int:
 
 if __name__ == "__main__":
     _config_flag = _define_flags()
-    app.run(functools.partial(main, config_flag=_config_flag), flags_parser=parse_flags)
+    app.run(functools.partial(main, config_flag=_config_flag), flags_parser=cli.parse_flags)

@@ -38,7 +38,7 @@ from absl import app, flags
 from flax import nnx
 from ml_collections import config_flags
 
-from moe_jax import convert, hf, train
+from moe_jax import cli, convert, hf, train
 from moe_jax.models import layer_plan
 
 Path = tuple[Any, ...]
@@ -282,4 +282,4 @@ def main(argv, config_flag) -> int:
 
 if __name__ == "__main__":
     _config_flag = _define_flags()
-    app.run(lambda argv: main(argv, _config_flag), flags_parser=train.parse_flags)
+    app.run(lambda argv: main(argv, _config_flag), flags_parser=cli.parse_flags)

@@ -17,7 +17,7 @@ import pytest
 from flax import nnx
 from jax.sharding import AbstractMesh, AxisType
 
-from moe_jax import optim, parallel, train
+from moe_jax import optim, parallel, train_state
 from moe_jax.config import DECODER_KINDS
 from moe_jax.models import build_model
 from moe_jax.steps import make_train_step
@@ -47,7 +47,7 @@ def _exported_train_step(family: str):
         for name in BATCH_FIELDS[kind]
     }
     with jax.sharding.use_abstract_mesh(mesh):
-        state, graphdef, rng_state = train._abstract_state(model, config, mesh, optimizer)
+        state, graphdef, rng_state = train_state.abstract_state(model, config, mesh, optimizer)
         step = make_train_step(graphdef, rng_state, optimizer, schedule, config)
         exported = jax.export.export(
             jax.jit(step),

@@ -98,6 +98,25 @@ def test_rules_reject_unknown_names():
 # ---------------------------------------------------------------------- sharded creation
 
 
+def test_activations_keep_their_embedding_dim_whole_under_fsdp_rules():
+    # FSDP splits weights' 'embed' over the batch axes; the residual stream's rows take them
+    fsdp = parallel.logical_rules({"embed": ("data", "expert")})
+    names = ("batch", "length", "activation_embed")
+    mesh = parallel.make_mesh(2, 4, 1)
+
+    def sharding_of(rows: int):
+        x = jax.ShapeDtypeStruct((rows, 4, 16), jnp.float32)
+        with jax.set_mesh(mesh):
+            traced = jax.jit(lambda x: parallel.constrain(x, names, fsdp)).trace(x)
+            spec = traced.lower().compile().output_shardings.spec
+        return tuple(spec) + (None,) * (3 - len(spec))
+
+    assert sharding_of(8) == (("data", "expert"), None, None)
+    assert sharding_of(3) == (None, None, None)  # 3 rows stay whole on 8 devices
+    x = jnp.ones((3, 4, 16))
+    assert parallel.constrain(x, names, fsdp) is x  # no mesh: nothing to hold it to
+
+
 def test_create_sharded_layer_and_optimizer_state():
     config = _config()
     mesh = parallel.make_mesh(2, 2, 2)

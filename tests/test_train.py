@@ -27,8 +27,19 @@ from jax.sharding import AbstractMesh, AxisType, PartitionSpec
 from tiny_training import TINY_TRAINING, configured
 from xla_flags import flags_with_devices
 
-from moe_jax import checkpoint, data, decode, metrics, optim, parallel, run_identity, train
-from moe_jax.config import load_config_file
+from configs import set_fsdp
+from moe_jax import (
+    checkpoint,
+    data,
+    decode,
+    metrics,
+    optim,
+    parallel,
+    run_identity,
+    train,
+    train_state,
+)
+from moe_jax.config import check_config_overrides, load_config_file
 from moe_jax.models import build_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -229,7 +240,8 @@ def test_sigterm_saves_and_kill_resumes_exactly(cache_dir, tmp_path):
     assert train_losses(workdir) == reference_losses
 
 
-def test_eight_devices_match_one_device(reference, tmp_path):
+@pytest.mark.parametrize("fsdp", [False, True], ids=["replicated", "fsdp"])
+def test_eight_devices_match_one_device(reference, tmp_path, fsdp):
     _, reference_losses = reference
     steps = 10  # of the reference's schedule, whose horizon is NUM_STEPS
     config = small_config(
@@ -239,11 +251,27 @@ def test_eight_devices_match_one_device(reference, tmp_path):
         train__num_steps=steps,
         train__schedule_steps=NUM_STEPS,
     )
+    if fsdp:
+        set_fsdp(config)
     result = train.run(config, str(tmp_path), devices=jax.devices())
     assert result.step == steps
     sharded = np.array([loss for _, loss in train_losses(tmp_path)])
     single = np.array([loss for _, loss in reference_losses[:steps]])
     np.testing.assert_allclose(sharded, single, rtol=1e-3)
+    # FSDP: each device holds 1/8 of the embedding table and of Adam's moments of it, and
+    # 1/2 (data) of an expert's input weight, its 4 experts split over 'expert'
+    embedding = result.state.params["embed"]["embedding"]  # f32[384, 32]
+    moment = result.state.opt_state[1][0].mu["embed"]["embedding"]
+    expert_wi = result.state.params["decoder"]["segments"][0][0]["layers"][1]["ffn"]["wi"]
+    shards = {
+        "embedding": embedding.sharding.shard_shape(embedding.shape),
+        "moment": moment.sharding.shard_shape(moment.shape),
+        "expert_wi": expert_wi.sharding.shard_shape(expert_wi.shape[-3:]),
+    }
+    if fsdp:
+        assert shards == {"embedding": (384, 4), "moment": (384, 4), "expert_wi": (1, 16, 64)}
+    else:
+        assert shards == {"embedding": (384, 32), "moment": (384, 32), "expert_wi": (1, 32, 64)}
 
 
 def test_divergence_stops_and_keeps_the_last_good_checkpoint(monkeypatch, tmp_path, cache_dir):
@@ -326,11 +354,11 @@ def test_incompatible_checkpoint_is_refused(reference):
 def test_unknown_config_key_suggests_close_matches(tmp_path):
     argv = ["train", f"--config={CONFIG}", "--config.train.num_stepz=3"]
     with pytest.raises(ValueError, match=r"did you mean --config\.train\.num_steps"):
-        train.check_config_overrides(argv)
+        check_config_overrides(argv)
     argv = ["train", f"--config={CONFIG}", "--config.trian.num_steps=3"]
     with pytest.raises(ValueError, match=r"--config\.train\.num_steps"):
-        train.check_config_overrides(argv)
-    train.check_config_overrides(["train", f"--config={CONFIG}", "--config.train.num_steps=3"])
+        check_config_overrides(argv)
+    check_config_overrides(["train", f"--config={CONFIG}", "--config.train.num_steps=3"])
 
 
 def test_cli_reports_bad_input_with_status(tmp_path, cache_dir):
@@ -595,7 +623,7 @@ def test_optimizer_moments_take_their_parameters_sharding(name):
     optimizer, _ = optim.make_optimizer(config.train)
     model = nnx.eval_shape(lambda: build_model(config, rngs=nnx.Rngs(0)))
     with jax.sharding.use_abstract_mesh(mesh):
-        state, _, _ = train._abstract_state(model, config, mesh, optimizer)
+        state, _, _ = train_state.abstract_state(model, config, mesh, optimizer)
     specs = {
         jax.tree_util.keystr(path): (leaf.shape, leaf.sharding.spec)
         for path, leaf in jax.tree_util.tree_flatten_with_path(state.opt_state)[0]
