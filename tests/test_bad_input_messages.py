@@ -19,8 +19,8 @@ from tiny_training import TINY_TRAINING, configured
 from tokenizers import models, pre_tokenizers
 
 from experiments import routing_report
+from moe_jax import cli, convert, generate, hf, train
 from moe_jax import config as config_module
-from moe_jax import convert, generate, hf, train
 from moe_jax.config import load_config_file
 from moe_jax.models import build_model
 
@@ -40,7 +40,7 @@ def one_line(text: str) -> str:
 def parse_flags_error(argv: list[str], capsys) -> str:
     """The line `moe_jax.train`'s flag parsing prints before it exits with status 2."""
     with pytest.raises(SystemExit) as exit_info:
-        train.parse_flags(argv)
+        cli.parse_flags(argv)
     assert exit_info.value.code == 2
     return one_line(capsys.readouterr().err)
 
