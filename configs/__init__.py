@@ -26,8 +26,14 @@ def check_variant(variant: str, known: tuple[str, ...], suffix: str = "") -> Non
 
 
 def split_variant(variant: str, known: tuple[str, ...]) -> tuple[str, int | None]:
-    """'base-16' -> ('base', 16); 'base' -> ('base', None). Raises ValueError on unknown names."""
-    name, sep, experts = variant.partition("-")
+    """'base-16' -> ('base', 16); 'base' -> ('base', None); a known name with a hyphen
+    ('stdlib-best') -> (name, None); 'stdlib-best-16' -> ('stdlib-best', 16). Raises ValueError
+    on unknown names."""
+    if variant in known:
+        return variant, None
+    name, sep, experts = variant.rpartition("-")
+    if name not in known:
+        name, sep, experts = variant.partition("-")
     check_variant(name, known, suffix=" (optionally '-E' for E experts, e.g. 'base-16')")
     if not sep:
         return name, None

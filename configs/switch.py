@@ -67,7 +67,7 @@ SIZES = {
     "xxl": (4096, 10240, 64, 24, 128, 2, "gated-gelu", 4096),
     "c": (2080, 6144, 32, 15, 2048, 1, "relu", 2048),
 }
-VARIANTS = (*SIZES, "tiny", "stdlib", "small")
+VARIANTS = (*SIZES, "tiny", "stdlib", "stdlib-best", "small")
 FSDP_VARIANTS = ("large", "xxl", "c")  # 26B and up: FSDP (`configs.set_fsdp`); base's 7B fit
 
 
@@ -103,18 +103,29 @@ def set_stdlib_study(config: ml_collections.ConfigDict) -> None:
     train.log_every = 50
 
 
+def set_stdlib_best(config: ml_collections.ConfigDict) -> None:
+    """`stdlib` with the recipe of experiments/RESULTS.md (n): top-2 of the 8 full-width experts,
+    dropless, the two weights renormalised to sum to 1 (see the module docstring)."""
+    moe = config.moe
+    moe.k = 2
+    moe.backend = "dropless"
+    moe.normalize = "topk"
+
+
 def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     """The Switch config `variant`: one of `VARIANTS`, optionally '-E' for E experts ('base-16')."""
     name, num_experts = split_variant(variant, VARIANTS)
     config = default_config()
     set_switch_routing(config)
-    if name in ("tiny", "stdlib", "small"):
+    if name in ("tiny", "stdlib", "stdlib-best", "small"):
         (set_small if name == "small" else set_tiny)(config, kind="decoder")
         config.model.ffn_activation = "gated-gelu"
         config.moe.num_experts = 8
         config.moe.sparse_every = 2
-        if name == "stdlib":
+        if name.startswith("stdlib"):
             set_stdlib_study(config)
+        if name == "stdlib-best":
+            set_stdlib_best(config)
     else:
         d_model, d_ff, num_heads, num_layers, experts, every, activation, group = SIZES[name]
         set_t5_size(config, d_model=d_model, d_ff=d_ff, num_heads=num_heads, num_layers=num_layers)

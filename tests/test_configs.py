@@ -17,7 +17,7 @@ from moe_jax.config import DECODER_KINDS
 
 FAMILIES = {
     "dense": ("t5_base", "t5_large", "t5_xxl", "tiny", "small"),
-    "switch": ("base", "large", "xxl", "c", "tiny", "stdlib", "small"),
+    "switch": ("base", "large", "xxl", "c", "tiny", "stdlib", "stdlib-best", "small"),
     "st_moe": ("base", "l", "32b", "tiny"),
     "glam": ("0.1b_64e", "1.7b_64e", "8b_64e", "64b_64e", "tiny"),
     "mixtral": ("8x7b", "tiny"),
@@ -251,6 +251,18 @@ def test_switch_stdlib_is_the_tiny_config_with_the_overrides_results_md_ran():
         tiny[section][name] = value
     assert get_config("switch", "stdlib").to_dict() == tiny.to_dict()
     assert get_config("switch", "stdlib-32").moe.num_experts == 32
+
+
+def test_switch_stdlib_best_is_stdlib_with_the_overrides_results_md_ran():
+    # RESULTS.md (n) ran `configs/switch.py:stdlib` with these overrides as its best recipe.
+    stdlib = get_config("switch", "stdlib")
+    stdlib.moe.k = 2
+    stdlib.moe.backend = "dropless"
+    stdlib.moe.normalize = "topk"
+    assert get_config("switch", "stdlib-best").to_dict() == stdlib.to_dict()
+    assert get_config("switch", "stdlib-best-4").moe.num_experts == 4
+    with pytest.raises(ValueError, match="expert count"):
+        get_config("switch", "stdlib-x")
 
 
 def test_config_path_resolves_from_any_directory_and_a_missing_one_fails_in_one_line(
