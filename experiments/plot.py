@@ -18,7 +18,8 @@ With `--baseline KEY=VALUE[,...]` (as for `experiments.sweep`), `paired_deltas.p
 configuration's eval cross-entropy minus the baseline's at the same seed and step, against step:
 the mean over seeds with +-1 std error bars. When the sweep ran with `--ceiling`
 (`results_seeds.csv` has `gap_recovered_mean`), `gap_recovered.png` shows each configuration's
-share of the baseline-to-ceiling gap it closes, mean +-1 std over its seeds.
+share of the baseline-to-ceiling gap it closes, mean +-1 std over its seeds, labelled by the
+settings where it departs from most configurations (a study of one change at a time).
 """
 
 import argparse
@@ -267,7 +268,7 @@ def plot_gap_recovered(sweep_dir: Path) -> Path | None:
     if len(configs) < 2:
         return None
     swept = varying_settings(configs)
-    labels = [settings_label(row, swept) for row in configs]
+    labels = [departures_label(row, configs, swept) for row in configs]
     shares = [float(row["gap_recovered_mean"]) for row in configs]
     stds = [float(row["gap_recovered_std"] or 0.0) for row in configs]
     figure, axis = plt.subplots(figsize=(max(7.0, 1.3 * len(configs)), 4.5))
@@ -323,6 +324,17 @@ def plot_loss_curves_seeds(sweep_dir: Path, runs: dict[str, list[dict]]) -> Path
 def settings_label(row: dict, keys: list[str]) -> str:
     """'moe.k=2, moe.num_experts=8': the settings `keys` of a results.csv row."""
     return ", ".join(f"{key}={row[key]}" for key in keys) or "runs"
+
+
+def departures_label(row: dict, rows: list[dict], keys: list[str]) -> str:
+    """The settings `keys` where `row` departs from the value most of `rows` share (the first
+    of the most common ones on a tie): a sweep of one change at a time reads as its changes."""
+    common = {}
+    for key in keys:
+        values = [other[key] for other in rows]
+        common[key] = max(values, key=values.count)
+    departures = [key for key in keys if row[key] != common[key]]
+    return settings_label(row, departures) if departures else "the common settings"
 
 
 def paired_delta_curves(

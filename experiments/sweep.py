@@ -150,7 +150,14 @@ def summarize(workdir: Path) -> dict[str, float]:
         last = train[-1]
         summary["final_step"] = last["step"]
         summary["final_train_loss"] = last["loss"]
-        for key in ("cross_entropy", "fraction_dropped", "aux_loss", "z_loss", "router_logit_max"):
+        for key in (
+            "cross_entropy",
+            "fraction_dropped",
+            "aux_loss",
+            "z_loss",
+            "router_logit_max",
+            "router_confidence",
+        ):
             if key in last:
                 summary[f"final_{key}"] = last[key]
         if "z_loss" in last:

@@ -183,6 +183,32 @@ def test_seed_results_and_error_bar_plots_from_run_directories(tmp_path):
     assert (tmp_path / "gap_recovered.png").stat().st_size > 1000
 
 
+def test_gap_figure_labels_a_configuration_by_its_departures_from_the_common_settings():
+    keys = ["moe.num_experts", "moe.k", "loss.z_coef"]
+    rows = [
+        {"moe.num_experts": "0", "moe.k": "1", "loss.z_coef": "0"},
+        {"moe.num_experts": "8", "moe.k": "1", "loss.z_coef": "0"},
+        {"moe.num_experts": "8", "moe.k": "2", "loss.z_coef": "0"},
+        {"moe.num_experts": "8", "moe.k": "1", "loss.z_coef": "0.001"},
+    ]
+    labels = [plot.departures_label(row, rows, keys) for row in rows]
+    assert labels == [
+        "moe.num_experts=0",
+        "the common settings",
+        "moe.k=2",
+        "loss.z_coef=0.001",
+    ]
+
+
+def test_summary_keeps_the_last_router_confidence(tmp_path):
+    records = [
+        {"step": 1, "split": "train", "loss": 2.0, "router_confidence": 0.2},
+        {"step": 2, "split": "train", "loss": 1.0, "router_confidence": 0.3},
+    ]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert sweep.summarize(tmp_path)["final_router_confidence"] == 0.3
+
+
 @pytest.mark.parametrize(
     "bad, message",
     [
