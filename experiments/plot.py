@@ -6,7 +6,7 @@
 Figures: `loss_curves.png` (train and eval cross-entropy against step: the auxiliary losses
 are left out so that runs with different auxiliary losses compare), `expert_load_<run>.png`
 (per-layer heatmap over training of each expert's share of the filled slots, i.e. of the tokens
-it processed after capacity drops),
+it processed after capacity drops; a name past 255 bytes is cut short and ended by a hash),
 `dropped_vs_capacity.png` (fraction of dropped tokens against the capacity factor, when the
 sweep varies `moe.capacity_factor_train`), `router_logits.png` (largest router logit, when the
 metrics have it, and router z-loss over training) and `final_eval.png` (each run's final eval
@@ -38,6 +38,7 @@ from experiments.sweep import (
     RESULTS_FILE,
     SEED_KEY,
     SEED_RESULTS_FILE,
+    fit_file_name,
     matches,
     parse_baseline,
     read_metrics,
@@ -122,7 +123,7 @@ def plot_expert_load(
     axes[0, 0].set_title(
         f"{name}: share of the filled expert slots (after capacity; uniform = 1/E)"
     )
-    return save(figure, out_dir / f"expert_load_{name}.png")
+    return save(figure, out_dir / fit_file_name(f"expert_load_{name}", ".png"))
 
 
 def plot_dropped_vs_capacity(sweep_dir: Path) -> Path | None:

@@ -32,6 +32,7 @@ the ceiling).
 
 import argparse
 import csv
+import hashlib
 import itertools
 import json
 import os
@@ -106,7 +107,22 @@ def run_name(overrides: dict[str, str]) -> str:
     if not overrides:
         return "default"
     parts = [f"{key}-{value}" for key, value in overrides.items()]
-    return "__".join(parts).replace("/", "_").replace(":", "_")
+    return fit_file_name("__".join(parts).replace("/", "_").replace(":", "_"))
+
+
+MAX_FILE_NAME_BYTES = 255  # ext4, xfs, APFS and tmpfs refuse a longer path component
+
+
+def fit_file_name(stem: str, suffix: str = "") -> str:
+    """`stem + suffix` when it fits in one path component; else the stem cut short and ended by
+    a 10-hex-digit hash of the whole stem, so that distinct long stems stay distinct."""
+    name = stem + suffix
+    if len(name.encode()) <= MAX_FILE_NAME_BYTES:
+        return name
+    digest = "-" + hashlib.sha1(stem.encode()).hexdigest()[:10]
+    room = MAX_FILE_NAME_BYTES - len((digest + suffix).encode())
+    head = stem.encode()[:room].decode(errors="ignore")
+    return head + digest + suffix
 
 
 def train_command(config: str, workdir: Path, overrides: dict[str, str]) -> list[str]:

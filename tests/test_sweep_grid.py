@@ -2,6 +2,7 @@
 error-bar plots (experiments/plot.py), on hand-written run directories, without training."""
 
 import csv
+import hashlib
 import json
 import os
 
@@ -248,3 +249,28 @@ def test_expert_load_panels_name_the_sparse_layers_as_the_routing_report(tmp_pat
     axes = figures[f"expert_load_{tmp_path.name}.png"].axes
     labels = [axis.get_ylabel() for axis in axes if axis.get_ylabel() != "load"]  # not colorbars
     assert labels == ["decoder layer 1\nexpert", "decoder layer 3\nexpert"]
+
+
+def test_long_run_names_fit_one_path_component_and_stay_distinct(tmp_path):
+    # RESULTS.md (n) zips 11 axes: its run names are ~250 bytes and 'expert_load_' + '.png'
+    # pushed the figure's name past the 255 bytes a file system takes (OSError before the fix)
+    axes = {f"moe.axis_number_{index}": "1.25" for index in range(11)}
+    names = [sweep.run_name({**axes, "seed": seed}) for seed in ("0", "1")]
+    assert len(names[0]) > 255 - len("expert_load_.png")
+    figure_names = [sweep.fit_file_name(f"expert_load_{name}", ".png") for name in names]
+    assert all(len(name.encode()) <= 255 for name in names + figure_names)
+    assert len(set(figure_names)) == 2 and all(n.endswith(".png") for n in figure_names)
+    assert sweep.fit_file_name("short", ".png") == "short.png"
+    cut = sweep.fit_file_name("x" * 300)
+    digest = hashlib.sha1(("x" * 300).encode()).hexdigest()[:10]
+    assert cut == "x" * (255 - 11) + "-" + digest
+    load = [[0.5, 0.5]]  # [sparse layers, experts]
+    records = [{"step": step, "split": "train", "expert_load": load} for step in (10, 20)]
+    for name in names:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.jsonl").write_text(
+            "".join(json.dumps(r) + "\n" for r in records)
+        )
+    written = {path.name for path in plot.make_plots(tmp_path)}
+    assert set(figure_names) <= written
+    assert all((tmp_path / name).exists() for name in figure_names)
