@@ -59,7 +59,7 @@ def default_config() -> ml_collections.ConfigDict:
             # layer with its own norms (Xue et al. 2022)
             "share_layers": False,
             "scan_layers": False,
-            "remat": "none",  # none | full | save_dots | save_routing (models.REMAT_POLICIES)
+            "remat": "none",  # none | full | save_dots | save_routing (stack.REMAT_POLICIES)
         }
     )
 

@@ -52,7 +52,7 @@ from moe_jax.hf.family import (
     register,
 )
 from moe_jax.hf.t5 import TensorMap
-from moe_jax.models import sparse_layer_flags
+from moe_jax.stack import sparse_layer_flags
 
 # HF module names of each family's MoE block and its per-expert (gate, up, down) linears
 _PER_EXPERT = {
