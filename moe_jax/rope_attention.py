@@ -1,14 +1,16 @@
 """Rotary position embeddings and grouped-query self-attention (Llama-style decoders).
 
-Used by `config.model.kind == 'rope_decoder'` (Mixtral, OLMoE); no biases anywhere.
+Used by `config.model.kind == 'rope_decoder'` (Mixtral, OLMoE, Qwen3-MoE); no biases anywhere.
 
 - `rotary_embedding(x, positions, theta)`: RoPE (Su et al. 2021) in the "rotate half" layout
   that Llama, Mixtral and OLMoE checkpoints use: feature i of a head is paired with feature
   `i + D/2`, and the pair turns by the angle `position * theta**(-2i/D)`.
 - `GroupedQueryAttention`: N query heads share K key/value heads (Ainslie et al. 2023), query
   head n reading key/value head `n // (N / K)`; K == N is plain multi-head attention. Logits
-  scaled by `1 / sqrt(D)`, softmax in float32. Optional q/k RMSNorm (OLMoE): one RMSNorm over
-  the whole `N * D` query projection and one over the `K * D` key projection, before RoPE.
+  scaled by `1 / sqrt(D)`, softmax in float32. Optional q/k RMSNorm before RoPE (`qk_norm`):
+  OLMoE's one RMSNorm over the whole `N * D` query projection and one over the `K * D` key
+  projection, or with `qk_norm_per_head` Qwen3's one `[D]` RMSNorm for queries and one for keys,
+  each applied to every head's D features alone.
 """
 
 from __future__ import annotations
@@ -46,10 +48,10 @@ class GroupedQueryAttention(nnx.Module):
     """Self-attention with rotary positions and `num_kv_heads` key/value heads.
 
     Reads `config.model.{d_model, num_heads, num_kv_heads (0: num_heads), head_dim, rope_theta,
-    qk_norm, norm_epsilon, dropout_rate, dtype, param_dtype}`. Weights: `wq: [M, N, D]`,
-    `wk, wv: [M, K, D]` (logical `('embed', 'heads', 'kv')`), `wo: [N, D, M]`
+    qk_norm, qk_norm_per_head, norm_epsilon, dropout_rate, dtype, param_dtype}`. Weights:
+    `wq: [M, N, D]`, `wk, wv: [M, K, D]` (logical `('embed', 'heads', 'kv')`), `wo: [N, D, M]`
     (`('heads', 'kv', 'embed')`), truncated-normal fan-in init; with `qk_norm`, RMSNorm scales
-    `q_norm: [N * D]`, `k_norm: [K * D]`.
+    `q_norm: [N * D]`, `k_norm: [K * D]`, or `q_norm, k_norm: [D]` with `qk_norm_per_head`.
     """
 
     def __init__(self, config, *, rngs: nnx.Rngs):
@@ -84,6 +86,9 @@ class GroupedQueryAttention(nnx.Module):
         out_shape = (self.num_heads, self.head_dim, model.d_model)
         self.wo = _param(init_out(rngs.params(), out_shape, param_dtype), ("heads", "kv", "embed"))
         self.qk_norm = bool(model.qk_norm)
+        self.qk_norm_per_head = bool(model.qk_norm_per_head)
+        if self.qk_norm_per_head and not self.qk_norm:
+            raise ValueError("model.qk_norm_per_head=True needs model.qk_norm=True.")
         if self.qk_norm:
 
             def norm(width: int) -> RMSNorm:
@@ -94,8 +99,11 @@ class GroupedQueryAttention(nnx.Module):
                     param_dtype=model.param_dtype,
                 )
 
-            self.q_norm = norm(self.num_heads * self.head_dim)
-            self.k_norm = norm(self.num_kv_heads * self.head_dim)
+            if self.qk_norm_per_head:
+                self.q_norm, self.k_norm = norm(self.head_dim), norm(self.head_dim)
+            else:
+                self.q_norm = norm(self.num_heads * self.head_dim)
+                self.k_norm = norm(self.num_kv_heads * self.head_dim)
         self.cache: AttentionCache | None = nnx.data(None)
 
     def init_cache(self, batch: int, length: int) -> None:
@@ -110,7 +118,10 @@ class GroupedQueryAttention(nnx.Module):
         return out.astype(self.dtype)  # [B, L, heads, D]
 
     def _normed(self, x: jax.Array, norm: RMSNorm) -> jax.Array:
-        """RMSNorm over all heads' features together: `[B, L, H, D]` -> `[B, L, H, D]`."""
+        """RMSNorm over each head's features (`qk_norm_per_head`) or over all heads' together:
+        `[B, L, H, D]` -> `[B, L, H, D]`."""
+        if self.qk_norm_per_head:
+            return norm(x)
         batch, length, heads, head_dim = x.shape
         return norm(x.reshape(batch, length, heads * head_dim)).reshape(x.shape)
 

@@ -6,7 +6,8 @@ live there); `layer_plan` and `sparse_layer_flags` say which of its layers are s
 Sparse layers. Layer i (0-based) of a stack has a sparse FFN (`layers.MoeFeedForward`) when
 - `moe.sparse_placement == 'every'`: `i % sparse_every == sparse_every - 1` (the last layer of
   each block of `sparse_every`; Switch/GLaM 2, ST-MoE 4, Switch-C 1);
-- `'bottom'` / `'top'`: i is among the first / last `moe.num_sparse_layers` layers.
+- `'bottom'` / `'top'`: i is among the first / last `moe.num_sparse_layers` layers;
+and i is not in `moe.dense_layers` (Qwen's `mlp_only_layers`).
 With `model.share_layers` (WideNet, Xue et al. 2022, "Go Wider Instead of Deeper") every
 layer of a stack runs the same FFN, dense or sparse (the first layer's module), and attention
 with the first layer's self-attention (and cross-attention) weights, while each layer keeps its
@@ -120,16 +121,33 @@ def layer_plan(num_layers: int, moe_config: Any) -> Plan:
             segments.reverse()
     else:
         raise ValueError(f"Unknown moe.sparse_placement {placement!r}; use one of {PLACEMENTS}.")
-    return tuple((pattern, repeats) for pattern, repeats in segments if repeats > 0)
+    plan = tuple((pattern, repeats) for pattern, repeats in segments if repeats > 0)
+    dense = set(moe_config.dense_layers)
+    if not dense:
+        return plan
+    if not dense <= set(range(num_layers)):
+        raise ValueError(
+            f"moe.dense_layers={tuple(moe_config.dense_layers)!r} must be layer indices in "
+            f"[0, {num_layers})."
+        )
+    # one-layer blocks, each run of equal layers a segment
+    flags = [flag and i not in dense for i, flag in enumerate(_flags(plan))]
+    runs: list[tuple[tuple[bool, ...], int]] = []
+    for flag in flags:
+        if runs and runs[-1][0] == (flag,):
+            runs[-1] = ((flag,), runs[-1][1] + 1)
+        else:
+            runs.append(((flag,), 1))
+    return tuple(runs)
+
+
+def _flags(plan: Plan) -> tuple[bool, ...]:
+    return tuple(flag for pattern, repeats in plan for flag in pattern * repeats)
 
 
 def sparse_layer_flags(num_layers: int, moe_config: Any) -> tuple[bool, ...]:
     """bool per layer, bottom to top: True where the FFN is sparse."""
-    return tuple(
-        flag
-        for pattern, repeats in layer_plan(num_layers, moe_config)
-        for flag in pattern * repeats
-    )
+    return _flags(layer_plan(num_layers, moe_config))
 
 
 # --------------------------------------------------------------------------------- layers

@@ -88,7 +88,7 @@ def _placements(num_layers: int):
 
 
 def _our_flags(placement: dict, num_layers: int) -> tuple[bool, ...] | None:
-    moe = types.SimpleNamespace(num_experts=1, **placement)
+    moe = types.SimpleNamespace(num_experts=1, dense_layers=(), **placement)
     try:
         return sparse_layer_flags(num_layers, moe)
     except ValueError:
