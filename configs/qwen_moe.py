@@ -1,10 +1,11 @@
-"""Qwen3-MoE (Qwen Team 2025, "Qwen3 Technical Report"): a Llama-style decoder with 128 fine-grained
-experts, top-8, q/k RMSNorm per head, grouped-query attention.
+"""Qwen's MoE decoders: Qwen3-MoE (Qwen Team 2025, "Qwen3 Technical Report"; 128 fine-grained
+experts, top-8, q/k RMSNorm per head, grouped-query attention) and Qwen1.5-MoE (a gated shared
+expert beside 60 routed ones, q/k/v biases).
 
     python -m moe_jax.train --config=configs/qwen_moe.py:tiny --workdir=runs/qwen_moe_tiny
 
-The sizes are those of the released `config.json` files (Hugging Face `model_type` `qwen3_moe`,
-which `moe_jax.hf` loads and saves):
+The sizes are those of the released `config.json` files (Hugging Face `model_type` `qwen3_moe`
+and `qwen2_moe`, which `moe_jax.hf` loads and saves):
 
 - `qwen3_30b_a3b` (`Qwen/Qwen3-30B-A3B`): d_model 2048, 48 layers, 32 query heads and 4
   key/value heads of head_dim 128 (the attention is 4096 wide, twice d_model), 128 SwiGLU
@@ -15,6 +16,14 @@ which `moe_jax.hf` loads and saves):
 - `qwen3_235b_a22b` (`Qwen/Qwen3-235B-A22B`): d_model 4096, 94 layers, 64 query / 4 key-value
   heads of 128, 128 experts of width 1536, top-8, the same vocabulary, theta and epsilon. The
   card counts 235B / 22B; `count_params` gives 235.09B / 22.19B.
+- `qwen2_a2.7b` (`Qwen/Qwen1.5-MoE-A2.7B`, `qwen2_moe`): d_model 2048, 24 layers, 16 heads of
+  128 (no grouped-query attention), biases on q, k and v (`model.qkv_bias`), 60 experts of
+  width 1408 with top-4 and the raw softmax probabilities as weights (`norm_topk_prob` false),
+  and in every layer a shared SwiGLU expert of width 5632 (`shared_expert_intermediate_size`:
+  4 experts' width, `moe.num_shared_experts = 4`) whose output is scaled per token by
+  `sigmoid(x @ w)`, `w: [M, 1]` (`moe.shared_expert_gate`); rope theta 1e6, epsilon 1e-6,
+  sequences of 8192. The card counts 14.3B total and 2.7B active; `count_params` gives
+  14.32B / 2.69B.
 
 Every layer has experts in both releases; `moe.dense_layers` (`mlp_only_layers`) and
 `moe.sparse_every` (`decoder_sparse_step`) place dense SwiGLU FFNs of `model.d_ff`
@@ -29,8 +38,9 @@ trains it (`loss.aux_scope = 'global'`; transformers pools the whole batch and a
 router z-loss. Sequences of 32768 tokens (the native context); optimizer settings are the
 codebase defaults (AdamW, cosine), not the report's.
 
-`tiny`: 4 layers, d_model 128, 4 query / 2 key-value heads of 32, per-head q/k norm, 16 experts
-of width 64 with top-4 renormalised, on the synthetic corpus with the CPU recipe (AdamW).
+`tiny` (Qwen3-style): 4 layers, d_model 128, 4 query / 2 key-value heads of 32, per-head q/k
+norm, 16 experts of width 64 with top-4 renormalised, on the synthetic corpus with the CPU
+recipe (AdamW).
 """
 
 import ml_collections
@@ -60,6 +70,20 @@ SIZES = {
         128,
         8,
     ),
+    "qwen2_a2.7b": (
+        dict(
+            _QWEN3,
+            d_model=2048,
+            num_layers=24,
+            num_heads=16,
+            num_kv_heads=16,
+            expert_d_ff=1408,
+            qk_norm=False,
+        ),
+        5632,
+        60,
+        4,
+    ),
     "tiny": (
         dict(
             vocab_size=TINY_VOCAB_SIZE,
@@ -84,18 +108,27 @@ VARIANTS = tuple(SIZES)
 def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     """The Qwen MoE config `variant` (one of `VARIANTS`)."""
     check_variant(variant, VARIANTS)
+    qwen2 = variant.startswith("qwen2")
     config = default_config()
     if variant == "tiny":
         set_tiny(config, kind="rope_decoder")
     else:
-        set_rope_decoder_scale(config, seq_len=32_768)
+        set_rope_decoder_scale(config, seq_len=8192 if qwen2 else 32_768)
         set_fsdp(config)
-        config.loss.aux_scope = "global"
     sizes, d_ff, num_experts, k = SIZES[variant]
     set_rope_decoder(config, **sizes)
-    config.model.qk_norm_per_head = True
-    config.model.d_ff = d_ff
-    config.model.hf_model_type = "qwen3_moe"
-    config.moe.num_experts, config.moe.k, config.moe.normalize = num_experts, k, "topk"
+    model, moe = config.model, config.moe
+    model.d_ff = d_ff
+    model.hf_model_type = "qwen2_moe" if qwen2 else "qwen3_moe"
+    moe.num_experts, moe.k = num_experts, k
+    if qwen2:
+        model.qkv_bias = True
+        moe.num_shared_experts, moe.shared_expert_gate = 4, True
+        moe.normalize = "none"
+    else:
+        model.qk_norm_per_head = True
+        moe.normalize = "topk"
+        if variant != "tiny":  # Qwen3 balances its experts over the global batch
+            config.loss.aux_scope = "global"
     config.loss.aux_coef, config.loss.z_coef = 1e-3, 0.0
     return config

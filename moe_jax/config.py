@@ -51,6 +51,7 @@ def default_config() -> ml_collections.ConfigDict:
             "num_kv_heads": 0,
             "qk_norm": False,
             "qk_norm_per_head": False,
+            "qkv_bias": False,  # rope_decoder: biases on the q, k, v projections (Qwen2-MoE)
             "relative_attention_num_buckets": 32,
             "relative_attention_max_distance": 128,
             # Hugging Face model_type that moe_jax.hf.save writes ('' until loaded or set)
@@ -108,6 +109,8 @@ def default_config() -> ml_collections.ConfigDict:
             # draws every weight at 0.1)
             "expert_init_scale": 1.0,
             "num_shared_experts": 0,  # always-on dense experts (DeepSeekMoE)
+            # scale the shared experts' output by sigmoid(x @ w), w: [M, 1] (Qwen2-MoE)
+            "shared_expert_gate": False,
             "bias_update_rate": 0.001,  # aux_free router (DeepSeek-V3)
             "sinkhorn_iterations": 10,  # sinkhorn router (S-BASE): Sinkhorn steps in training
             # remoe router (ReMoE): the L1 coefficient's start and its factor per training step

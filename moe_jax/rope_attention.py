@@ -1,6 +1,7 @@
 """Rotary position embeddings and grouped-query self-attention (Llama-style decoders).
 
-Used by `config.model.kind == 'rope_decoder'` (Mixtral, OLMoE, Qwen3-MoE); no biases anywhere.
+Used by `config.model.kind == 'rope_decoder'` (Mixtral, OLMoE, Qwen-MoE); no biases but the
+optional q/k/v ones (`model.qkv_bias`, Qwen2-MoE).
 
 - `rotary_embedding(x, positions, theta)`: RoPE (Su et al. 2021) in the "rotate half" layout
   that Llama, Mixtral and OLMoE checkpoints use: feature i of a head is paired with feature
@@ -51,7 +52,8 @@ class GroupedQueryAttention(nnx.Module):
     qk_norm, qk_norm_per_head, norm_epsilon, dropout_rate, dtype, param_dtype}`. Weights:
     `wq: [M, N, D]`, `wk, wv: [M, K, D]` (logical `('embed', 'heads', 'kv')`), `wo: [N, D, M]`
     (`('heads', 'kv', 'embed')`), truncated-normal fan-in init; with `qk_norm`, RMSNorm scales
-    `q_norm: [N * D]`, `k_norm: [K * D]`, or `q_norm, k_norm: [D]` with `qk_norm_per_head`.
+    `q_norm: [N * D]`, `k_norm: [K * D]`, or `q_norm, k_norm: [D]` with `qk_norm_per_head`; with
+    `qkv_bias`, biases `bq: [N, D]`, `bk, bv: [K, D]` (zeros; logical `('heads', 'kv')`).
     """
 
     def __init__(self, config, *, rngs: nnx.Rngs):
@@ -85,6 +87,11 @@ class GroupedQueryAttention(nnx.Module):
         self.wv = _param(init_in(rngs.params(), kv_shape, param_dtype), names_in)
         out_shape = (self.num_heads, self.head_dim, model.d_model)
         self.wo = _param(init_out(rngs.params(), out_shape, param_dtype), ("heads", "kv", "embed"))
+        self.qkv_bias = bool(model.qkv_bias)
+        if self.qkv_bias:
+            self.bq = _param(jnp.zeros(q_shape[1:], param_dtype), ("heads", "kv"))
+            self.bk = _param(jnp.zeros(kv_shape[1:], param_dtype), ("heads", "kv"))
+            self.bv = _param(jnp.zeros(kv_shape[1:], param_dtype), ("heads", "kv"))
         self.qk_norm = bool(model.qk_norm)
         self.qk_norm_per_head = bool(model.qk_norm_per_head)
         if self.qk_norm_per_head and not self.qk_norm:
@@ -113,8 +120,10 @@ class GroupedQueryAttention(nnx.Module):
         shape = (*layers, 2, batch, length, self.num_kv_heads, self.head_dim)
         self.cache = AttentionCache(jnp.zeros(shape, self.dtype))
 
-    def _project(self, x: jax.Array, w: nnx.Param) -> jax.Array:
+    def _project(self, x: jax.Array, w: nnx.Param, bias: nnx.Param | None = None) -> jax.Array:
         out = dense_matmul(x, w[...].astype(self.dtype))
+        if bias is not None:
+            out = out + bias[...].astype(out.dtype)
         return out.astype(self.dtype)  # [B, L, heads, D]
 
     def _normed(self, x: jax.Array, norm: RMSNorm) -> jax.Array:
@@ -141,9 +150,9 @@ class GroupedQueryAttention(nnx.Module):
         `cache_index ..` and the queries attend to all `Lc` rows: `mask` is `[B, 1, L, Lc]`.
         """
         x = x.astype(self.dtype)
-        q = self._project(x, self.wq)  # [B, L, N, D]
-        k = self._project(x, self.wk)  # [B, L, K, D]
-        v = self._project(x, self.wv)  # [B, L, K, D]
+        q = self._project(x, self.wq, self.bq if self.qkv_bias else None)  # [B, L, N, D]
+        k = self._project(x, self.wk, self.bk if self.qkv_bias else None)  # [B, L, K, D]
+        v = self._project(x, self.wv, self.bv if self.qkv_bias else None)  # [B, L, K, D]
         if self.qk_norm:
             q, k = self._normed(q, self.q_norm), self._normed(k, self.k_norm)
         q = rotary_embedding(q, positions, theta=self.theta)

@@ -1,52 +1,58 @@
-"""The `mixtral`, `olmoe` and `qwen3_moe` families: Llama-style MoE decoders, our
+"""The `mixtral`, `olmoe`, `qwen2_moe` and `qwen3_moe` families: Llama-style MoE decoders, our
 `model.kind='rope_decoder'`.
 
-transformers' Mixtral, OLMoE and Qwen3-MoE (`models/{mixtral,olmoe,qwen3_moe}/modeling_*.py`,
-5.x) against moe_jax:
+transformers' Mixtral, OLMoE, Qwen2-MoE and Qwen3-MoE (`models/{mixtral,olmoe,qwen2_moe,
+qwen3_moe}/modeling_*.py`, 5.x) against moe_jax:
 
 - Layers: pre-norm RMSNorm (`rms_norm_eps` -> `model.norm_epsilon`), self-attention with
   rotary positions (`rope_parameters.rope_theta`, or the older top-level `rope_theta`; the
   "rotate half" layout of `rope_attention.rotary_embedding`) and `num_key_value_heads` key/value
-  heads, a sparse SwiGLU MoE block in every layer, a final RMSNorm and an untied `lm_head`.
+  heads, a sparse SwiGLU MoE block, a final RMSNorm and an untied `lm_head`.
   OLMoE adds one RMSNorm over the whole query projection and one over the key projection
   (`q_norm`, `k_norm`): our `model.qk_norm`. Qwen3-MoE's `q_norm`, `k_norm` are `[head_dim]`
   RMSNorms applied to each head alone: `model.qk_norm_per_head` as well. Logits are scaled by
   `head_dim ** -0.5`; our attention does the same, so no weight is rescaled.
-- Qwen3-MoE's layer i has experts unless `i in mlp_only_layers` or `(i + 1) %
-  decoder_sparse_step != 0` (our `moe.dense_layers` and `moe.sparse_every`); its other layers
-  have a dense SwiGLU `mlp.{gate,up,down}_proj` of `intermediate_size` (our `model.d_ff`),
-  its experts `moe_intermediate_size` (`moe.d_ff`). We write `decoder_sparse_step=1` and every
-  dense layer in `mlp_only_layers`, which expresses any placement. transformers 5 writes the
-  expert count as `num_local_experts` (an alias of the released configs' `num_experts`); we
-  read both and write `num_experts`.
+- Qwen2-MoE has no q/k norm but biases on q, k and v (`qkv_bias`, our `model.qkv_bias`:
+  `self_attn.q_proj.bias: [N*D]` is our `bq: [N, D]`), and beside the routed experts a shared
+  SwiGLU expert `mlp.shared_expert` of `shared_expert_intermediate_size` whose output is scaled
+  per token by `sigmoid(mlp.shared_expert_gate(x))` (`[1, M]`): our `moe.num_shared_experts`
+  (that width divided by `moe_intermediate_size`, which must divide it) and
+  `moe.shared_expert_gate`.
+- Mixtral and OLMoE have experts in every layer. Qwen-MoE's layer i has experts unless
+  `i in mlp_only_layers` or `(i + 1) % decoder_sparse_step != 0` (our `moe.dense_layers` and
+  `moe.sparse_every`); its other layers have a dense SwiGLU `mlp.{gate,up,down}_proj` of
+  `intermediate_size` (our `model.d_ff`), its experts `moe_intermediate_size` (`moe.d_ff`). We
+  write `decoder_sparse_step=1` and every dense layer in `mlp_only_layers`, which expresses any
+  placement. transformers 5 writes Qwen's expert count as `num_local_experts` (an alias of the
+  released configs' `num_experts`); we read both and write `num_experts`.
 - Linear weights are `[out, in]`: `q_proj.weight: [N*D, M]` is our `wq: [M, N, D]` transposed
   and reshaped, `k_proj`/`v_proj` likewise with K heads, `o_proj.weight: [M, N*D]` our
   `wo: [N, D, M]`; the router `gate.weight: [E, M]` is our router `kernel: [M, E]` transposed.
 - Experts compute `down(silu(gate x) * up x)`: gate is our `wi_gate`, up our `wi`, down our `wo`.
   Published checkpoints, and `save_pretrained` of transformers 5.24, store one tensor per expert:
   Mixtral `block_sparse_moe.experts.{j}.w1` (gate), `w3` (up), `w2` (down) and
-  `block_sparse_moe.gate`; OLMoE `mlp.experts.{j}.gate_proj`, `up_proj`, `down_proj` and
-  `mlp.gate`. transformers 5 holds them fused in memory as `mlp.experts.gate_up_proj:
+  `block_sparse_moe.gate`; OLMoE and Qwen `mlp.experts.{j}.gate_proj`, `up_proj`, `down_proj`
+  and `mlp.gate`. transformers 5 holds them fused in memory as `mlp.experts.gate_up_proj:
   [E, 2H, M]` (gate rows first) and `mlp.experts.down_proj: [E, M, H]`, under `mlp.gate`; we
   read both layouts and write the per-expert one, which transformers loads with no missing or
   unexpected keys.
 - Routing: softmax of the float32 router logits, top-k, weights renormalised over the k chosen
-  (Mixtral always; OLMoE and Qwen3-MoE when `norm_topk_prob`, as Qwen3's releases set it) or the
-  raw probabilities (OLMoE's release), and
-  every token reaches its k experts: our `tokens_choose` with `normalize='topk'|'none'` and the
-  dropless backend. Padding tokens take no expert slot here; in transformers they are routed but
-  masked out of attention and of the loss, so the real tokens' outputs agree.
+  (Mixtral always; the others when `norm_topk_prob`, as Qwen3's releases set it) or the raw
+  probabilities (OLMoE's and Qwen1.5-MoE's releases), and every token reaches its k experts:
+  our `tokens_choose` with `normalize='topk'|'none'` and the dropless backend. Padding tokens
+  take no expert slot here; in transformers they are routed but masked out of attention and of
+  the loss, so the real tokens' outputs agree.
 - Auxiliary loss: transformers' `load_balancing_loss_func` pools the top-k counts and mean
   probabilities of all layers and all real tokens of the batch into one loss, `E * sum_e f_e
   P_e`, added with `router_aux_loss_coef`; moe_jax computes the same Switch form per layer and
   routing group and sums it over layers (`moe_jax.steps`). `router_aux_loss_coef` loads as
-  `loss.aux_coef` unchanged; there is no router z-loss in either family's transformers code
+  `loss.aux_coef` unchanged; there is no router z-loss in these families' transformers code
   (`loss.z_coef = 0`; OLMoE's paper trained with 0.001).
-- Refused: sliding-window attention (Mixtral's `sliding_window`, Qwen3's `use_sliding_window`),
-  attention biases, `clip_qkv`, RoPE scaling other than
-  'default', a non-SiLU activation, attention dropout and Mixtral's router jitter (training
-  only; transformers multiplies the input of the router and the experts by the noise, our
-  `moe.router_jitter` only the router's input).
+- Refused: sliding-window attention (Mixtral's `sliding_window`, Qwen's `use_sliding_window`
+  and `layer_types`), attention biases but Qwen2's q/k/v ones, `clip_qkv`, RoPE scaling other
+  than 'default', a non-SiLU activation, attention dropout and Mixtral's router jitter
+  (training only; transformers multiplies the input of the router and the experts by the noise,
+  our `moe.router_jitter` only the router's input).
 """
 
 from __future__ import annotations
@@ -70,11 +76,13 @@ from moe_jax.stack import sparse_layer_flags
 _PER_EXPERT = {
     "mixtral": ("block_sparse_moe", ("w1", "w3", "w2")),
     "olmoe": ("mlp", ("gate_proj", "up_proj", "down_proj")),
+    "qwen2_moe": ("mlp", ("gate_proj", "up_proj", "down_proj")),
     "qwen3_moe": ("mlp", ("gate_proj", "up_proj", "down_proj")),
 }
 _ARCHITECTURES = {
     "mixtral": "MixtralForCausalLM",
     "olmoe": "OlmoeForCausalLM",
+    "qwen2_moe": "Qwen2MoeForCausalLM",
     "qwen3_moe": "Qwen3MoeForCausalLM",
 }
 # transformers' defaults of the fields a config.json may leave out: (vocab_size, hidden_size,
@@ -84,6 +92,7 @@ _ARCHITECTURES = {
 _DEFAULTS = {
     "mixtral": (32_000, 4096, 32, 32, None, 14_336, None, 8, 2, 1e6, 1e-5, 0.001),
     "olmoe": (50_304, 2048, 16, 16, None, 2048, None, 64, 8, 10_000.0, 1e-5, 0.01),
+    "qwen2_moe": (151_936, 2048, 24, 16, None, 5632, 1408, 60, 4, 10_000.0, 1e-6, 0.001),
     "qwen3_moe": (151_936, 2048, 24, 32, 4, 6144, 768, 128, 8, 10_000.0, 1e-6, 0.001),
 }
 
@@ -105,30 +114,36 @@ def _rope_theta(model_type: str, hf: dict, default: float) -> float:
 
 
 class RopeDecoderFamily:
-    """`mixtral`, `olmoe` or `qwen3_moe` (see the module docstring): they differ in names,
-    defaults, the q/k norm and (Qwen3) dense layers."""
+    """`mixtral`, `olmoe`, `qwen2_moe` or `qwen3_moe` (see the module docstring): they differ in
+    names, defaults, the q/k norm, (Qwen) dense layers and (Qwen2) the shared expert and q/k/v
+    biases."""
 
     def __init__(self, model_type: str):
         self.model_type = model_type
         self.architecture = _ARCHITECTURES[model_type]
         self.mixtral = model_type == "mixtral"
-        self.qwen = model_type == "qwen3_moe"
+        self.qwen = model_type in ("qwen2_moe", "qwen3_moe")
+        self.qwen2 = model_type == "qwen2_moe"
+        self.qk_norm = model_type in ("olmoe", "qwen3_moe")
 
     # ------------------------------------------------------------------------- config
 
     def to_moe_config(self, hf: dict, tensor_names: frozenset[str]) -> dict[str, Any]:
-        mixtral, qwen = self.mixtral, self.qwen
+        mixtral, qwen, qwen2 = self.mixtral, self.qwen, self.qwen2
+        # Qwen keeps `sliding_window` but uses it only with `use_sliding_window` (which, in
+        # Qwen2, makes some `layer_types` sliding)
+        window = {"use_sliding_window": lambda v: v is False} if qwen else {}
+        window = window or {"sliding_window": _is_none}
         supported = {
+            **window,
             "hidden_act": lambda v: v == "silu",
             "attention_bias": lambda v: v is False,
+            "layer_types": lambda v: v is None or set(v) <= {"full_attention"},
             "clip_qkv": _is_none,
             "rope_scaling": _is_none,
             "attention_dropout": lambda v: v == 0,
             "router_jitter_noise": lambda v: v == 0,
         }
-        # Qwen3 keeps `sliding_window` but uses it only with `use_sliding_window`
-        supported.update({"use_sliding_window": lambda v: v is False} if qwen else {})
-        supported.update({} if qwen else {"sliding_window": _is_none})
         check_fields(self.model_type, hf, supported)
         (
             vocab,
@@ -157,6 +172,16 @@ class RopeDecoderFamily:
         experts_key = "num_local_experts" if mixtral else "num_experts"
         num_experts = hf.get(experts_key, hf.get("num_local_experts", experts))
         normalize = True if mixtral else bool(hf.get("norm_topk_prob", False))
+        num_shared = 0
+        if qwen2:
+            shared = hf.get("shared_expert_intermediate_size", 5632)
+            num_shared = shared // expert_d_ff
+            if shared < 1 or shared % expert_d_ff:
+                raise ValueError(
+                    f"qwen2_moe config.json: shared_expert_intermediate_size={shared} is not "
+                    f"supported by moe_jax: it must be a multiple of moe_intermediate_size="
+                    f"{expert_d_ff} (its shared experts are moe.num_shared_experts of that width)."
+                )
         return {
             "model.kind": "rope_decoder",
             "model.vocab_size": hf.get("vocab_size", vocab),
@@ -169,8 +194,9 @@ class RopeDecoderFamily:
             "model.ffn_activation": "swiglu",
             "model.norm_epsilon": float(hf.get("rms_norm_eps", eps)),
             "model.rope_theta": _rope_theta(self.model_type, hf, theta),
-            "model.qk_norm": not mixtral,
-            "model.qk_norm_per_head": qwen,
+            "model.qk_norm": self.qk_norm,
+            "model.qk_norm_per_head": self.model_type == "qwen3_moe",
+            "model.qkv_bias": bool(hf.get("qkv_bias", True)) if qwen2 else False,
             "model.tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
             "model.dropout_rate": 0.0,
             "moe.num_experts": num_experts,
@@ -182,7 +208,8 @@ class RopeDecoderFamily:
             "moe.activation": "swiglu",
             "moe.backend": "dropless",
             "moe.router_jitter": 0.0,
-            "moe.num_shared_experts": 0,
+            "moe.num_shared_experts": num_shared,
+            "moe.shared_expert_gate": qwen2,
             "moe.extra_dense_ffn": False,
             "moe.sparse_placement": "every",
             "moe.sparse_every": hf.get("decoder_sparse_step", 1) if qwen else 1,
@@ -197,15 +224,26 @@ class RopeDecoderFamily:
         required = {
             "model.kind": (model.kind, ("rope_decoder",)),
             "model.ffn_activation": (model.ffn_activation, ("swiglu",)),
-            "model.qk_norm": (bool(model.qk_norm), (not self.mixtral,)),
-            "model.qk_norm_per_head": (bool(model.qk_norm_per_head), (self.qwen,)),
+            "model.qk_norm": (bool(model.qk_norm), (self.qk_norm,)),
+            "model.qk_norm_per_head": (
+                bool(model.qk_norm_per_head),
+                (self.model_type == "qwen3_moe",),
+            ),
             "moe.router": (moe.router, ("tokens_choose",)),
             "moe.activation": (moe.activation, ("", "swiglu")),
             "moe.normalize": (moe.normalize, ("topk",) if self.mixtral else ("topk", "none")),
-            "moe.num_shared_experts": (moe.num_shared_experts, (0,)),
             "moe.extra_dense_ffn": (moe.extra_dense_ffn, (False,)),
         }
+        if not self.qwen2:  # Qwen2's settings are checked below
+            required["model.qkv_bias"] = (bool(model.qkv_bias), (False,))
+            required["moe.num_shared_experts"] = (moe.num_shared_experts, (0,))
+            required["moe.shared_expert_gate"] = (bool(moe.shared_expert_gate), (False,))
         check_settings(self.model_type, required)
+        if self.qwen2 and not (moe.num_shared_experts >= 1 and moe.shared_expert_gate):
+            raise ValueError(
+                "a qwen2_moe checkpoint has one sigmoid-gated shared expert in each sparse "
+                "layer: set moe.num_shared_experts >= 1 and moe.shared_expert_gate=True."
+            )
         if self.qwen:
             return  # any placement of dense layers is `mlp_only_layers`
         if moe.num_experts < 1 or not all(sparse_layer_flags(model.num_layers, moe)):
@@ -251,7 +289,13 @@ class RopeDecoderFamily:
             hf.update({"head_dim": model.head_dim, "moe_intermediate_size": moe.d_ff or model.d_ff})
             hf.update({"norm_topk_prob": moe.normalize == "topk", "decoder_sparse_step": 1})
             hf["mlp_only_layers"] = [i for i, sparse in enumerate(flags) if not sparse]
-            hf.update({"attention_bias": False, "use_sliding_window": False})
+            hf["use_sliding_window"] = False
+            if self.qwen2:
+                shared = moe.num_shared_experts * (moe.d_ff or model.d_ff)
+                hf.update({"qkv_bias": bool(model.qkv_bias)})
+                hf["shared_expert_intermediate_size"] = shared
+            else:
+                hf["attention_bias"] = False
         else:
             hf.update({"norm_topk_prob": moe.normalize == "topk", "clip_qkv": None})
             hf["attention_bias"] = False
@@ -286,6 +330,14 @@ class RopeDecoderFamily:
                     lambda w, h=heads: w.T.reshape(m, h, d),  # [M, heads, D]
                     lambda w, h=heads: w.reshape(m, h * d).T,  # [heads*D, M]
                 )
+            for key, heads in (("q", n), ("k", kv), ("v", kv)) if model.qkv_bias else ():
+                tensors.direct(
+                    f"{prefix}.self_attn.{key}_proj.bias",
+                    (*attention, f"b{key}"),
+                    (heads * d,),
+                    lambda b, h=heads: b.reshape(h, d),  # [heads, D]
+                    lambda b, h=heads: b.reshape(h * d),  # [heads*D]
+                )
             tensors.direct(
                 f"{prefix}.self_attn.o_proj.weight",
                 (*attention, "wo"),
@@ -297,18 +349,26 @@ class RopeDecoderFamily:
                 for key in ("q", "k"):
                     name = f"{prefix}.self_attn.{key}_norm.weight"
                     tensors.copy(name, (*attention, f"{key}_norm", "scale"), (norm_width[key],))
-            if not sparse[index]:  # Qwen3's dense layers: a SwiGLU of intermediate_size
-                for ours, theirs in (("wi_gate", "gate_proj"), ("wi", "up_proj")):
-                    name = f"{prefix}.mlp.{theirs}.weight"
-                    tensors.linear(name, (*path, "ffn", ours), m, model.d_ff)
-                tensors.linear(
-                    f"{prefix}.mlp.down_proj.weight", (*path, "ffn", "wo"), model.d_ff, m
-                )
+            if not sparse[index]:  # Qwen's dense layers: a SwiGLU of intermediate_size
+                self._swiglu(tensors, f"{prefix}.mlp", (*path, "ffn"), m, model.d_ff)
                 continue
             gate = f"{prefix}.{'mlp' if fused else block}.gate.weight"
             tensors.linear(gate, (*path, "ffn", "router", "kernel"), m, e)
             self._experts(tensors, prefix, (*path, "ffn"), config, fused=fused)
+            if moe.shared_expert_gate:  # Qwen2's shared expert and its gate
+                width = moe.num_shared_experts * (moe.d_ff or model.d_ff)
+                shared = f"{prefix}.mlp.shared_expert"
+                self._swiglu(tensors, shared, (*path, "ffn", "shared"), m, width)
+                gate = f"{prefix}.mlp.shared_expert_gate.weight"
+                tensors.linear(gate, (*path, "ffn", "shared_gate"), m, 1)
         return tensors
+
+    @staticmethod
+    def _swiglu(tensors: TensorMap, prefix: str, path: tuple, d_model: int, d_ff: int) -> None:
+        """A dense SwiGLU `{prefix}.{gate,up,down}_proj` <-> our FeedForward at `path`."""
+        for ours, theirs in (("wi_gate", "gate_proj"), ("wi", "up_proj")):
+            tensors.linear(f"{prefix}.{theirs}.weight", (*path, ours), d_model, d_ff)
+        tensors.linear(f"{prefix}.down_proj.weight", (*path, "wo"), d_ff, d_model)
 
     def _experts(self, tensors: TensorMap, prefix: str, path: tuple, config, *, fused: bool):
         m, e = config.model.d_model, config.moe.num_experts
@@ -352,4 +412,5 @@ class RopeDecoderFamily:
 
 MIXTRAL = register(RopeDecoderFamily("mixtral"))
 OLMOE = register(RopeDecoderFamily("olmoe"))
+QWEN2_MOE = register(RopeDecoderFamily("qwen2_moe"))
 QWEN3_MOE = register(RopeDecoderFamily("qwen3_moe"))
