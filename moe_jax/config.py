@@ -16,7 +16,7 @@ from pathlib import Path
 import ml_collections
 
 # Decoder-only model kinds: 'decoder' (T5-style: relative position bias; GLaM) and
-# 'rope_decoder' (Llama-style: rotary positions, grouped-query attention; Mixtral, OLMoE).
+# 'rope_decoder' (Llama-style: rotary positions, grouped-query attention; Mixtral, OLMoE, Qwen).
 DECODER_KINDS = ("decoder", "rope_decoder")
 KINDS = (*DECODER_KINDS, "encoder_decoder")
 EVAL_FULL_PASS = -1  # train.eval_steps that evaluates on the whole validation split, once
@@ -45,10 +45,13 @@ def default_config() -> ml_collections.ConfigDict:
             "dropout_rate": 0.0,
             "tie_embeddings": False,
             "norm_epsilon": 1e-6,  # RMSNorm's epsilon (T5 1e-6; Mixtral, OLMoE 1e-5)
-            # rope_decoder only: rotary base, key/value heads (0: num_heads), OLMoE's q/k RMSNorm
+            # rope_decoder only: rotary base, key/value heads (0: num_heads), q/k RMSNorm over the
+            # whole projection (OLMoE) or, with qk_norm_per_head, over each head's features (Qwen3)
             "rope_theta": 10_000.0,
             "num_kv_heads": 0,
             "qk_norm": False,
+            "qk_norm_per_head": False,
+            "qkv_bias": False,  # rope_decoder: biases on the q, k, v projections (Qwen2-MoE)
             "relative_attention_num_buckets": 32,
             "relative_attention_max_distance": 128,
             # Hugging Face model_type that moe_jax.hf.save writes ('' until loaded or set)
@@ -59,7 +62,7 @@ def default_config() -> ml_collections.ConfigDict:
             # layer with its own norms (Xue et al. 2022)
             "share_layers": False,
             "scan_layers": False,
-            "remat": "none",  # none | full | save_dots | save_routing (models.REMAT_POLICIES)
+            "remat": "none",  # none | full | save_dots | save_routing (stack.REMAT_POLICIES)
         }
     )
 
@@ -106,6 +109,8 @@ def default_config() -> ml_collections.ConfigDict:
             # draws every weight at 0.1)
             "expert_init_scale": 1.0,
             "num_shared_experts": 0,  # always-on dense experts (DeepSeekMoE)
+            # scale the shared experts' output by sigmoid(x @ w), w: [M, 1] (Qwen2-MoE)
+            "shared_expert_gate": False,
             "bias_update_rate": 0.001,  # aux_free router (DeepSeek-V3)
             "sinkhorn_iterations": 10,  # sinkhorn router (S-BASE): Sinkhorn steps in training
             # remoe router (ReMoE): the L1 coefficient's start and its factor per training step
@@ -118,6 +123,9 @@ def default_config() -> ml_collections.ConfigDict:
             "sparse_every": 2,  # every n-th FFN is sparse (Switch/GLaM 2, ST-MoE 4, Switch-C 1)
             "sparse_placement": "every",  # every | bottom | top
             "num_sparse_layers": 0,  # for bottom | top placement
+            # indices of layers whose FFN is dense wherever the placement puts experts (Qwen's
+            # mlp_only_layers)
+            "dense_layers": (),
             "extra_dense_ffn": False,  # ST-MoE's dense FFN beside each sparse one
         }
     )

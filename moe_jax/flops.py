@@ -17,7 +17,7 @@ softmaxes are not in it, so a compiled step's FLOPs exceed it.
 
 from moe_jax import experts
 from moe_jax.config import DECODER_KINDS
-from moe_jax.models import sparse_layer_flags
+from moe_jax.stack import sparse_layer_flags
 
 
 def _ffn(d_model: int, d_ff: int, activation: str) -> int:

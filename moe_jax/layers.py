@@ -172,8 +172,11 @@ class MoeFeedForward(nnx.Module):
     Configuration read: `config.model.{d_model, d_ff, ffn_activation, dtype, param_dtype,
     dropout_rate}` and `config.moe.{num_experts, k, router, d_ff, activation,
     capacity_factor_train, capacity_factor_eval, min_capacity, group_size, backend,
-    expert_dropout, num_shared_experts, bias_update_rate, remoe_l1_rate, ...}` (router keys:
-    see `Router`) and `config.loss.aux_scope`.
+    expert_dropout, num_shared_experts, shared_expert_gate, bias_update_rate, remoe_l1_rate,
+    ...}` (router keys: see `Router`) and `config.loss.aux_scope`. Shared experts are one dense
+    `FeedForward` `shared` of width `num_shared_experts * H`; with `shared_expert_gate`
+    (Qwen2-MoE) its output is scaled per token by `sigmoid(x @ shared_gate)`, `shared_gate:
+    [M, 1]`.
     Expert weights: `wi: [E, M, H]`, `wi_gate: [E, M, H]` (gated activations), `wo: [E, H, M]`,
     drawn with truncated-normal fan-in init of scale `moe.expert_init_scale` (1.0 by default).
 
@@ -258,6 +261,18 @@ class MoeFeedForward(nnx.Module):
                 config, rngs, d_ff=moe.num_shared_experts * d_ff, activation=self.activation
             )
             if moe.num_shared_experts > 0
+            else None
+        )
+        # Qwen2-MoE: the shared experts' output scaled per token by sigmoid(x @ shared_gate)
+        if moe.shared_expert_gate and self.shared is None:
+            raise ValueError("moe.shared_expert_gate=True needs moe.num_shared_experts >= 1.")
+        init = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
+        self.shared_gate = (
+            logical_param(
+                init(rngs.params(), (model.d_model, 1), jnp.dtype(model.param_dtype)),
+                ("embed", None),
+            )  # [M, 1]
+            if moe.shared_expert_gate
             else None
         )
         self.rngs = rngs["dropout"].fork()
@@ -351,7 +366,13 @@ class MoeFeedForward(nnx.Module):
         )  # [G, T, M]
         y = grouping(routed)  # [B, L, M]
         if self.shared is not None:
-            y = y + self.shared(x, deterministic=deterministic)
+            shared = self.shared(x, deterministic=deterministic)  # [B, L, M]
+            if self.shared_gate is not None:
+                gate = experts.dense_matmul(
+                    x.astype(self.dtype), self.shared_gate[...].astype(self.dtype)
+                )
+                shared = shared * jax.nn.sigmoid(gate).astype(shared.dtype)  # gate: [B, L, 1]
+            y = y + shared
         aux = self._aux(route, logits, real, grouping)
         if self.trace_routing:
             aux = aux._replace(token_weights=grouping(self._token_weights(route)))  # [B, L, E]

@@ -1,14 +1,17 @@
 """Rotary position embeddings and grouped-query self-attention (Llama-style decoders).
 
-Used by `config.model.kind == 'rope_decoder'` (Mixtral, OLMoE); no biases anywhere.
+Used by `config.model.kind == 'rope_decoder'` (Mixtral, OLMoE, Qwen-MoE); no biases but the
+optional q/k/v ones (`model.qkv_bias`, Qwen2-MoE).
 
 - `rotary_embedding(x, positions, theta)`: RoPE (Su et al. 2021) in the "rotate half" layout
   that Llama, Mixtral and OLMoE checkpoints use: feature i of a head is paired with feature
   `i + D/2`, and the pair turns by the angle `position * theta**(-2i/D)`.
 - `GroupedQueryAttention`: N query heads share K key/value heads (Ainslie et al. 2023), query
   head n reading key/value head `n // (N / K)`; K == N is plain multi-head attention. Logits
-  scaled by `1 / sqrt(D)`, softmax in float32. Optional q/k RMSNorm (OLMoE): one RMSNorm over
-  the whole `N * D` query projection and one over the `K * D` key projection, before RoPE.
+  scaled by `1 / sqrt(D)`, softmax in float32. Optional q/k RMSNorm before RoPE (`qk_norm`):
+  OLMoE's one RMSNorm over the whole `N * D` query projection and one over the `K * D` key
+  projection, or with `qk_norm_per_head` Qwen3's one `[D]` RMSNorm for queries and one for keys,
+  each applied to every head's D features alone.
 """
 
 from __future__ import annotations
@@ -46,10 +49,11 @@ class GroupedQueryAttention(nnx.Module):
     """Self-attention with rotary positions and `num_kv_heads` key/value heads.
 
     Reads `config.model.{d_model, num_heads, num_kv_heads (0: num_heads), head_dim, rope_theta,
-    qk_norm, norm_epsilon, dropout_rate, dtype, param_dtype}`. Weights: `wq: [M, N, D]`,
-    `wk, wv: [M, K, D]` (logical `('embed', 'heads', 'kv')`), `wo: [N, D, M]`
+    qk_norm, qk_norm_per_head, norm_epsilon, dropout_rate, dtype, param_dtype}`. Weights:
+    `wq: [M, N, D]`, `wk, wv: [M, K, D]` (logical `('embed', 'heads', 'kv')`), `wo: [N, D, M]`
     (`('heads', 'kv', 'embed')`), truncated-normal fan-in init; with `qk_norm`, RMSNorm scales
-    `q_norm: [N * D]`, `k_norm: [K * D]`.
+    `q_norm: [N * D]`, `k_norm: [K * D]`, or `q_norm, k_norm: [D]` with `qk_norm_per_head`; with
+    `qkv_bias`, biases `bq: [N, D]`, `bk, bv: [K, D]` (zeros; logical `('heads', 'kv')`).
     """
 
     def __init__(self, config, *, rngs: nnx.Rngs):
@@ -83,7 +87,15 @@ class GroupedQueryAttention(nnx.Module):
         self.wv = _param(init_in(rngs.params(), kv_shape, param_dtype), names_in)
         out_shape = (self.num_heads, self.head_dim, model.d_model)
         self.wo = _param(init_out(rngs.params(), out_shape, param_dtype), ("heads", "kv", "embed"))
+        self.qkv_bias = bool(model.qkv_bias)
+        if self.qkv_bias:
+            self.bq = _param(jnp.zeros(q_shape[1:], param_dtype), ("heads", "kv"))
+            self.bk = _param(jnp.zeros(kv_shape[1:], param_dtype), ("heads", "kv"))
+            self.bv = _param(jnp.zeros(kv_shape[1:], param_dtype), ("heads", "kv"))
         self.qk_norm = bool(model.qk_norm)
+        self.qk_norm_per_head = bool(model.qk_norm_per_head)
+        if self.qk_norm_per_head and not self.qk_norm:
+            raise ValueError("model.qk_norm_per_head=True needs model.qk_norm=True.")
         if self.qk_norm:
 
             def norm(width: int) -> RMSNorm:
@@ -94,8 +106,11 @@ class GroupedQueryAttention(nnx.Module):
                     param_dtype=model.param_dtype,
                 )
 
-            self.q_norm = norm(self.num_heads * self.head_dim)
-            self.k_norm = norm(self.num_kv_heads * self.head_dim)
+            if self.qk_norm_per_head:
+                self.q_norm, self.k_norm = norm(self.head_dim), norm(self.head_dim)
+            else:
+                self.q_norm = norm(self.num_heads * self.head_dim)
+                self.k_norm = norm(self.num_kv_heads * self.head_dim)
         self.cache: AttentionCache | None = nnx.data(None)
 
     def init_cache(self, batch: int, length: int) -> None:
@@ -105,12 +120,17 @@ class GroupedQueryAttention(nnx.Module):
         shape = (*layers, 2, batch, length, self.num_kv_heads, self.head_dim)
         self.cache = AttentionCache(jnp.zeros(shape, self.dtype))
 
-    def _project(self, x: jax.Array, w: nnx.Param) -> jax.Array:
+    def _project(self, x: jax.Array, w: nnx.Param, bias: nnx.Param | None = None) -> jax.Array:
         out = dense_matmul(x, w[...].astype(self.dtype))
+        if bias is not None:
+            out = out + bias[...].astype(out.dtype)
         return out.astype(self.dtype)  # [B, L, heads, D]
 
     def _normed(self, x: jax.Array, norm: RMSNorm) -> jax.Array:
-        """RMSNorm over all heads' features together: `[B, L, H, D]` -> `[B, L, H, D]`."""
+        """RMSNorm over each head's features (`qk_norm_per_head`) or over all heads' together:
+        `[B, L, H, D]` -> `[B, L, H, D]`."""
+        if self.qk_norm_per_head:
+            return norm(x)
         batch, length, heads, head_dim = x.shape
         return norm(x.reshape(batch, length, heads * head_dim)).reshape(x.shape)
 
@@ -130,9 +150,9 @@ class GroupedQueryAttention(nnx.Module):
         `cache_index ..` and the queries attend to all `Lc` rows: `mask` is `[B, 1, L, Lc]`.
         """
         x = x.astype(self.dtype)
-        q = self._project(x, self.wq)  # [B, L, N, D]
-        k = self._project(x, self.wk)  # [B, L, K, D]
-        v = self._project(x, self.wv)  # [B, L, K, D]
+        q = self._project(x, self.wq, self.bq if self.qkv_bias else None)  # [B, L, N, D]
+        k = self._project(x, self.wk, self.bk if self.qkv_bias else None)  # [B, L, K, D]
+        v = self._project(x, self.wv, self.bv if self.qkv_bias else None)  # [B, L, K, D]
         if self.qk_norm:
             q, k = self._normed(q, self.q_norm), self._normed(k, self.k_norm)
         q = rotary_embedding(q, positions, theta=self.theta)

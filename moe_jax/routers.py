@@ -61,7 +61,7 @@ ROUTERS = (
     "forced_balanced",
 )
 # routers that make a token's routing depend on its group's later tokens: causal stacks refuse
-# them (`models.TransformerStack`), for this reason. BASE and S-BASE do so in training only
+# them (`stack.TransformerStack`), for this reason. BASE and S-BASE do so in training only
 # (the balanced assignment of the whole group); a decoder trained so would see the future there
 # and meet a different router at evaluation, as batch-prioritized routing would.
 NON_CAUSAL_ROUTERS = {
@@ -132,7 +132,7 @@ class Router(nnx.Module):
     """Router of kind `config.moe.router`; float32 weights and maths whatever the model dtype.
 
     Choices take capacity slots in `config.moe.fill_order` ('choice' | 'token'; '' is 'choice'
-    here, and `models.TransformerStack` makes it 'token' in causal stacks). See the module doc
+    here, and `stack.TransformerStack` makes it 'token' in causal stacks). See the module doc
     for the kinds, their weights and what training changes.
     """
 

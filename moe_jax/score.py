@@ -31,7 +31,8 @@ from flax import nnx
 from moe_jax import cli, data, decode, train
 from moe_jax.config import DECODER_KINDS
 from moe_jax.metrics import weighted_means
-from moe_jax.models import DecoderLM, sparse_layer_flags
+from moe_jax.models import DecoderLM
+from moe_jax.stack import sparse_layer_flags
 from moe_jax.steps import compute_loss
 
 

@@ -9,7 +9,7 @@ Sparse upcycling (Komatsuzaki et al. 2023, "Sparse Upcycling: Training Mixture-o
 Dense Checkpoints"): every expert of a sparse layer starts as a copy of the dense FFN of that
 layer; attention, embeddings, norms, position biases and the dense FFNs of layers that stay
 dense are copied; routers keep the MoE model's own fresh initialisation. Which layers become
-sparse is the MoE config's `moe.sparse_placement` (`models.layer_plan`). With k experts chosen,
+sparse is the MoE config's `moe.sparse_placement` (`stack.layer_plan`). With k experts chosen,
 their weights renormalised to sum to 1 (`moe.normalize='topk'`, or k=1 with 'topk') and no
 token dropped (dropless backend or ample capacity), the upcycled model computes the dense
 model's function exactly.

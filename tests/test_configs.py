@@ -22,6 +22,7 @@ FAMILIES = {
     "glam": ("0.1b_64e", "1.7b_64e", "8b_64e", "64b_64e", "tiny"),
     "mixtral": ("8x7b", "tiny"),
     "olmoe": ("1b_7b", "tiny"),
+    "qwen_moe": ("qwen3_30b_a3b", "qwen3_235b_a22b", "qwen2_a2.7b", "tiny"),
     "widenet": ("nlp_16e", "tiny"),
 }
 
@@ -127,10 +128,14 @@ def test_glam_64b_activated_matches_paper():
 
 # (family, variant, total, active, relative tolerance): Mixtral (Jiang et al. 2024, Table 1 and
 # Sec. 1: 46.7B total, 12.9B active) and OLMoE-1B-7B (Muennighoff et al. 2024: 6.9B total, 1.3B
-# active, rounded), both counted with their untied embedding and output head.
+# active, rounded), Qwen3-30B-A3B (model card: 30.5B, 3.3B), Qwen3-235B-A22B (235B, 22B) and
+# Qwen1.5-MoE-A2.7B (14.3B, 2.7B), all counted with their untied embedding and output head.
 ROPE_DECODER_COUNTS = [
     ("mixtral", "8x7b", 46.7 * B, 12.9 * B, 0.01),
     ("olmoe", "1b_7b", 6.9 * B, 1.3 * B, 0.02),
+    ("qwen_moe", "qwen3_30b_a3b", 30.5 * B, 3.3 * B, 0.02),
+    ("qwen_moe", "qwen3_235b_a22b", 235 * B, 22 * B, 0.02),
+    ("qwen_moe", "qwen2_a2.7b", 14.3 * B, 2.7 * B, 0.02),
 ]
 
 
@@ -150,10 +155,20 @@ def test_rope_decoder_paper_choices():
     assert olmoe.model.qk_norm and (olmoe.moe.num_experts, olmoe.moe.k) == (64, 8)
     assert olmoe.moe.normalize == "none"
     assert (olmoe.loss.aux_coef, olmoe.loss.z_coef) == (1e-2, 1e-3)
-    for config in (mixtral, olmoe):
+    qwen = get_config("qwen_moe", "qwen3_30b_a3b")
+    assert qwen.model.qk_norm and qwen.model.qk_norm_per_head and qwen.model.num_kv_heads == 4
+    assert (qwen.moe.num_experts, qwen.moe.k, qwen.moe.normalize) == (128, 8, "topk")
+    assert (qwen.moe.d_ff, qwen.model.head_dim, qwen.model.rope_theta) == (768, 128, 1e6)
+    qwen2 = get_config("qwen_moe", "qwen2_a2.7b")
+    assert qwen2.model.qkv_bias and not qwen2.model.qk_norm and qwen2.moe.shared_expert_gate
+    assert (qwen2.moe.num_experts, qwen2.moe.k, qwen2.moe.num_shared_experts) == (60, 4, 4)
+    assert qwen2.moe.normalize == "none" and qwen2.model.hf_model_type == "qwen2_moe"
+    for config in (mixtral, olmoe, qwen, qwen2):
         assert config.moe.backend == "dropless" and config.moe.router_jitter == 0.0
         assert config.model.ffn_activation == config.moe.activation == "swiglu"
-        assert not config.model.tie_embeddings and config.model.norm_epsilon == 1e-5
+        assert not config.model.tie_embeddings
+    assert mixtral.model.norm_epsilon == olmoe.model.norm_epsilon == 1e-5
+    assert qwen.model.norm_epsilon == qwen2.model.norm_epsilon == 1e-6
 
 
 def test_expert_count_in_variant_name_equals_override():

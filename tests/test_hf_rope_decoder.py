@@ -1,9 +1,12 @@
-"""moe_jax.hf against transformers' Mixtral and OLMoE: logits, router logits, the load-balancing
-loss, both expert layouts, round trips, refusals.
+"""moe_jax.hf against transformers' Mixtral, OLMoE, Qwen2-MoE and Qwen3-MoE: logits, router
+logits, the load-balancing loss, both expert layouts, round trips, refusals.
 
-The oracle is a tiny random `transformers` model (seeded, float32, eager attention): 3 layers,
-4 query heads sharing 2 key/value heads, 6 (Mixtral) or 8 (OLMoE) experts, saved with
-`save_pretrained`, on batches with left and right padding.
+The oracle is a tiny random `transformers` model (seeded, float32, eager attention): 3 layers
+(Qwen3-MoE: 6, sparse only where `decoder_sparse_step` and `mlp_only_layers` leave experts, with
+head_dim 12 != hidden_size / heads; Qwen2-MoE: 4 with layer 2 dense, q/k/v biases and a gated
+shared expert twice an expert's width), 4 query heads sharing 2 key/value heads, 6 (Mixtral) or
+8 experts, random RMSNorm scales and biases, saved with `save_pretrained`, on batches with left
+and right padding.
 """
 
 import importlib
@@ -27,7 +30,10 @@ from tests.test_hf_train import first_step_cross_entropy, small_run
 
 VOCAB = 96
 TRAIN_VOCAB = 384  # the byte-level synthetic corpus needs >= 259 ids
-FAMILIES = ("mixtral", "olmoe")
+FAMILIES = ("mixtral", "olmoe", "qwen2_moe", "qwen3_moe")
+# Qwen3-MoE's layers: experts where (i + 1) % 2 == 0, but layer 3 is in mlp_only_layers
+QWEN_SPARSE = (False, True, False, False, False, True)
+QWEN2_SPARSE = (True, True, False, True)  # mlp_only_layers [2]
 
 
 def hf_config(family: str, **overrides):
@@ -49,8 +55,19 @@ def hf_config(family: str, **overrides):
         settings.update(num_local_experts=6, num_experts_per_tok=2, router_aux_loss_coef=0.02)
         settings.update(overrides)
         return transformers.MixtralConfig(**settings)
-    settings.update(num_experts=8, num_experts_per_tok=3, norm_topk_prob=False)
+    settings.update(num_experts=8, num_experts_per_tok=3, norm_topk_prob=family == "qwen3_moe")
+    if family == "qwen2_moe":
+        settings.update(num_hidden_layers=4, moe_intermediate_size=16, mlp_only_layers=[2])
+        settings.update(shared_expert_intermediate_size=32, qkv_bias=True)
+        settings.update(router_aux_loss_coef=0.03)
+        settings.update(overrides)
+        return transformers.Qwen2MoeConfig(**settings)
     settings.update(router_aux_loss_coef=0.03)
+    if family == "qwen3_moe":
+        settings.update(num_hidden_layers=6, head_dim=12, moe_intermediate_size=16)
+        settings.update(decoder_sparse_step=2, mlp_only_layers=[3], rms_norm_eps=1e-6)
+        settings.update(overrides)
+        return transformers.Qwen3MoeConfig(**settings)
     settings.update(overrides)
     return transformers.OlmoeConfig(**settings)
 
@@ -64,6 +81,8 @@ def random_model(config, seed: int = 0):
                 # transformers draws the router from N(0, 0.02); spread the experts' shares so
                 # that top-k choices are far from ties
                 parameter.mul_(20.0)
+            if name.endswith(("norm.weight", ".bias")):  # ones and zeros at init: make each
+                parameter.add_(0.3 * torch.randn_like(parameter))  # value's place matter
     return model
 
 
@@ -112,9 +131,16 @@ def test_loaded_model_equals_transformers(saved):
     family, reference, directory = saved
     config, model = hf.load(str(directory))
     assert config.model.kind == "rope_decoder" and config.model.num_kv_heads == 2
-    assert config.model.qk_norm == (family == "olmoe") and config.moe.backend == "dropless"
-    assert config.moe.normalize == ("topk" if family == "mixtral" else "none")
+    assert config.model.qk_norm == (family in ("olmoe", "qwen3_moe"))
+    assert config.model.qk_norm_per_head == (family == "qwen3_moe")
+    assert config.moe.backend == "dropless"
+    assert config.model.qkv_bias == config.moe.shared_expert_gate == (family == "qwen2_moe")
+    assert config.moe.num_shared_experts == (2 if family == "qwen2_moe" else 0)
+    assert config.moe.normalize == ("none" if family in ("olmoe", "qwen2_moe") else "topk")
     assert config.loss.aux_coef == (0.02 if family == "mixtral" else 0.03)
+    sparse = models.sparse_layer_flags(config.model.num_layers, config.moe)
+    expected = {"qwen3_moe": QWEN_SPARSE, "qwen2_moe": QWEN2_SPARSE}.get(family, (True,) * 3)
+    assert sparse == expected
     tokens, mask = batch()
     real = mask.astype(bool)
     ours, aux, router = ours_forward(model, tokens, mask)
@@ -123,7 +149,7 @@ def test_loaded_model_equals_transformers(saved):
 
     # per-layer router logits of the real tokens
     their_router = [x.numpy() for x in theirs.router_logits]
-    assert len(router) == len(their_router) == 3
+    assert len(router) == len(their_router) == sum(sparse)
     flat_real = real.reshape(-1)
     for mine, their in zip(router, their_router):
         assert_close(mine[flat_real], their[flat_real])
@@ -154,7 +180,7 @@ def test_fused_expert_layout_loads_the_same(saved, tmp_path):
     is, loads to the same model as the per-expert layout that save_pretrained writes."""
     family, reference, directory = saved
     state = {name: tensor.numpy() for name, tensor in reference.state_dict().items()}
-    assert "model.layers.0.mlp.experts.gate_up_proj" in state
+    assert "model.layers.1.mlp.experts.gate_up_proj" in state
     safetensors.numpy.save_file(state, str(tmp_path / "model.safetensors"))
     (tmp_path / "config.json").write_text((directory / "config.json").read_text())
     _, fused = hf.load(str(tmp_path))
@@ -215,7 +241,8 @@ def rope_decoder_config(family: str):
     model.kind, model.hf_model_type = "rope_decoder", family
     model.vocab_size, model.d_model, model.num_layers = VOCAB, 32, 2
     model.num_heads, model.num_kv_heads, model.head_dim = 4, 1, 8
-    model.ffn_activation, model.norm_epsilon, model.qk_norm = "swiglu", 1e-5, family == "olmoe"
+    model.ffn_activation, model.norm_epsilon = "swiglu", 1e-5
+    model.qk_norm = family in ("olmoe", "qwen3_moe")
     moe.num_experts, moe.k, moe.d_ff, moe.sparse_every = 4, 2, 16, 1
     moe.normalize, moe.backend = "topk", "dropless"
     return config
@@ -229,6 +256,10 @@ def rope_decoder_config(family: str):
         ("mixtral", "hidden_act", "gelu"),
         ("olmoe", "clip_qkv", 8.0),
         ("olmoe", "attention_bias", True),
+        ("qwen3_moe", "use_sliding_window", True),
+        ("qwen3_moe", "attention_bias", True),
+        ("qwen2_moe", "use_sliding_window", True),
+        ("qwen2_moe", "shared_expert_intermediate_size", 20),
     ],
 )
 def test_unsupported_fields_are_named(family, field, value, tmp_path):
@@ -249,6 +280,12 @@ def test_config_fields_rope_spellings_and_norm_topk_prob():
     scaled = {"rope_parameters": {"rope_theta": 99.0, "rope_type": "yarn", "factor": 4.0}}
     with pytest.raises(ValueError, match="rope_type='yarn'"):
         family.to_moe_config(scaled, frozenset())
+    qwen = hf.get_family("qwen3_moe")
+    with pytest.raises(ValueError, match="qwen3_moe config.json: rope_parameters.rope_type='yarn'"):
+        qwen.to_moe_config(scaled, frozenset())
+    # the released configs name the expert count num_experts, transformers 5 num_local_experts
+    for key in ("num_experts", "num_local_experts"):
+        assert qwen.to_moe_config({key: 5}, frozenset())["moe.num_experts"] == 5
 
 
 def test_settings_a_family_cannot_express_are_refused_before_writing(tmp_path):
@@ -260,6 +297,17 @@ def test_settings_a_family_cannot_express_are_refused_before_writing(tmp_path):
     config = rope_decoder_config("olmoe")
     config.moe.sparse_every = 2
     with pytest.raises(ValueError, match="experts in every layer"):
+        hf.save(config, model, str(tmp_path / "out"))
+    config = rope_decoder_config("qwen3_moe")  # Qwen3's q/k norm is per head
+    with pytest.raises(ValueError, match="model.qk_norm_per_head=False"):
+        hf.save(config, model, str(tmp_path / "out"))
+    config = rope_decoder_config("qwen2_moe")
+    config.model.qk_norm = False
+    with pytest.raises(ValueError, match="sigmoid-gated shared expert"):
+        hf.save(config, model, str(tmp_path / "out"))
+    config = rope_decoder_config("mixtral")
+    config.moe.num_shared_experts, config.moe.shared_expert_gate = 1, True
+    with pytest.raises(ValueError, match="moe.num_shared_experts=1"):
         hf.save(config, model, str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
 

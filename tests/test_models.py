@@ -173,6 +173,9 @@ def test_causal_mask_is_lower_triangular():
         (4, dict(sparse_placement="bottom", num_sparse_layers=1), (1, 0, 0, 0)),
         (4, dict(sparse_placement="top", num_sparse_layers=2), (0, 0, 1, 1)),
         (4, dict(num_experts=0), (0, 0, 0, 0)),
+        # Qwen's decoder_sparse_step 2 with mlp_only_layers [3]
+        (6, dict(sparse_every=2, dense_layers=(3,)), (0, 1, 0, 0, 0, 1)),
+        (4, dict(sparse_every=1, dense_layers=(0, 3)), (0, 1, 1, 0)),
     ],
 )
 def test_sparse_layer_placement(num_layers, overrides, flags):
@@ -185,6 +188,15 @@ def test_bad_placement_raises():
         models.layer_plan(4, micro_config(sparse_placement="top", num_sparse_layers=0).moe)
     with pytest.raises(ValueError, match="sparse_placement"):
         models.layer_plan(4, micro_config(sparse_placement="middle").moe)
+    with pytest.raises(ValueError, match=r"moe.dense_layers=\(4,\) must be layer indices"):
+        models.layer_plan(4, micro_config(sparse_every=1, dense_layers=(4,)).moe)
+
+
+def test_dense_layers_make_one_layer_segments():
+    """Each run of equal layers is one segment of one-layer blocks (what scan repeats)."""
+    moe = micro_config(sparse_every=2, dense_layers=(3,)).moe
+    expected = (((False,), 1), ((True,), 1), ((False,), 3), ((True,), 1))
+    assert models.layer_plan(6, moe) == expected
 
 
 # ----------------------------------------------------------------------------------- models

@@ -148,6 +148,24 @@ def test_qk_norm_normalises_all_heads_together():
     np.testing.assert_allclose(after, before, rtol=1e-4, atol=1e-5)
 
 
+def test_qk_norm_per_head_normalises_each_head_alone():
+    # Qwen3's q/k norm is one [D] RMSNorm applied to every head's D features on their own
+    config = rope_config(qk_norm=True)
+    config.model.qk_norm_per_head = True
+    layer = GroupedQueryAttention(config, rngs=nnx.Rngs(0))
+    assert layer.q_norm.scale.shape == layer.k_norm.scale.shape == (8,)
+    layer.q_norm.scale[...] = jax.random.uniform(jax.random.key(2), (8,), minval=0.5, maxval=2)
+    x, _ = _inputs()
+    q = np.asarray(layer._project(x, layer.wq))  # [B, L, N, D]
+    rms = np.sqrt(np.mean(q**2, axis=-1, keepdims=True) + 1e-5)
+    expected = q / rms * np.asarray(layer.q_norm.scale[...])
+    normed = layer._normed(layer._project(x, layer.wq), layer.q_norm)
+    np.testing.assert_allclose(normed, expected, rtol=1e-5, atol=1e-6)
+    config.model.qk_norm = False
+    with pytest.raises(ValueError, match="qk_norm_per_head=True needs model.qk_norm=True"):
+        GroupedQueryAttention(config, rngs=nnx.Rngs(0))
+
+
 def test_gqa_rejects_heads_that_do_not_divide():
     with pytest.raises(ValueError, match="num_kv_heads=3 must divide"):
         GroupedQueryAttention(rope_config(num_kv_heads=3), rngs=nnx.Rngs(0))

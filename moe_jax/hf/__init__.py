@@ -9,8 +9,9 @@ model. `load` builds the model with `model.scan_layers=False`; `load_into` (what
 `--config.train.init_from=hf:DIR` calls) and `save` also accept scanned models.
 
 Families, keyed by the `model_type` of `config.json` (`moe_jax.hf.family`): `t5` (T5 v1.0/v1.1,
-`moe_jax.hf.t5`), `switch_transformers` (`moe_jax.hf.switch`), and `mixtral` and `olmoe`
-(`moe_jax.hf.rope_decoder`, our `model.kind='rope_decoder'`). A family is an object with
+`moe_jax.hf.t5`), `switch_transformers` (`moe_jax.hf.switch`), and `mixtral`, `olmoe`,
+`qwen2_moe` and `qwen3_moe` (`moe_jax.hf.rope_decoder`, our `model.kind='rope_decoder'`). A
+family is an object with
 
 - `model_type: str`;
 - `to_moe_config(hf_config: dict, tensor_names: frozenset[str]) -> dict`: moe_jax settings as

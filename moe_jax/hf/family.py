@@ -26,7 +26,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from moe_jax.models import layer_plan
+from moe_jax.stack import layer_plan
 
 Path = tuple[str | int, ...]
 TensorGetter = Callable[[str], np.ndarray]  # HF tensor name -> array
@@ -112,7 +112,7 @@ def family_of(config: Any) -> Family:
 def layer_paths(config: Any, stack: str, num_layers: int) -> list[Path]:
     """The parameter path prefix of each layer of `stack` ('encoder' or 'decoder'), bottom to
     top, in the model built with `scan_layers=False`: `(stack, 'segments', s, r, 'layers', j)`
-    for layer j of repeat r of segment s (see `moe_jax.models.layer_plan`)."""
+    for layer j of repeat r of segment s (see `moe_jax.stack.layer_plan`)."""
     paths = []
     for segment, (pattern, repeats) in enumerate(layer_plan(num_layers, config.moe)):
         for repeat in range(repeats):

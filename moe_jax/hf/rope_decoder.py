@@ -1,40 +1,58 @@
-"""The `mixtral` and `olmoe` families: Llama-style MoE decoders, our `model.kind='rope_decoder'`.
+"""The `mixtral`, `olmoe`, `qwen2_moe` and `qwen3_moe` families: Llama-style MoE decoders, our
+`model.kind='rope_decoder'`.
 
-transformers' Mixtral and OLMoE (`models/{mixtral,olmoe}/modeling_*.py`, 5.x) against moe_jax:
+transformers' Mixtral, OLMoE, Qwen2-MoE and Qwen3-MoE (`models/{mixtral,olmoe,qwen2_moe,
+qwen3_moe}/modeling_*.py`, 5.x) against moe_jax:
 
 - Layers: pre-norm RMSNorm (`rms_norm_eps` -> `model.norm_epsilon`), self-attention with
   rotary positions (`rope_parameters.rope_theta`, or the older top-level `rope_theta`; the
   "rotate half" layout of `rope_attention.rotary_embedding`) and `num_key_value_heads` key/value
-  heads, a sparse SwiGLU MoE block in every layer, a final RMSNorm and an untied `lm_head`.
+  heads, a sparse SwiGLU MoE block, a final RMSNorm and an untied `lm_head`.
   OLMoE adds one RMSNorm over the whole query projection and one over the key projection
-  (`q_norm`, `k_norm`): our `model.qk_norm`. Logits are scaled by `head_dim ** -0.5`; our
-  attention does the same, so no weight is rescaled.
+  (`q_norm`, `k_norm`): our `model.qk_norm`. Qwen3-MoE's `q_norm`, `k_norm` are `[head_dim]`
+  RMSNorms applied to each head alone: `model.qk_norm_per_head` as well. Logits are scaled by
+  `head_dim ** -0.5`; our attention does the same, so no weight is rescaled.
+- Qwen2-MoE has no q/k norm but biases on q, k and v (`qkv_bias`, our `model.qkv_bias`:
+  `self_attn.q_proj.bias: [N*D]` is our `bq: [N, D]`), and beside the routed experts a shared
+  SwiGLU expert `mlp.shared_expert` of `shared_expert_intermediate_size` whose output is scaled
+  per token by `sigmoid(mlp.shared_expert_gate(x))` (`[1, M]`): our `moe.num_shared_experts`
+  (that width divided by `moe_intermediate_size`, which must divide it) and
+  `moe.shared_expert_gate`.
+- Mixtral and OLMoE have experts in every layer. Qwen-MoE's layer i has experts unless
+  `i in mlp_only_layers` or `(i + 1) % decoder_sparse_step != 0` (our `moe.dense_layers` and
+  `moe.sparse_every`); its other layers have a dense SwiGLU `mlp.{gate,up,down}_proj` of
+  `intermediate_size` (our `model.d_ff`), its experts `moe_intermediate_size` (`moe.d_ff`). We
+  write `decoder_sparse_step=1` and every dense layer in `mlp_only_layers`, which expresses any
+  placement. transformers 5 writes Qwen's expert count as `num_local_experts` (an alias of the
+  released configs' `num_experts`); we read both and write `num_experts`.
 - Linear weights are `[out, in]`: `q_proj.weight: [N*D, M]` is our `wq: [M, N, D]` transposed
   and reshaped, `k_proj`/`v_proj` likewise with K heads, `o_proj.weight: [M, N*D]` our
   `wo: [N, D, M]`; the router `gate.weight: [E, M]` is our router `kernel: [M, E]` transposed.
 - Experts compute `down(silu(gate x) * up x)`: gate is our `wi_gate`, up our `wi`, down our `wo`.
   Published checkpoints, and `save_pretrained` of transformers 5.24, store one tensor per expert:
   Mixtral `block_sparse_moe.experts.{j}.w1` (gate), `w3` (up), `w2` (down) and
-  `block_sparse_moe.gate`; OLMoE `mlp.experts.{j}.gate_proj`, `up_proj`, `down_proj` and
-  `mlp.gate`. transformers 5 holds them fused in memory as `mlp.experts.gate_up_proj:
+  `block_sparse_moe.gate`; OLMoE and Qwen `mlp.experts.{j}.gate_proj`, `up_proj`, `down_proj`
+  and `mlp.gate`. transformers 5 holds them fused in memory as `mlp.experts.gate_up_proj:
   [E, 2H, M]` (gate rows first) and `mlp.experts.down_proj: [E, M, H]`, under `mlp.gate`; we
   read both layouts and write the per-expert one, which transformers loads with no missing or
   unexpected keys.
 - Routing: softmax of the float32 router logits, top-k, weights renormalised over the k chosen
-  (Mixtral always; OLMoE when `norm_topk_prob`) or the raw probabilities (OLMoE's release), and
-  every token reaches its k experts: our `tokens_choose` with `normalize='topk'|'none'` and the
-  dropless backend. Padding tokens take no expert slot here; in transformers they are routed but
-  masked out of attention and of the loss, so the real tokens' outputs agree.
+  (Mixtral always; the others when `norm_topk_prob`, as Qwen3's releases set it) or the raw
+  probabilities (OLMoE's and Qwen1.5-MoE's releases), and every token reaches its k experts:
+  our `tokens_choose` with `normalize='topk'|'none'` and the dropless backend. Padding tokens
+  take no expert slot here; in transformers they are routed but masked out of attention and of
+  the loss, so the real tokens' outputs agree.
 - Auxiliary loss: transformers' `load_balancing_loss_func` pools the top-k counts and mean
   probabilities of all layers and all real tokens of the batch into one loss, `E * sum_e f_e
   P_e`, added with `router_aux_loss_coef`; moe_jax computes the same Switch form per layer and
   routing group and sums it over layers (`moe_jax.steps`). `router_aux_loss_coef` loads as
-  `loss.aux_coef` unchanged; there is no router z-loss in either family's transformers code
+  `loss.aux_coef` unchanged; there is no router z-loss in these families' transformers code
   (`loss.z_coef = 0`; OLMoE's paper trained with 0.001).
-- Refused: sliding-window attention, attention biases, `clip_qkv`, RoPE scaling other than
-  'default', a non-SiLU activation, attention dropout and Mixtral's router jitter (training
-  only; transformers multiplies the input of the router and the experts by the noise, our
-  `moe.router_jitter` only the router's input).
+- Refused: sliding-window attention (Mixtral's `sliding_window`, Qwen's `use_sliding_window`
+  and `layer_types`), attention biases but Qwen2's q/k/v ones, `clip_qkv`, RoPE scaling other
+  than 'default', a non-SiLU activation, attention dropout and Mixtral's router jitter
+  (training only; transformers multiplies the input of the router and the experts by the noise,
+  our `moe.router_jitter` only the router's input).
 """
 
 from __future__ import annotations
@@ -52,12 +70,30 @@ from moe_jax.hf.family import (
     register,
 )
 from moe_jax.hf.t5 import TensorMap
-from moe_jax.models import sparse_layer_flags
+from moe_jax.stack import sparse_layer_flags
 
 # HF module names of each family's MoE block and its per-expert (gate, up, down) linears
 _PER_EXPERT = {
     "mixtral": ("block_sparse_moe", ("w1", "w3", "w2")),
     "olmoe": ("mlp", ("gate_proj", "up_proj", "down_proj")),
+    "qwen2_moe": ("mlp", ("gate_proj", "up_proj", "down_proj")),
+    "qwen3_moe": ("mlp", ("gate_proj", "up_proj", "down_proj")),
+}
+_ARCHITECTURES = {
+    "mixtral": "MixtralForCausalLM",
+    "olmoe": "OlmoeForCausalLM",
+    "qwen2_moe": "Qwen2MoeForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
+}
+# transformers' defaults of the fields a config.json may leave out: (vocab_size, hidden_size,
+# num_hidden_layers, num_attention_heads, num_key_value_heads (None: the query heads),
+# intermediate_size, moe_intermediate_size (None: intermediate_size), experts, k, rope_theta,
+# rms_norm_eps, router_aux_loss_coef)
+_DEFAULTS = {
+    "mixtral": (32_000, 4096, 32, 32, None, 14_336, None, 8, 2, 1e6, 1e-5, 0.001),
+    "olmoe": (50_304, 2048, 16, 16, None, 2048, None, 64, 8, 10_000.0, 1e-5, 0.01),
+    "qwen2_moe": (151_936, 2048, 24, 16, None, 5632, 1408, 60, 4, 10_000.0, 1e-6, 0.001),
+    "qwen3_moe": (151_936, 2048, 24, 32, 4, 6144, 768, 128, 8, 10_000.0, 1e-6, 0.001),
 }
 
 
@@ -78,73 +114,108 @@ def _rope_theta(model_type: str, hf: dict, default: float) -> float:
 
 
 class RopeDecoderFamily:
-    """`mixtral` or `olmoe` (see the module docstring); the two differ in names and defaults."""
+    """`mixtral`, `olmoe`, `qwen2_moe` or `qwen3_moe` (see the module docstring): they differ in
+    names, defaults, the q/k norm, (Qwen) dense layers and (Qwen2) the shared expert and q/k/v
+    biases."""
 
     def __init__(self, model_type: str):
         self.model_type = model_type
-        self.architecture = {"mixtral": "MixtralForCausalLM", "olmoe": "OlmoeForCausalLM"}[
-            model_type
-        ]
+        self.architecture = _ARCHITECTURES[model_type]
         self.mixtral = model_type == "mixtral"
+        self.qwen = model_type in ("qwen2_moe", "qwen3_moe")
+        self.qwen2 = model_type == "qwen2_moe"
+        self.qk_norm = model_type in ("olmoe", "qwen3_moe")
 
     # ------------------------------------------------------------------------- config
 
     def to_moe_config(self, hf: dict, tensor_names: frozenset[str]) -> dict[str, Any]:
-        mixtral = self.mixtral
-        check_fields(
-            self.model_type,
-            hf,
-            {
-                "hidden_act": lambda v: v == "silu",
-                "sliding_window": _is_none,
-                "attention_bias": lambda v: v is False,
-                "clip_qkv": _is_none,
-                "rope_scaling": _is_none,
-                "attention_dropout": lambda v: v == 0,
-                "router_jitter_noise": lambda v: v == 0,
-            },
-        )
-        d_model = hf.get("hidden_size", 4096 if mixtral else 2048)
-        num_heads = hf.get("num_attention_heads", 32 if mixtral else 16)
+        mixtral, qwen, qwen2 = self.mixtral, self.qwen, self.qwen2
+        # Qwen keeps `sliding_window` but uses it only with `use_sliding_window` (which, in
+        # Qwen2, makes some `layer_types` sliding)
+        window = {"use_sliding_window": lambda v: v is False} if qwen else {}
+        window = window or {"sliding_window": _is_none}
+        supported = {
+            **window,
+            "hidden_act": lambda v: v == "silu",
+            "attention_bias": lambda v: v is False,
+            "layer_types": lambda v: v is None or set(v) <= {"full_attention"},
+            "clip_qkv": _is_none,
+            "rope_scaling": _is_none,
+            "attention_dropout": lambda v: v == 0,
+            "router_jitter_noise": lambda v: v == 0,
+        }
+        check_fields(self.model_type, hf, supported)
+        (
+            vocab,
+            d_model,
+            layers,
+            heads,
+            kv_heads,
+            d_ff,
+            expert_d_ff,
+            experts,
+            k,
+            theta,
+            eps,
+            aux,
+        ) = _DEFAULTS[self.model_type]
+        d_model = hf.get("hidden_size", d_model)
+        num_heads = hf.get("num_attention_heads", heads)
         head_dim = hf.get("head_dim") or d_model // num_heads
-        if not mixtral and head_dim * num_heads != d_model:
+        if self.model_type == "olmoe" and head_dim * num_heads != d_model:
             raise ValueError(
                 f"olmoe config.json: head_dim={head_dim} with num_attention_heads={num_heads} "
                 f"must give hidden_size={d_model} (OLMoE's q_norm spans hidden_size)."
             )
-        d_ff = hf.get("intermediate_size", 14336 if mixtral else 2048)
+        d_ff = hf.get("intermediate_size", d_ff)
+        expert_d_ff = hf.get("moe_intermediate_size", expert_d_ff) if qwen else d_ff
         experts_key = "num_local_experts" if mixtral else "num_experts"
+        num_experts = hf.get(experts_key, hf.get("num_local_experts", experts))
         normalize = True if mixtral else bool(hf.get("norm_topk_prob", False))
+        num_shared = 0
+        if qwen2:
+            shared = hf.get("shared_expert_intermediate_size", 5632)
+            num_shared = shared // expert_d_ff
+            if shared < 1 or shared % expert_d_ff:
+                raise ValueError(
+                    f"qwen2_moe config.json: shared_expert_intermediate_size={shared} is not "
+                    f"supported by moe_jax: it must be a multiple of moe_intermediate_size="
+                    f"{expert_d_ff} (its shared experts are moe.num_shared_experts of that width)."
+                )
         return {
             "model.kind": "rope_decoder",
-            "model.vocab_size": hf.get("vocab_size", 32000 if mixtral else 50304),
+            "model.vocab_size": hf.get("vocab_size", vocab),
             "model.d_model": d_model,
-            "model.num_layers": hf.get("num_hidden_layers", 32 if mixtral else 16),
+            "model.num_layers": hf.get("num_hidden_layers", layers),
             "model.num_heads": num_heads,
-            "model.num_kv_heads": hf.get("num_key_value_heads") or num_heads,
+            "model.num_kv_heads": hf.get("num_key_value_heads", kv_heads) or num_heads,
             "model.head_dim": head_dim,
             "model.d_ff": d_ff,
             "model.ffn_activation": "swiglu",
-            "model.norm_epsilon": float(hf.get("rms_norm_eps", 1e-5)),
-            "model.rope_theta": _rope_theta(self.model_type, hf, 1e6 if mixtral else 10_000.0),
-            "model.qk_norm": not mixtral,
+            "model.norm_epsilon": float(hf.get("rms_norm_eps", eps)),
+            "model.rope_theta": _rope_theta(self.model_type, hf, theta),
+            "model.qk_norm": self.qk_norm,
+            "model.qk_norm_per_head": self.model_type == "qwen3_moe",
+            "model.qkv_bias": bool(hf.get("qkv_bias", True)) if qwen2 else False,
             "model.tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
             "model.dropout_rate": 0.0,
-            "moe.num_experts": hf.get(experts_key, 8 if mixtral else 64),
-            "moe.k": hf.get("num_experts_per_tok", 2 if mixtral else 8),
+            "moe.num_experts": num_experts,
+            "moe.k": hf.get("num_experts_per_tok", k),
             "moe.router": "tokens_choose",
             "moe.decoder_router": "",
             "moe.normalize": "topk" if normalize else "none",
-            "moe.d_ff": d_ff,
+            "moe.d_ff": expert_d_ff,
             "moe.activation": "swiglu",
             "moe.backend": "dropless",
             "moe.router_jitter": 0.0,
-            "moe.num_shared_experts": 0,
+            "moe.num_shared_experts": num_shared,
+            "moe.shared_expert_gate": qwen2,
             "moe.extra_dense_ffn": False,
             "moe.sparse_placement": "every",
-            "moe.sparse_every": 1,
+            "moe.sparse_every": hf.get("decoder_sparse_step", 1) if qwen else 1,
             "moe.num_sparse_layers": 0,
-            "loss.aux_coef": float(hf.get("router_aux_loss_coef", 0.001 if mixtral else 0.01)),
+            "moe.dense_layers": tuple(sorted(hf.get("mlp_only_layers") or ())) if qwen else (),
+            "loss.aux_coef": float(hf.get("router_aux_loss_coef", aux)),
             "loss.z_coef": 0.0,
         }
 
@@ -153,20 +224,34 @@ class RopeDecoderFamily:
         required = {
             "model.kind": (model.kind, ("rope_decoder",)),
             "model.ffn_activation": (model.ffn_activation, ("swiglu",)),
-            "model.qk_norm": (bool(model.qk_norm), (not self.mixtral,)),
+            "model.qk_norm": (bool(model.qk_norm), (self.qk_norm,)),
+            "model.qk_norm_per_head": (
+                bool(model.qk_norm_per_head),
+                (self.model_type == "qwen3_moe",),
+            ),
             "moe.router": (moe.router, ("tokens_choose",)),
             "moe.activation": (moe.activation, ("", "swiglu")),
             "moe.normalize": (moe.normalize, ("topk",) if self.mixtral else ("topk", "none")),
-            "moe.num_shared_experts": (moe.num_shared_experts, (0,)),
             "moe.extra_dense_ffn": (moe.extra_dense_ffn, (False,)),
         }
+        if not self.qwen2:  # Qwen2's settings are checked below
+            required["model.qkv_bias"] = (bool(model.qkv_bias), (False,))
+            required["moe.num_shared_experts"] = (moe.num_shared_experts, (0,))
+            required["moe.shared_expert_gate"] = (bool(moe.shared_expert_gate), (False,))
         check_settings(self.model_type, required)
+        if self.qwen2 and not (moe.num_shared_experts >= 1 and moe.shared_expert_gate):
+            raise ValueError(
+                "a qwen2_moe checkpoint has one sigmoid-gated shared expert in each sparse "
+                "layer: set moe.num_shared_experts >= 1 and moe.shared_expert_gate=True."
+            )
+        if self.qwen:
+            return  # any placement of dense layers is `mlp_only_layers`
         if moe.num_experts < 1 or not all(sparse_layer_flags(model.num_layers, moe)):
             raise ValueError(
                 f"a {self.model_type} checkpoint has experts in every layer: set "
                 "moe.num_experts >= 1, moe.sparse_placement='every' and moe.sparse_every=1."
             )
-        if not self.mixtral and model.head_dim * model.num_heads != model.d_model:
+        if self.model_type == "olmoe" and model.head_dim * model.num_heads != model.d_model:
             raise ValueError(
                 f"model.head_dim={model.head_dim} x num_heads={model.num_heads} must equal "
                 f"d_model={model.d_model} in an olmoe checkpoint (its q_norm spans hidden_size)."
@@ -180,7 +265,7 @@ class RopeDecoderFamily:
             "architectures": [self.architecture],
             "vocab_size": model.vocab_size,
             "hidden_size": model.d_model,
-            "intermediate_size": moe.d_ff or model.d_ff,
+            "intermediate_size": model.d_ff if self.qwen else moe.d_ff or model.d_ff,
             "num_hidden_layers": model.num_layers,
             "num_attention_heads": model.num_heads,
             "num_key_value_heads": model.num_kv_heads or model.num_heads,
@@ -199,6 +284,18 @@ class RopeDecoderFamily:
         if self.mixtral:
             hf.update({"head_dim": model.head_dim, "sliding_window": None})
             hf["router_jitter_noise"] = 0.0
+        elif self.qwen:
+            flags = sparse_layer_flags(model.num_layers, moe)
+            hf.update({"head_dim": model.head_dim, "moe_intermediate_size": moe.d_ff or model.d_ff})
+            hf.update({"norm_topk_prob": moe.normalize == "topk", "decoder_sparse_step": 1})
+            hf["mlp_only_layers"] = [i for i, sparse in enumerate(flags) if not sparse]
+            hf["use_sliding_window"] = False
+            if self.qwen2:
+                shared = moe.num_shared_experts * (moe.d_ff or model.d_ff)
+                hf.update({"qkv_bias": bool(model.qkv_bias)})
+                hf["shared_expert_intermediate_size"] = shared
+            else:
+                hf["attention_bias"] = False
         else:
             hf.update({"norm_topk_prob": moe.normalize == "topk", "clip_qkv": None})
             hf["attention_bias"] = False
@@ -215,6 +312,9 @@ class RopeDecoderFamily:
         tensors.copy("model.embed_tokens.weight", ("embed", "embedding"), (model.vocab_size, m))
         tensors.copy("model.norm.weight", ("decoder", "final_norm", "scale"), (m,))
         block, _ = _PER_EXPERT[self.model_type]
+        sparse = sparse_layer_flags(model.num_layers, moe)
+        norm_width = {"q": d if model.qk_norm_per_head else n * d}
+        norm_width["k"] = d if model.qk_norm_per_head else kv * d
         for index, path in enumerate(layer_paths(config, "decoder", model.num_layers)):
             prefix = f"model.layers.{index}"
             tensors.copy(f"{prefix}.input_layernorm.weight", (*path, "self_norm", "scale"), (m,))
@@ -230,6 +330,14 @@ class RopeDecoderFamily:
                     lambda w, h=heads: w.T.reshape(m, h, d),  # [M, heads, D]
                     lambda w, h=heads: w.reshape(m, h * d).T,  # [heads*D, M]
                 )
+            for key, heads in (("q", n), ("k", kv), ("v", kv)) if model.qkv_bias else ():
+                tensors.direct(
+                    f"{prefix}.self_attn.{key}_proj.bias",
+                    (*attention, f"b{key}"),
+                    (heads * d,),
+                    lambda b, h=heads: b.reshape(h, d),  # [heads, D]
+                    lambda b, h=heads: b.reshape(h * d),  # [heads*D]
+                )
             tensors.direct(
                 f"{prefix}.self_attn.o_proj.weight",
                 (*attention, "wo"),
@@ -238,13 +346,29 @@ class RopeDecoderFamily:
                 lambda w: w.reshape(n * d, m).T,  # [M, N*D]
             )
             if model.qk_norm:
-                for key, heads in (("q", n), ("k", kv)):
+                for key in ("q", "k"):
                     name = f"{prefix}.self_attn.{key}_norm.weight"
-                    tensors.copy(name, (*attention, f"{key}_norm", "scale"), (heads * d,))
+                    tensors.copy(name, (*attention, f"{key}_norm", "scale"), (norm_width[key],))
+            if not sparse[index]:  # Qwen's dense layers: a SwiGLU of intermediate_size
+                self._swiglu(tensors, f"{prefix}.mlp", (*path, "ffn"), m, model.d_ff)
+                continue
             gate = f"{prefix}.{'mlp' if fused else block}.gate.weight"
             tensors.linear(gate, (*path, "ffn", "router", "kernel"), m, e)
             self._experts(tensors, prefix, (*path, "ffn"), config, fused=fused)
+            if moe.shared_expert_gate:  # Qwen2's shared expert and its gate
+                width = moe.num_shared_experts * (moe.d_ff or model.d_ff)
+                shared = f"{prefix}.mlp.shared_expert"
+                self._swiglu(tensors, shared, (*path, "ffn", "shared"), m, width)
+                gate = f"{prefix}.mlp.shared_expert_gate.weight"
+                tensors.linear(gate, (*path, "ffn", "shared_gate"), m, 1)
         return tensors
+
+    @staticmethod
+    def _swiglu(tensors: TensorMap, prefix: str, path: tuple, d_model: int, d_ff: int) -> None:
+        """A dense SwiGLU `{prefix}.{gate,up,down}_proj` <-> our FeedForward at `path`."""
+        for ours, theirs in (("wi_gate", "gate_proj"), ("wi", "up_proj")):
+            tensors.linear(f"{prefix}.{theirs}.weight", (*path, ours), d_model, d_ff)
+        tensors.linear(f"{prefix}.down_proj.weight", (*path, "wo"), d_ff, d_model)
 
     def _experts(self, tensors: TensorMap, prefix: str, path: tuple, config, *, fused: bool):
         m, e = config.model.d_model, config.moe.num_experts
@@ -272,7 +396,7 @@ class RopeDecoderFamily:
             tensors.linear("lm_head.weight", ("output", "kernel"), model.d_model, model.vocab_size)
 
     def load_plan(self, hf: dict, config, tensor_names: frozenset[str]) -> LoadPlan:
-        fused = "model.layers.0.mlp.experts.gate_up_proj" in tensor_names
+        fused = any(name.endswith(".mlp.experts.gate_up_proj") for name in tensor_names)
         tensors = self._tensors(config, fused=fused)
         self._head(tensors, config)
         # a tied checkpoint may still carry the head (a copy of the embedding)
@@ -288,3 +412,5 @@ class RopeDecoderFamily:
 
 MIXTRAL = register(RopeDecoderFamily("mixtral"))
 OLMOE = register(RopeDecoderFamily("olmoe"))
+QWEN2_MOE = register(RopeDecoderFamily("qwen2_moe"))
+QWEN3_MOE = register(RopeDecoderFamily("qwen3_moe"))

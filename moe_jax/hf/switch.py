@@ -50,7 +50,7 @@ import numpy as np
 from moe_jax import routing
 from moe_jax.hf.family import LoadPlan, SavePlan, check_fields, check_settings, register
 from moe_jax.hf.t5 import TensorMap, add_stacks, common_config, common_hf_config, dense_ffn
-from moe_jax.models import PLACEMENTS, sparse_layer_flags
+from moe_jax.stack import PLACEMENTS, sparse_layer_flags
 
 ACTIVATIONS = {"relu": "relu", "gelu_new": "gelu", "gelu_pytorch_tanh": "gelu"}
 DENSE_ACT_FN = {"relu": "relu", "gelu": "gelu_new"}
@@ -88,7 +88,7 @@ def _placements(num_layers: int):
 
 
 def _our_flags(placement: dict, num_layers: int) -> tuple[bool, ...] | None:
-    moe = types.SimpleNamespace(num_experts=1, **placement)
+    moe = types.SimpleNamespace(num_experts=1, dense_layers=(), **placement)
     try:
         return sparse_layer_flags(num_layers, moe)
     except ValueError:
