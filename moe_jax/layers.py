@@ -266,10 +266,11 @@ class MoeFeedForward(nnx.Module):
         # Qwen2-MoE: the shared experts' output scaled per token by sigmoid(x @ shared_gate)
         if moe.shared_expert_gate and self.shared is None:
             raise ValueError("moe.shared_expert_gate=True needs moe.num_shared_experts >= 1.")
-        init = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
         self.shared_gate = (
             logical_param(
-                init(rngs.params(), (model.d_model, 1), jnp.dtype(model.param_dtype)),
+                experts.truncated_normal_init(1.0)(
+                    rngs.params(), (model.d_model, 1), jnp.dtype(model.param_dtype)
+                ),
                 ("embed", None),
             )  # [M, 1]
             if moe.shared_expert_gate

@@ -87,11 +87,10 @@ class GroupedQueryAttention(nnx.Module):
         self.wv = _param(init_in(rngs.params(), kv_shape, param_dtype), names_in)
         out_shape = (self.num_heads, self.head_dim, model.d_model)
         self.wo = _param(init_out(rngs.params(), out_shape, param_dtype), ("heads", "kv", "embed"))
-        self.qkv_bias = bool(model.qkv_bias)
-        if self.qkv_bias:
-            self.bq = _param(jnp.zeros(q_shape[1:], param_dtype), ("heads", "kv"))
-            self.bk = _param(jnp.zeros(kv_shape[1:], param_dtype), ("heads", "kv"))
-            self.bv = _param(jnp.zeros(kv_shape[1:], param_dtype), ("heads", "kv"))
+        bias = lambda shape: _param(jnp.zeros(shape, param_dtype), ("heads", "kv"))
+        self.bq = bias(q_shape[1:]) if model.qkv_bias else None  # [N, D]
+        self.bk = bias(kv_shape[1:]) if model.qkv_bias else None  # [K, D]
+        self.bv = bias(kv_shape[1:]) if model.qkv_bias else None  # [K, D]
         self.qk_norm = bool(model.qk_norm)
         self.qk_norm_per_head = bool(model.qk_norm_per_head)
         if self.qk_norm_per_head and not self.qk_norm:
@@ -150,9 +149,9 @@ class GroupedQueryAttention(nnx.Module):
         `cache_index ..` and the queries attend to all `Lc` rows: `mask` is `[B, 1, L, Lc]`.
         """
         x = x.astype(self.dtype)
-        q = self._project(x, self.wq, self.bq if self.qkv_bias else None)  # [B, L, N, D]
-        k = self._project(x, self.wk, self.bk if self.qkv_bias else None)  # [B, L, K, D]
-        v = self._project(x, self.wv, self.bv if self.qkv_bias else None)  # [B, L, K, D]
+        q = self._project(x, self.wq, self.bq)  # [B, L, N, D]
+        k = self._project(x, self.wk, self.bk)  # [B, L, K, D]
+        v = self._project(x, self.wv, self.bv)  # [B, L, K, D]
         if self.qk_norm:
             q, k = self._normed(q, self.q_norm), self._normed(k, self.k_norm)
         q = rotary_embedding(q, positions, theta=self.theta)

@@ -132,8 +132,9 @@ class RopeDecoderFamily:
         mixtral, qwen, qwen2 = self.mixtral, self.qwen, self.qwen2
         # Qwen keeps `sliding_window` but uses it only with `use_sliding_window` (which, in
         # Qwen2, makes some `layer_types` sliding)
-        window = {"use_sliding_window": lambda v: v is False} if qwen else {}
-        window = window or {"sliding_window": _is_none}
+        window = (
+            {"use_sliding_window": lambda v: v is False} if qwen else {"sliding_window": _is_none}
+        )
         supported = {
             **window,
             "hidden_act": lambda v: v == "silu",
