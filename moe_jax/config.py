@@ -52,6 +52,16 @@ def default_config() -> ml_collections.ConfigDict:
             "qk_norm": False,
             "qk_norm_per_head": False,
             "qkv_bias": False,  # rope_decoder: biases on the q, k, v projections (Qwen2-MoE)
+            "attention_out_bias": False,  # rope_decoder: a bias on the output projection
+            # rope_decoder: a learned logit per query head that joins each softmax's denominator
+            # and takes no value (attention sinks, gpt-oss)
+            "attention_sinks": False,
+            # rope_decoder: > 0 makes layers attend only to the last `sliding_window` positions
+            # (their own included); with full_attention_every = n > 0, layer i attends to every
+            # position where i % n == n - 1 (gpt-oss 2: sliding and full alternate), with 0 every
+            # layer slides (Mixtral's sliding_window)
+            "sliding_window": 0,
+            "full_attention_every": 0,
             "relative_attention_num_buckets": 32,
             "relative_attention_max_distance": 128,
             # Hugging Face model_type that moe_jax.hf.save writes ('' until loaded or set)

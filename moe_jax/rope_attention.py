@@ -1,7 +1,8 @@
 """Rotary position embeddings and grouped-query self-attention (Llama-style decoders).
 
-Used by `config.model.kind == 'rope_decoder'` (Mixtral, OLMoE, Qwen-MoE); no biases but the
-optional q/k/v ones (`model.qkv_bias`, Qwen2-MoE).
+Used by `config.model.kind == 'rope_decoder'` (Mixtral, OLMoE, Qwen-MoE, gpt-oss); no biases but
+the optional q/k/v ones (`model.qkv_bias`, Qwen2-MoE, gpt-oss) and the output projection's
+(`model.attention_out_bias`, gpt-oss).
 
 - `rotary_embedding(x, positions, theta)`: RoPE (Su et al. 2021) in the "rotate half" layout
   that Llama, Mixtral and OLMoE checkpoints use: feature i of a head is paired with feature
@@ -12,6 +13,13 @@ optional q/k/v ones (`model.qkv_bias`, Qwen2-MoE).
   OLMoE's one RMSNorm over the whole `N * D` query projection and one over the `K * D` key
   projection, or with `qk_norm_per_head` Qwen3's one `[D]` RMSNorm for queries and one for keys,
   each applied to every head's D features alone.
+- Attention sinks (`model.attention_sinks`; gpt-oss, after Xiao et al. 2024, "Efficient
+  Streaming Language Models with Attention Sinks"): query head n has a learned logit `s_n` that
+  joins its softmax's denominator and carries no value, `p_j = exp(l_j) / (exp(s_n) +
+  sum_i exp(l_i))`, so a head may give less than all of its weight to the keys.
+- Sliding windows (`model.sliding_window` W > 0): a query at position q sees the keys at
+  positions `q - W < p <= q`. `sliding_layers` says which layers slide
+  (`model.full_attention_every`), `sliding_window_mask` narrows a causal mask to the window.
 """
 
 from __future__ import annotations
@@ -45,15 +53,53 @@ def rotary_embedding(x: jax.Array, positions: jax.Array, *, theta: float) -> jax
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)  # [B, L, N, D]
 
 
+def sliding_layers(num_layers: int, model_config) -> tuple[bool, ...]:
+    """bool per layer, bottom to top: True where the layer attends within `model.sliding_window`.
+
+    With `full_attention_every = n > 0` layer i attends to all positions where `i % n == n - 1`
+    (gpt-oss: n = 2, so sliding and full layers alternate, the first sliding); with 0 every layer
+    slides. No layer slides when `sliding_window` is 0.
+    """
+    window, every = model_config.sliding_window, model_config.full_attention_every
+    if not isinstance(window, int) or window < 0:
+        raise ValueError(
+            f"model.sliding_window must be an int >= 0 (0: no sliding window), got {window!r}."
+        )
+    if not isinstance(every, int) or every < 0:
+        raise ValueError(
+            f"model.full_attention_every must be an int >= 0 (0: every layer slides), got "
+            f"{every!r}."
+        )
+    if window == 0:
+        return (False,) * num_layers
+    return tuple(every == 0 or i % every != every - 1 for i in range(num_layers))
+
+
+def sliding_window_mask(
+    mask: jax.Array, query_positions: jax.Array, key_positions: jax.Array, window: int
+) -> jax.Array:
+    """`mask: bool[B, 1, Lq, Lk]` narrowed to the keys `q - window < k <= q` of each query.
+
+    `query_positions: i32[B, Lq]`, `key_positions: i32[B or 1, Lk]` (their cache rows when
+    decoding with a cache). The difference of positions is taken, so a packed or left-padded row,
+    whose positions restart or start late, windows its real tokens as an unpadded row would.
+    """
+    distance = query_positions[:, :, None] - key_positions[:, None, :]  # [B, Lq, Lk]
+    return mask & (distance < window)[:, None]  # [B, 1, Lq, Lk]
+
+
 class GroupedQueryAttention(nnx.Module):
     """Self-attention with rotary positions and `num_kv_heads` key/value heads.
 
     Reads `config.model.{d_model, num_heads, num_kv_heads (0: num_heads), head_dim, rope_theta,
-    qk_norm, qk_norm_per_head, norm_epsilon, dropout_rate, dtype, param_dtype}`. Weights:
+    qk_norm, qk_norm_per_head, qkv_bias, attention_out_bias, attention_sinks, norm_epsilon,
+    dropout_rate, dtype, param_dtype}`. Weights:
     `wq: [M, N, D]`, `wk, wv: [M, K, D]` (logical `('embed', 'heads', 'kv')`), `wo: [N, D, M]`
     (`('heads', 'kv', 'embed')`), truncated-normal fan-in init; with `qk_norm`, RMSNorm scales
     `q_norm: [N * D]`, `k_norm: [K * D]`, or `q_norm, k_norm: [D]` with `qk_norm_per_head`; with
-    `qkv_bias`, biases `bq: [N, D]`, `bk, bv: [K, D]` (zeros; logical `('heads', 'kv')`).
+    `qkv_bias`, biases `bq: [N, D]`, `bk, bv: [K, D]` (zeros; logical `('heads', 'kv')`); with
+    `attention_out_bias`, `bo: [M]` (zeros); with `attention_sinks`, `sinks: f32[N]` (zeros, the
+    sink's logit of each query head; logical `('heads',)`).
     """
 
     def __init__(self, config, *, rngs: nnx.Rngs):
@@ -91,6 +137,10 @@ class GroupedQueryAttention(nnx.Module):
         self.bq = bias(q_shape[1:]) if model.qkv_bias else None  # [N, D]
         self.bk = bias(kv_shape[1:]) if model.qkv_bias else None  # [K, D]
         self.bv = bias(kv_shape[1:]) if model.qkv_bias else None  # [K, D]
+        out_bias = jnp.zeros((model.d_model,), param_dtype)
+        self.bo = _param(out_bias, ("embed",)) if model.attention_out_bias else None  # [M]
+        sinks = jnp.zeros((self.num_heads,), param_dtype)
+        self.sinks = _param(sinks, ("heads",)) if model.attention_sinks else None  # [N]
         self.qk_norm = bool(model.qk_norm)
         self.qk_norm_per_head = bool(model.qk_norm_per_head)
         if self.qk_norm_per_head and not self.qk_norm:
@@ -168,10 +218,19 @@ class GroupedQueryAttention(nnx.Module):
         logits = jnp.einsum("bqgrd,bsgd->bgrqs", q, k, preferred_element_type=jnp.float32)
         logits = logits / math.sqrt(self.head_dim)  # [B, K, R, L, Lk]
         logits = jnp.where(mask[:, :, None], logits, MASKED_LOGIT)
-        probs = jax.nn.softmax(logits, axis=-1)  # [B, K, R, L, L]
+        if self.sinks is None:
+            probs = jax.nn.softmax(logits, axis=-1)  # [B, K, R, L, Lk]
+        else:  # one more logit per head in the denominator, whose weight is then dropped
+            sinks = self.sinks[...].astype(jnp.float32).reshape(self.num_kv_heads, group)
+            sinks = jnp.broadcast_to(sinks[None, :, :, None, None], (*logits.shape[:-1], 1))
+            # [B, K, R, L, 1]
+            with_sinks = jnp.concatenate([logits, sinks], axis=-1)  # [B, K, R, L, Lk + 1]
+            probs = jax.nn.softmax(with_sinks, axis=-1)[..., :-1]  # [B, K, R, L, Lk]
         probs = self.dropout(probs, deterministic=deterministic).astype(self.dtype)
         context = jnp.einsum("bgrqs,bsgd->bqgrd", probs, v, preferred_element_type=jnp.float32)
         context = context.reshape(batch, length, self.num_heads, self.head_dim)  # [B, L, N, D]
         wo = self.wo[...].astype(self.dtype)
         out = dense_matmul(context.astype(self.dtype), wo, contracted=2)  # [B, L, M]
+        if self.bo is not None:
+            out = out + self.bo[...].astype(out.dtype)
         return out.astype(self.dtype)

@@ -30,7 +30,9 @@ masked out of attention and padding tokens take no expert slot.
 Depth. The layers of a stack form segments of identical blocks (a block is the `sparse_every`
 layers that repeat, or one layer); with `model.scan_layers` each segment's blocks are stacked
 along a leading axis and run with `nnx.scan` (compile time flat in depth), otherwise they are a
-list run in a Python loop. `model.remat` rematerialises each block in the backward pass by a
+list run in a Python loop; scanning needs every block of a segment to attend alike, so layers
+whose sliding windows (`rope_attention.sliding_layers`) do not repeat with the block are
+refused there. `model.remat` rematerialises each block in the backward pass by a
 named policy (`REMAT_POLICIES`): 'none' (False), 'full' (True: keep only the block's input),
 'save_dots' (keep matmul outputs), 'save_routing' (keep each MoE layer's `Routing`, tagged
 `'moe_routing'` with `jax.ad_checkpoint.checkpoint_name` in `layers.py`: the backward pass
@@ -42,6 +44,7 @@ activations, which are recomputed from the block's input anyway.
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import Any, NamedTuple
 
 import jax
@@ -56,7 +59,7 @@ from moe_jax.attention import (
     attention_mask,
 )
 from moe_jax.layers import FeedForward, MoeAux, MoeFeedForward
-from moe_jax.rope_attention import GroupedQueryAttention
+from moe_jax.rope_attention import GroupedQueryAttention, sliding_layers, sliding_window_mask
 from moe_jax.routers import NON_CAUSAL_ROUTERS
 
 PLACEMENTS = ("every", "bottom", "top")
@@ -159,6 +162,8 @@ class LayerInputs(NamedTuple):
     Attributes:
       self_mask: bool[B, 1, L, Lk]; self_bias: f32[B, N, L, Lk] relative position bias, or None
         (rotary positions); Lk = L, or the cache length when decoding with a cache.
+      sliding_mask: bool[B, 1, L, Lk] self_mask within `model.sliding_window`, for the layers
+        that slide (`rope_attention.sliding_layers`), or None when none does.
       token_ids: i32[B, L] the stack's input tokens (hash routing).
       padding_mask: bool[B, L] True for real tokens.
       encoded: [B, Le, M] encoder output (decoder of an encoder-decoder) or None.
@@ -170,6 +175,7 @@ class LayerInputs(NamedTuple):
 
     self_mask: jax.Array
     self_bias: jax.Array | None
+    sliding_mask: jax.Array | None
     token_ids: jax.Array
     padding_mask: jax.Array
     encoded: jax.Array | None = None
@@ -182,12 +188,22 @@ class TransformerLayer(nnx.Module):
     """Self-attention, optional cross-attention, an FFN (dense or sparse), optional extra dense FFN.
 
     Each sublayer is `x + dropout(sublayer(rms_norm(x)))`. Self-attention is T5's (relative
-    position bias) or, with `rotary`, `GroupedQueryAttention` (rotary positions, GQA).
+    position bias) or, with `rotary`, `GroupedQueryAttention` (rotary positions, GQA), within
+    the sliding window where `sliding`.
     """
 
-    def __init__(self, config, *, sparse: bool, cross: bool, rngs: nnx.Rngs, rotary: bool = False):
+    def __init__(
+        self,
+        config,
+        *,
+        sparse: bool,
+        cross: bool,
+        rngs: nnx.Rngs,
+        rotary: bool = False,
+        sliding: bool = False,
+    ):
         model = config.model
-        self.sparse, self.cross, self.rotary = sparse, cross, rotary
+        self.sparse, self.cross, self.rotary, self.sliding = sparse, cross, rotary, sliding
         self.dtype = jnp.dtype(model.dtype)
         self.rules = parallel.logical_rules(config)  # for the residual stream's sharding
 
@@ -224,7 +240,7 @@ class TransformerLayer(nnx.Module):
         if self.rotary:
             h = self.self_attention(
                 h,
-                mask=inputs.self_mask,
+                mask=inputs.sliding_mask if self.sliding else inputs.self_mask,
                 positions=inputs.positions,
                 deterministic=deterministic,
                 cache_index=inputs.cache_index,
@@ -288,7 +304,8 @@ def _concat_aux(auxes: list[MoeAux | None]) -> MoeAux | None:
 
 
 class LayerBlock(nnx.Module):
-    """Consecutive layers following `pattern` (True: sparse), the unit that scan repeats."""
+    """Consecutive layers following `pattern` (True: sparse), the unit that scan repeats; layer j
+    attends within the sliding window where `sliding[j]`."""
 
     def __init__(
         self,
@@ -298,11 +315,15 @@ class LayerBlock(nnx.Module):
         cross: bool,
         rngs: nnx.Rngs,
         rotary: bool = False,
+        sliding: tuple[bool, ...] | None = None,
     ):
+        sliding = sliding or (False,) * len(pattern)
         self.layers = nnx.List(
             [
-                TransformerLayer(config, sparse=sparse, cross=cross, rngs=rngs, rotary=rotary)
-                for sparse in pattern
+                TransformerLayer(
+                    config, sparse=sparse, cross=cross, rngs=rngs, rotary=rotary, sliding=slides
+                )
+                for sparse, slides in zip(pattern, sliding, strict=True)
             ]
         )
 
@@ -434,16 +455,39 @@ class TransformerStack(nnx.Module):
                 param_dtype=jnp.dtype(model.param_dtype),
             )
         )
-        segments = []
+        sliding = sliding_layers(num_layers, model)
+        if any(sliding) and not rotary:
+            raise ValueError(
+                f"model.sliding_window={model.sliding_window} needs rotary attention "
+                f"(model.kind='rope_decoder'), not model.kind={model.kind!r}."
+            )
+        self.window = model.sliding_window if any(sliding) else 0
+        segments, first_layer = [], 0
         for pattern, repeats in self.plan:
+            blocks = [
+                sliding[start : start + len(pattern)]
+                for start in range(first_layer, first_layer + repeats * len(pattern), len(pattern))
+            ]
+            first_layer += repeats * len(pattern)
 
-            def make(rngs: nnx.Rngs, pattern=pattern) -> LayerBlock:
-                return LayerBlock(config, pattern, cross=cross, rngs=rngs, rotary=rotary)
+            def make(rngs: nnx.Rngs, pattern=pattern, slides=None) -> LayerBlock:
+                return LayerBlock(
+                    config, pattern, cross=cross, rngs=rngs, rotary=rotary, sliding=slides
+                )
 
             if self.scan:
-                segments.append(_create_stacked(make, repeats, rngs))
+                if len(set(blocks)) > 1:
+                    raise ValueError(
+                        f"model.scan_layers=True repeats one block of {len(pattern)} layer(s), "
+                        f"but model.sliding_window={model.sliding_window} with "
+                        f"full_attention_every={model.full_attention_every} gives its blocks "
+                        "different attention; set model.scan_layers=False, or a "
+                        "full_attention_every that repeats with the sparse layers "
+                        "(moe.sparse_every)."
+                    )
+                segments.append(_create_stacked(partial(make, slides=blocks[0]), repeats, rngs))
             else:
-                segments.append(nnx.List([make(rngs) for _ in range(repeats)]))
+                segments.append(nnx.List([make(rngs, slides=slides) for slides in blocks]))
         self.segments = nnx.List(segments)
         if model.share_layers:
             _share_layers(self.segments, self.scan, self.plan)
@@ -495,9 +539,13 @@ class TransformerStack(nnx.Module):
             key_positions = jnp.arange(self.cache_length, dtype=jnp.int32)[None]  # [1, Lc]
             self_mask = (key_positions[:, None, :] <= positions[:, :, None])[:, None]
             # [B, 1, L, Lc]
+        sliding_mask = None
+        if self.window:
+            sliding_mask = sliding_window_mask(self_mask, positions, key_positions, self.window)
         inputs = LayerInputs(
             self_mask=self_mask,
             self_bias=None if self.rotary else self.position_bias(positions, key_positions),
+            sliding_mask=sliding_mask,
             token_ids=token_ids,
             padding_mask=padding_mask,
             encoded=encoded,
