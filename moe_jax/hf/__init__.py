@@ -10,7 +10,8 @@ model. `load` builds the model with `model.scan_layers=False`; `load_into` (what
 
 Families, keyed by the `model_type` of `config.json` (`moe_jax.hf.family`): `t5` (T5 v1.0/v1.1,
 `moe_jax.hf.t5`), `switch_transformers` (`moe_jax.hf.switch`), and `mixtral`, `olmoe`,
-`qwen2_moe` and `qwen3_moe` (`moe_jax.hf.rope_decoder`, our `model.kind='rope_decoder'`). A
+`qwen2_moe` and `qwen3_moe` (`moe_jax.hf.rope_decoder`, our `model.kind='rope_decoder'`), and
+`gpt_oss` (`moe_jax.hf.gpt_oss`, the same decoder with sinks, sliding windows and biases). A
 family is an object with
 
 - `model_type: str`;
@@ -39,7 +40,7 @@ Register a new family with `family.register(obj)` and import its module below.
 again (set it to save a model trained from scratch).
 """
 
-from moe_jax.hf import rope_decoder, switch, t5  # noqa: F401  (importing a family registers it)
+from moe_jax.hf import gpt_oss, rope_decoder, switch, t5  # noqa: F401  (importing a family registers it)
 from moe_jax.hf.family import family_names, get_family, register
 from moe_jax.hf.loading import init_from, load, load_config, load_into, save
 

@@ -84,6 +84,7 @@ _ARCHITECTURES = {
     "olmoe": "OlmoeForCausalLM",
     "qwen2_moe": "Qwen2MoeForCausalLM",
     "qwen3_moe": "Qwen3MoeForCausalLM",
+    "gpt_oss": "GptOssForCausalLM",  # moe_jax.hf.gpt_oss
 }
 # transformers' defaults of the fields a config.json may leave out: (vocab_size, hidden_size,
 # num_hidden_layers, num_attention_heads, num_key_value_heads (None: the query heads),
@@ -234,6 +235,9 @@ class RopeDecoderFamily:
             "moe.activation": (moe.activation, ("", "swiglu")),
             "moe.normalize": (moe.normalize, ("topk",) if self.mixtral else ("topk", "none")),
             "moe.extra_dense_ffn": (moe.extra_dense_ffn, (False,)),
+            "model.attention_sinks": (bool(model.attention_sinks), (False,)),
+            "model.attention_out_bias": (bool(model.attention_out_bias), (False,)),
+            "model.sliding_window": (model.sliding_window, (0,)),
         }
         if not self.qwen2:  # Qwen2's settings are checked below
             required["model.qkv_bias"] = (bool(model.qkv_bias), (False,))
@@ -308,11 +312,10 @@ class RopeDecoderFamily:
         """Every tensor but the experts' (added by `_experts`) and the head."""
         model, moe = config.model, config.moe
         m, n, d = model.d_model, model.num_heads, model.head_dim
-        kv, e = model.num_kv_heads or n, moe.num_experts
+        kv = model.num_kv_heads or n
         tensors = TensorMap()
         tensors.copy("model.embed_tokens.weight", ("embed", "embedding"), (model.vocab_size, m))
         tensors.copy("model.norm.weight", ("decoder", "final_norm", "scale"), (m,))
-        block, _ = _PER_EXPERT[self.model_type]
         sparse = sparse_layer_flags(model.num_layers, moe)
         norm_width = {"q": d if model.qk_norm_per_head else n * d}
         norm_width["k"] = d if model.qk_norm_per_head else kv * d
@@ -346,6 +349,10 @@ class RopeDecoderFamily:
                 lambda w: w.T.reshape(n, d, m),  # [N, D, M]
                 lambda w: w.reshape(n * d, m).T,  # [M, N*D]
             )
+            if model.attention_out_bias:
+                tensors.copy(f"{prefix}.self_attn.o_proj.bias", (*attention, "bo"), (m,))
+            if model.attention_sinks:
+                tensors.copy(f"{prefix}.self_attn.sinks", (*attention, "sinks"), (n,))
             if model.qk_norm:
                 for key in ("q", "k"):
                     name = f"{prefix}.self_attn.{key}_norm.weight"
@@ -353,16 +360,22 @@ class RopeDecoderFamily:
             if not sparse[index]:  # Qwen's dense layers: a SwiGLU of intermediate_size
                 self._swiglu(tensors, f"{prefix}.mlp", (*path, "ffn"), m, model.d_ff)
                 continue
-            gate = f"{prefix}.{'mlp' if fused else block}.gate.weight"
-            tensors.linear(gate, (*path, "ffn", "router", "kernel"), m, e)
-            self._experts(tensors, prefix, (*path, "ffn"), config, fused=fused)
-            if moe.shared_expert_gate:  # Qwen2's shared expert and its gate
-                width = moe.num_shared_experts * (moe.d_ff or model.d_ff)
-                shared = f"{prefix}.mlp.shared_expert"
-                self._swiglu(tensors, shared, (*path, "ffn", "shared"), m, width)
-                gate = f"{prefix}.mlp.shared_expert_gate.weight"
-                tensors.linear(gate, (*path, "ffn", "shared_gate"), m, 1)
+            self._sparse_ffn(tensors, prefix, (*path, "ffn"), config, fused=fused)
         return tensors
+
+    def _sparse_ffn(self, tensors: TensorMap, prefix: str, path: tuple, config, *, fused: bool):
+        """The router, the experts and (Qwen2) the gated shared expert of layer `prefix`."""
+        model, moe = config.model, config.moe
+        m, e = model.d_model, moe.num_experts
+        block, _ = _PER_EXPERT[self.model_type]
+        gate = f"{prefix}.{'mlp' if fused else block}.gate.weight"
+        tensors.linear(gate, (*path, "router", "kernel"), m, e)
+        self._experts(tensors, prefix, path, config, fused=fused)
+        if moe.shared_expert_gate:  # Qwen2's shared expert and its gate
+            width = moe.num_shared_experts * (moe.d_ff or model.d_ff)
+            shared = f"{prefix}.mlp.shared_expert"
+            self._swiglu(tensors, shared, (*path, "shared"), m, width)
+            tensors.linear(f"{prefix}.mlp.shared_expert_gate.weight", (*path, "shared_gate"), m, 1)
 
     @staticmethod
     def _swiglu(tensors: TensorMap, prefix: str, path: tuple, d_model: int, d_ff: int) -> None:
