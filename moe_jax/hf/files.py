@@ -7,9 +7,12 @@ A checkpoint directory holds `config.json` and either one `model.safetensors` or
 `CheckpointReader` opens a directory, checks that every shard the index names exists, and reads
 tensor shapes from the safetensors headers without loading data; `get(name)` then reads one
 tensor (numpy, through `safetensors.safe_open`), so a conversion holds one tensor at a time.
+A weight stored in MXFP4 as `NAME_blocks` + `NAME_scales` (gpt-oss's expert weights,
+`moe_jax.hf.mxfp4`) is presented as the one tensor `NAME`, dequantized by `get` in the layout
+`transformers` gives the in-memory parameter (`u8[E, R, G, 16]` -> `[E, G*32, R]`).
 `write_checkpoint` writes tensors built one at a time into shards of at most `max_shard_bytes`,
 holding at most one shard in memory, and writes the index when there is more than one shard.
-Only `safetensors` and numpy are used: no torch.
+Only `safetensors`, numpy and `ml_dtypes` are used: no torch.
 """
 
 from __future__ import annotations
@@ -18,9 +21,12 @@ import json
 import os
 from collections.abc import Callable, Iterable
 
+import ml_dtypes
 import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
+
+from moe_jax.hf import mxfp4
 
 CONFIG_FILE = "config.json"
 SINGLE_FILE = "model.safetensors"
@@ -48,21 +54,40 @@ def read_config(directory: str) -> dict:
 class CheckpointReader:
     """Reads one Hugging Face checkpoint directory, one tensor at a time.
 
+    An MXFP4 pair `NAME_blocks: u8[..., R, G, 16]`, `NAME_scales: u8[..., R, G]` is presented
+    as `NAME: [..., G*32, R]` (the stored `[out, in]` matrix transposed, as `transformers`
+    dequantizes it), e.g. gpt-oss's `...experts.gate_up_proj` as `[E, M, 2H]` and
+    `...experts.down_proj` as `[E, H, M]`; the pair's own names are not presented. A pair that
+    is incomplete or not MXFP4's layout is refused (ValueError) when the reader opens.
+
     Attributes:
       directory: the checkpoint directory.
       config: the parsed `config.json`.
       shapes: {tensor name: shape} of every tensor, from the file headers.
+      mxfp4_dtype: the dtype `get` dequantizes MXFP4 weights to (bfloat16 by default, which
+        holds every MXFP4 value exactly).
     """
 
-    def __init__(self, directory: str):
+    def __init__(self, directory: str, *, mxfp4_dtype=ml_dtypes.bfloat16):
         self.directory = os.path.abspath(directory)
         self.config = read_config(self.directory)
+        self.mxfp4_dtype = mxfp4_dtype
         self._handles: dict[str, object] = {}
         self._file_of = self._tensor_files()
-        self.shapes: dict[str, tuple[int, ...]] = {}
+        stored_shapes, stored_dtypes = {}, {}
         for name, filename in self._file_of.items():
             tensor_slice = self._open(filename).get_slice(name)
-            self.shapes[name] = tuple(tensor_slice.get_shape())
+            stored_shapes[name] = tuple(tensor_slice.get_shape())
+            stored_dtypes[name] = tensor_slice.get_dtype()
+        try:
+            self._mxfp4 = mxfp4.find_pairs(stored_shapes, stored_dtypes)
+        except ValueError as error:
+            raise ValueError(f"{self.directory}: {error}") from None
+        paired = {name + suffix for name in self._mxfp4 for suffix in mxfp4.SUFFIXES}
+        self.shapes: dict[str, tuple[int, ...]] = {
+            name: shape for name, shape in stored_shapes.items() if name not in paired
+        }
+        self.shapes.update(self._mxfp4)
 
     def _tensor_files(self) -> dict[str, str]:
         """{tensor name: file name}; checks that every file exists."""
@@ -100,11 +125,20 @@ class CheckpointReader:
         return self._handles[filename]
 
     def get(self, name: str) -> np.ndarray:
-        """The tensor `name` as a numpy array (read from disk now). bfloat16 tensors (the
-        published Mixtral and OLMoE checkpoints), which numpy cannot name, come back as
-        `ml_dtypes.bfloat16` arrays, read through safetensors' JAX reader."""
-        if name not in self._file_of:
-            raise ValueError(f"{self.directory} has no tensor {name!r}.")
+        """The tensor `name` (a key of `shapes`) as a numpy array (read from disk now). bfloat16
+        tensors (the published Mixtral and OLMoE checkpoints), which numpy cannot name, come back
+        as `ml_dtypes.bfloat16` arrays, read through safetensors' JAX reader; MXFP4 weights come
+        back dequantized to `mxfp4_dtype` (`mxfp4.read`)."""
+        if name in self._mxfp4:
+            return mxfp4.read(self._stored, name, self.mxfp4_dtype)
+        if name not in self.shapes:
+            stems = {name.removesuffix(suffix) for suffix in mxfp4.SUFFIXES} & set(self._mxfp4)
+            hint = f" (read the MXFP4 weight {stems.pop()!r}, dequantized)" if stems else ""
+            raise ValueError(f"{self.directory} has no tensor {name!r}{hint}.")
+        return self._stored(name)
+
+    def _stored(self, name: str) -> np.ndarray:
+        """The stored tensor `name` as it is on disk."""
         filename = self._file_of[name]
         handle = self._open(filename)
         if handle.get_slice(name).get_dtype() != "BF16":
