@@ -9,13 +9,16 @@ activations reach, on sequences of 12 tokens (three windows) with left and right
 
 import numpy as np
 import pytest
+import safetensors.numpy
 import torch
 import transformers
 from flax import nnx
+from test_hf_mxfp4 import quantize
 from test_hf_rope_decoder import VOCAB, batch, ours_forward, torch_forward
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
 from moe_jax import decode, hf, models
+from moe_jax.hf import files
 from moe_jax.hf.gpt_oss import full_attention_period
 from moe_jax.rope_attention import GroupedQueryAttention
 from tests.test_hf_t5 import assert_close
@@ -187,3 +190,34 @@ def test_settings_gpt_oss_cannot_express_are_refused_before_writing(saved, tmp_p
     with pytest.raises(ValueError, match="model.attention_sinks=True"):
         hf.save(config, model, str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
+
+
+def test_mxfp4_checkpoint_loads_as_transformers_dequantizes_it(tmp_path):
+    """Expert weights stored as the releases store them (MXFP4 blocks and scales of the
+    `[out, in]` matrices): our model's logits equal those of transformers' model loaded with
+    `Mxfp4Config(dequantize=True)` from the same files."""
+    config = gpt_oss_config(num_hidden_layers=2, intermediate_size=32)  # blocks of 32 values
+    reference = random_gpt_oss(config)
+    rng = np.random.default_rng(5)
+    tensors = {}
+    for name, param in reference.state_dict().items():
+        array = param.detach().numpy()
+        if not name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            tensors[name] = array
+            continue
+        stored = 0.3 * rng.normal(size=array.transpose(0, 2, 1).shape).astype(np.float32)
+        tensors[f"{name}_blocks"], tensors[f"{name}_scales"], _ = quantize(stored)
+    config.quantization_config = {"quant_method": "mxfp4"}
+    config.save_pretrained(tmp_path)
+    safetensors.numpy.save_file(tensors, str(tmp_path / files.SINGLE_FILE), {"format": "pt"})
+    theirs_model = transformers.GptOssForCausalLM.from_pretrained(
+        tmp_path,
+        quantization_config=transformers.Mxfp4Config(dequantize=True),
+        dtype=torch.float32,
+        attn_implementation="eager",
+    ).eval()
+    _, model = hf.load(str(tmp_path))
+    tokens, mask = batch(seed=3)
+    real = mask.astype(bool)
+    ours, _, _ = ours_forward(model, tokens, mask)
+    assert_close(ours[real], torch_forward(theirs_model, tokens, mask).logits.numpy()[real])
