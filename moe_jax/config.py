@@ -62,6 +62,24 @@ def default_config() -> ml_collections.ConfigDict:
             # layer slides (Mixtral's sliding_window)
             "sliding_window": 0,
             "full_attention_every": 0,
+            # rope_decoder: 'default' RoPE or 'yarn' (YaRN, Peng et al. 2023; gpt-oss, Qwen3's
+            # long context, DeepSeek-V3; moe_jax.rope). YaRN divides by rope_factor the inverse
+            # frequencies of the pairs that turn fewer than rope_beta_slow times over the
+            # pretraining context rope_original_max_positions, keeps those that turn more than
+            # rope_beta_fast times, and ramps linearly between (the ramp's ends rounded out to
+            # whole pairs with rope_truncate; gpt-oss turns it off)
+            "rope_type": "default",
+            "rope_factor": 1.0,
+            "rope_original_max_positions": 0,
+            "rope_beta_fast": 32.0,
+            "rope_beta_slow": 1.0,
+            "rope_truncate": True,
+            # YaRN multiplies cos and sin by rope_attention_factor; 0: 0.1 ln(rope_factor) + 1,
+            # or, with DeepSeek's rope_mscale and rope_mscale_all_dim both nonzero, the ratio of
+            # 0.1 m ln(rope_factor) + 1 at m = rope_mscale to that at m = rope_mscale_all_dim
+            "rope_attention_factor": 0.0,
+            "rope_mscale": 0.0,
+            "rope_mscale_all_dim": 0.0,
             "relative_attention_num_buckets": 32,
             "relative_attention_max_distance": 128,
             # Hugging Face model_type that moe_jax.hf.save writes ('' until loaded or set)

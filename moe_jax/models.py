@@ -20,8 +20,9 @@ parameters' difference).
 Architecture ('rope_decoder'; Mixtral, OLMoE, as their `transformers` implementations compute
 them): the same pre-norm residual layers and final RMSNorm (epsilon `model.norm_epsilon`), no
 biases, but no relative position bias: each layer's self-attention is
-`rope_attention.GroupedQueryAttention`, rotary positions with base `model.rope_theta` on queries
-and keys, `model.num_kv_heads` key/value heads, optional q/k RMSNorm (`model.qk_norm`, OLMoE).
+`rope_attention.GroupedQueryAttention`, rotary positions with base `model.rope_theta` (scaled
+by YaRN with `model.rope_type='yarn'`, `moe_jax.rope`) on queries and keys, `model.num_kv_heads`
+key/value heads, optional q/k RMSNorm (`model.qk_norm`, OLMoE).
 FFNs and experts are SwiGLU (`ffn_activation = moe.activation = 'swiglu'`). Tied logits are
 the plain dot product with the embedding (no T5 rescaling); Mixtral and OLMoE untie them. Their
 MoE layers are the usual `MoeFeedForward` with a softmax `tokens_choose` router (top-k weights

@@ -4,9 +4,10 @@ Used by `config.model.kind == 'rope_decoder'` (Mixtral, OLMoE, Qwen-MoE, gpt-oss
 the optional q/k/v ones (`model.qkv_bias`, Qwen2-MoE, gpt-oss) and the output projection's
 (`model.attention_out_bias`, gpt-oss).
 
-- `rotary_embedding(x, positions, theta)`: RoPE (Su et al. 2021) in the "rotate half" layout
-  that Llama, Mixtral and OLMoE checkpoints use: feature i of a head is paired with feature
-  `i + D/2`, and the pair turns by the angle `position * theta**(-2i/D)`.
+- `rotary_embedding(x, positions, theta, yarn)`: RoPE (Su et al. 2021) in the "rotate half"
+  layout that Llama, Mixtral and OLMoE checkpoints use: feature i of a head is paired with
+  feature `i + D/2`, and the pair turns by the angle `position * theta**(-2i/D)`; with YaRN
+  (`model.rope_type='yarn'`) by `moe_jax.rope`'s scaled frequencies, cos and sin scaled too.
 - `GroupedQueryAttention`: N query heads share K key/value heads (Ainslie et al. 2023), query
   head n reading key/value head `n // (N / K)`; K == N is plain multi-head attention. Logits
   scaled by `1 / sqrt(D)`, softmax in float32. Optional q/k RMSNorm before RoPE (`qk_norm`):
@@ -32,23 +33,29 @@ from flax import nnx
 
 from moe_jax.attention import MASKED_LOGIT, AttentionCache, RMSNorm, _param
 from moe_jax.experts import dense_matmul
+from moe_jax.rope import YarnScaling, rope_frequencies, yarn_from_config
 
 
-def rotary_embedding(x: jax.Array, positions: jax.Array, *, theta: float) -> jax.Array:
-    """Rotate `x: [B, L, N, D]` by its positions `i32[B, L]`; returns `[B, L, N, D]` in x's dtype.
+def rotary_embedding(
+    x: jax.Array, positions: jax.Array, *, theta: float, yarn: YarnScaling | None = None
+) -> jax.Array:
+    """Rotate `x: f32[B, L, N, D]` by its positions `i32[B, L]`; returns `[B, L, N, D]` in x's
+    dtype.
 
     With `h = D // 2`, `x1 = x[..., :h]`, `x2 = x[..., h:]` and `a_i = position * theta**(-2i/D)`
     (angles in float32): `concat(x1 cos a - x2 sin a, x2 cos a + x1 sin a)`. The dot product of
-    a rotated query and key then depends on their positions only through the difference.
+    a rotated query and key then depends on their positions only through the difference. With
+    `yarn`, `a_i` uses YaRN's inverse frequencies and cos and sin are multiplied by its
+    attention scaling (`moe_jax.rope.rope_frequencies`).
     """
     head_dim = x.shape[-1]
     if head_dim % 2:
         raise ValueError(f"rotary embeddings need an even head_dim, got {head_dim}.")
     half = head_dim // 2
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))  # [h]
+    inv_freq, scaling = rope_frequencies(head_dim, theta, yarn)  # [h]
     angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, L, h]
-    cos = jnp.cos(angles)[:, :, None, :].astype(x.dtype)  # [B, L, 1, h]
-    sin = jnp.sin(angles)[:, :, None, :].astype(x.dtype)
+    cos = (jnp.cos(angles) * scaling)[:, :, None, :].astype(x.dtype)  # [B, L, 1, h]
+    sin = (jnp.sin(angles) * scaling)[:, :, None, :].astype(x.dtype)
     x1, x2 = x[..., :half], x[..., half:]
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)  # [B, L, N, D]
 
@@ -92,8 +99,9 @@ class GroupedQueryAttention(nnx.Module):
     """Self-attention with rotary positions and `num_kv_heads` key/value heads.
 
     Reads `config.model.{d_model, num_heads, num_kv_heads (0: num_heads), head_dim, rope_theta,
-    qk_norm, qk_norm_per_head, qkv_bias, attention_out_bias, attention_sinks, norm_epsilon,
-    dropout_rate, dtype, param_dtype}`. Weights:
+    rope_type and YaRN's rope_* (`rope.yarn_from_config`), qk_norm, qk_norm_per_head, qkv_bias,
+    attention_out_bias, attention_sinks, norm_epsilon, dropout_rate, dtype, param_dtype}`.
+    Weights:
     `wq: [M, N, D]`, `wk, wv: [M, K, D]` (logical `('embed', 'heads', 'kv')`), `wo: [N, D, M]`
     (`('heads', 'kv', 'embed')`), truncated-normal fan-in init; with `qk_norm`, RMSNorm scales
     `q_norm: [N * D]`, `k_norm: [K * D]`, or `q_norm, k_norm: [D]` with `qk_norm_per_head`; with
@@ -116,6 +124,7 @@ class GroupedQueryAttention(nnx.Module):
         self.theta = float(model.rope_theta)
         if not self.theta > 1:
             raise ValueError(f"model.rope_theta must be > 1, got {model.rope_theta!r}.")
+        self.yarn = yarn_from_config(model)
         self.dtype = jnp.dtype(model.dtype)
         self.dropout = nnx.Dropout(model.dropout_rate, rngs=rngs)
         param_dtype = jnp.dtype(model.param_dtype)
@@ -204,8 +213,8 @@ class GroupedQueryAttention(nnx.Module):
         v = self._project(x, self.wv, self.bv)  # [B, L, K, D]
         if self.qk_norm:
             q, k = self._normed(q, self.q_norm), self._normed(k, self.k_norm)
-        q = rotary_embedding(q, positions, theta=self.theta)
-        k = rotary_embedding(k, positions, theta=self.theta)
+        q = rotary_embedding(q, positions, theta=self.theta, yarn=self.yarn)
+        k = rotary_embedding(k, positions, theta=self.theta, yarn=self.yarn)
         if self.cache is not None:
             new = jax.lax.dynamic_update_slice_in_dim(
                 self.cache[...], jnp.stack([k, v]), cache_index, axis=2

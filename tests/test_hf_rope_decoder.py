@@ -277,11 +277,13 @@ def test_config_fields_rope_spellings_and_norm_topk_prob():
     olmoe = hf.get_family("olmoe")
     assert olmoe.to_moe_config({}, frozenset())["moe.normalize"] == "none"
     assert olmoe.to_moe_config({"norm_topk_prob": True}, frozenset())["moe.normalize"] == "topk"
-    scaled = {"rope_parameters": {"rope_theta": 99.0, "rope_type": "yarn", "factor": 4.0}}
-    with pytest.raises(ValueError, match="rope_type='yarn'"):
+    scaled = {"rope_parameters": {"rope_theta": 99.0, "rope_type": "linear", "factor": 4.0}}
+    with pytest.raises(ValueError, match="rope_type='linear'"):
         family.to_moe_config(scaled, frozenset())
     qwen = hf.get_family("qwen3_moe")
-    with pytest.raises(ValueError, match="qwen3_moe config.json: rope_parameters.rope_type='yarn'"):
+    with pytest.raises(
+        ValueError, match="qwen3_moe config.json: rope_parameters.rope_type='linear'"
+    ):
         qwen.to_moe_config(scaled, frozenset())
     # the released configs name the expert count num_experts, transformers 5 num_local_experts
     for key in ("num_experts", "num_local_experts"):

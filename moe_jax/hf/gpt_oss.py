@@ -38,8 +38,9 @@ from typing import Any
 import numpy as np
 
 from moe_jax.hf.family import check_fields, check_settings, register
-from moe_jax.hf.rope_decoder import RopeDecoderFamily, _rope_theta
+from moe_jax.hf.rope_decoder import RopeDecoderFamily, _rope_settings
 from moe_jax.hf.t5 import TensorMap
+from moe_jax.rope import ROPE_TYPES
 from moe_jax.rope_attention import sliding_layers
 from moe_jax.stack import sparse_layer_flags
 
@@ -117,7 +118,7 @@ class GptOssFamily(RopeDecoderFamily):
             "model.d_ff": hf.get("intermediate_size", 2880),
             "model.ffn_activation": "swiglu",
             "model.norm_epsilon": float(hf.get("rms_norm_eps", 1e-5)),
-            "model.rope_theta": _rope_theta(self.model_type, hf, 150_000.0),
+            **_rope_settings(self.model_type, hf, 150_000.0),
             "model.qk_norm": False,
             "model.qk_norm_per_head": False,
             "model.qkv_bias": biased,
@@ -158,6 +159,7 @@ class GptOssFamily(RopeDecoderFamily):
             self.model_type,
             {
                 "model.kind": (model.kind, ("rope_decoder",)),
+                "model.rope_type": (model.rope_type, ROPE_TYPES),
                 "model.qk_norm": (bool(model.qk_norm), (False,)),
                 "model.attention_sinks": (bool(model.attention_sinks), (True,)),
                 "model.attention_out_bias": (bool(model.attention_out_bias), (biased,)),
@@ -180,31 +182,15 @@ class GptOssFamily(RopeDecoderFamily):
         model, moe = config.model, config.moe
         sliding = sliding_layers(model.num_layers, model)
         return {
-            "model_type": self.model_type,
-            "architectures": [self.architecture],
-            "vocab_size": model.vocab_size,
-            "hidden_size": model.d_model,
+            **self._shared_hf_config(config),
             "intermediate_size": moe.d_ff or model.d_ff,
-            "num_hidden_layers": model.num_layers,
-            "num_attention_heads": model.num_heads,
-            "num_key_value_heads": model.num_kv_heads or model.num_heads,
             "head_dim": model.head_dim,
-            "hidden_act": "silu",
-            "max_position_embeddings": config.train.seq_len,
-            "rms_norm_eps": model.norm_epsilon,
-            "rope_parameters": {"rope_theta": model.rope_theta, "rope_type": "default"},
-            "tie_word_embeddings": bool(model.tie_embeddings),
-            "attention_dropout": 0.0,
             "attention_bias": bool(model.qkv_bias),
             "sliding_window": model.sliding_window or None,
             "layer_types": [SLIDING if slides else FULL for slides in sliding],
             "num_local_experts": moe.num_experts,
-            "num_experts_per_tok": moe.k,
             "swiglu_limit": moe.swiglu_limit,
             "swiglu_alpha": moe.swiglu_alpha,
-            "router_aux_loss_coef": config.loss.aux_coef,
-            "output_router_logits": False,
-            "use_cache": True,
         }
 
     def _sparse_ffn(self, tensors: TensorMap, prefix: str, path: tuple, config, *, fused: bool):

@@ -8,6 +8,11 @@ qwen3_moe}/modeling_*.py`, 5.x) against moe_jax:
   rotary positions (`rope_parameters.rope_theta`, or the older top-level `rope_theta`; the
   "rotate half" layout of `rope_attention.rotary_embedding`) and `num_key_value_heads` key/value
   heads, a sparse SwiGLU MoE block, a final RMSNorm and an untied `lm_head`.
+  `rope_parameters` (or the legacy `rope_scaling`) with `rope_type='yarn'` is YaRN
+  (`moe_jax.rope`): its `factor`, `original_max_position_embeddings`, `beta_fast`, `beta_slow`,
+  `truncate`, `attention_factor`, `mscale` and `mscale_all_dim` are our `model.rope_factor`,
+  `rope_original_max_positions`, ... (`_YARN_FIELDS`); we write `max_position_embeddings` as
+  `factor * original_max_position_embeddings`, the ratio transformers checks.
   OLMoE adds one RMSNorm over the whole query projection and one over the key projection
   (`q_norm`, `k_norm`): our `model.qk_norm`. Qwen3-MoE's `q_norm`, `k_norm` are `[head_dim]`
   RMSNorms applied to each head alone: `model.qk_norm_per_head` as well. Logits are scaled by
@@ -50,9 +55,9 @@ qwen3_moe}/modeling_*.py`, 5.x) against moe_jax:
   (`loss.z_coef = 0`; OLMoE's paper trained with 0.001).
 - Refused: sliding-window attention (Mixtral's `sliding_window`, Qwen's `use_sliding_window`
   and `layer_types`), attention biases but Qwen2's q/k/v ones, `clip_qkv`, RoPE scaling other
-  than 'default', a non-SiLU activation, attention dropout and Mixtral's router jitter
-  (training only; transformers multiplies the input of the router and the experts by the noise,
-  our `moe.router_jitter` only the router's input).
+  than 'default' and 'yarn' (and yarn fields but those above), a non-SiLU activation, attention
+  dropout and Mixtral's router jitter (training only; transformers multiplies the input of the
+  router and the experts by the noise, our `moe.router_jitter` only the router's input).
 """
 
 from __future__ import annotations
@@ -70,6 +75,7 @@ from moe_jax.hf.family import (
     register,
 )
 from moe_jax.hf.t5 import TensorMap
+from moe_jax.rope import ROPE_TYPES, YarnScaling
 from moe_jax.stack import sparse_layer_flags
 
 # HF module names of each family's MoE block and its per-expert (gate, up, down) linears
@@ -102,16 +108,99 @@ def _is_none(value) -> bool:
     return value is None
 
 
-def _rope_theta(model_type: str, hf: dict, default: float) -> float:
-    """The rotary base of `rope_parameters` (transformers 5) or the top-level `rope_theta`."""
-    parameters = hf.get("rope_parameters") or {}
+# a 'yarn' `rope_parameters`' fields and the `rope.YarnScaling` ones (our `model.rope_*` keys)
+_YARN_FIELDS = {
+    "factor": "factor",
+    "original_max_position_embeddings": "original_max_positions",
+    "beta_fast": "beta_fast",
+    "beta_slow": "beta_slow",
+    "truncate": "truncate",
+    "attention_factor": "attention_factor",
+    "mscale": "mscale",
+    "mscale_all_dim": "mscale_all_dim",
+}
+_UNSET_YARN_FIELDS = ("attention_factor", "mscale", "mscale_all_dim")  # 0: not written
+# plain RoPE's settings: YaRN's keys at default_config's values
+_PLAIN_ROPE = {
+    "model.rope_type": "default",
+    "model.rope_factor": 1.0,
+    "model.rope_original_max_positions": 0,
+    "model.rope_beta_fast": 32.0,
+    "model.rope_beta_slow": 1.0,
+    "model.rope_truncate": True,
+    "model.rope_attention_factor": 0.0,
+    "model.rope_mscale": 0.0,
+    "model.rope_mscale_all_dim": 0.0,
+}
+
+
+def _rope_settings(model_type: str, hf: dict, default_theta: float) -> dict[str, Any]:
+    """Our `model.rope_*` settings from `rope_parameters` (transformers 5; the legacy
+    `rope_scaling` first, as transformers reads it) and the top-level `rope_theta`.
+
+    YaRN as transformers' `_compute_yarn_parameters` reads it: a top-level
+    `original_max_position_embeddings` before the one in `rope_parameters`, else
+    `max_position_embeddings`; a missing `factor` is `max_position_embeddings` over it; a missing
+    or zero `beta_fast`, `beta_slow` is 32, 1. Other rope types and fields are refused by name.
+    """
+    parameters = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
     rope_type = parameters.get("rope_type", parameters.get("type", "default"))
-    if rope_type != "default":
+    where = f"{model_type} config.json: rope_parameters"
+    if rope_type not in ROPE_TYPES:
         raise ValueError(
-            f"{model_type} config.json: rope_parameters.rope_type={rope_type!r} is not supported "
-            "by moe_jax; it implements the 'default' rotary embedding only."
+            f"{where}.rope_type={rope_type!r} is not supported by moe_jax; it implements "
+            f"{ROPE_TYPES} only."
         )
-    return float(parameters.get("rope_theta", hf.get("rope_theta", default)))
+    theta = float(parameters.get("rope_theta", hf.get("rope_theta", default_theta)))
+    settings = {**_PLAIN_ROPE, "model.rope_theta": theta}
+    if rope_type == "default":
+        return settings
+    unknown = sorted(set(parameters) - {"rope_type", "type", "rope_theta", *_YARN_FIELDS})
+    if unknown:
+        raise ValueError(
+            f"{where}: the yarn field(s) {unknown} are not supported by moe_jax; it reads "
+            f"{sorted(_YARN_FIELDS)}."
+        )
+    max_positions = hf.get("max_position_embeddings")
+    original = hf.get("original_max_position_embeddings")
+    original = original or parameters.get("original_max_position_embeddings") or max_positions
+    factor = parameters.get("factor")
+    if factor is None and original and max_positions:
+        factor = max_positions / original
+    if not original or factor is None:
+        raise ValueError(
+            f"{where}: yarn needs original_max_position_embeddings or max_position_embeddings, "
+            f"and factor or max_position_embeddings; got {parameters!r}."
+        )
+    attention_factor = parameters.get("attention_factor")
+    if attention_factor is not None and not attention_factor > 0:
+        raise ValueError(f"{where}.attention_factor={attention_factor!r} must be > 0.")
+    try:  # YaRN's own checks (factor >= 1, ...), before any weight is read
+        yarn = YarnScaling(
+            factor=float(factor),
+            original_max_positions=int(original),
+            beta_fast=float(parameters.get("beta_fast") or 32.0),
+            beta_slow=float(parameters.get("beta_slow") or 1.0),
+            truncate=bool(parameters.get("truncate", True)),
+            attention_factor=float(attention_factor or 0.0),
+            mscale=float(parameters.get("mscale") or 0.0),
+            mscale_all_dim=float(parameters.get("mscale_all_dim") or 0.0),
+        )
+    except ValueError as error:
+        raise ValueError(f"{where}: {error}") from None
+    settings["model.rope_type"] = "yarn"
+    settings.update({f"model.rope_{ours}": getattr(yarn, ours) for ours in _YARN_FIELDS.values()})
+    return settings
+
+
+def _rope_parameters(model) -> dict[str, Any]:
+    """transformers' `rope_parameters` of our `config.model.rope_*` settings."""
+    parameters = {"rope_theta": model.rope_theta, "rope_type": model.rope_type}
+    if model.rope_type == "yarn":
+        for theirs, ours in _YARN_FIELDS.items():
+            if theirs not in _UNSET_YARN_FIELDS or model[f"rope_{ours}"]:
+                parameters[theirs] = model[f"rope_{ours}"]
+    return parameters
 
 
 class RopeDecoderFamily:
@@ -142,7 +231,6 @@ class RopeDecoderFamily:
             "attention_bias": lambda v: v is False,
             "layer_types": lambda v: v is None or set(v) <= {"full_attention"},
             "clip_qkv": _is_none,
-            "rope_scaling": _is_none,
             "attention_dropout": lambda v: v == 0,
             "router_jitter_noise": lambda v: v == 0,
         }
@@ -195,7 +283,7 @@ class RopeDecoderFamily:
             "model.d_ff": d_ff,
             "model.ffn_activation": "swiglu",
             "model.norm_epsilon": float(hf.get("rms_norm_eps", eps)),
-            "model.rope_theta": _rope_theta(self.model_type, hf, theta),
+            **_rope_settings(self.model_type, hf, theta),
             "model.qk_norm": self.qk_norm,
             "model.qk_norm_per_head": self.model_type == "qwen3_moe",
             "model.qkv_bias": bool(hf.get("qkv_bias", True)) if qwen2 else False,
@@ -226,6 +314,7 @@ class RopeDecoderFamily:
         required = {
             "model.kind": (model.kind, ("rope_decoder",)),
             "model.ffn_activation": (model.ffn_activation, ("swiglu",)),
+            "model.rope_type": (model.rope_type, ROPE_TYPES),
             "model.qk_norm": (bool(model.qk_norm), (self.qk_norm,)),
             "model.qk_norm_per_head": (
                 bool(model.qk_norm_per_head),
@@ -262,30 +351,38 @@ class RopeDecoderFamily:
                 f"d_model={model.d_model} in an olmoe checkpoint (its q_norm spans hidden_size)."
             )
 
-    def _hf_config(self, config) -> dict[str, Any]:
+    def _shared_hf_config(self, config) -> dict[str, Any]:
+        """The `config.json` fields every Llama-style family writes alike."""
         model, moe = config.model, config.moe
-        experts_key = "num_local_experts" if self.mixtral else "num_experts"
-        hf = {
+        max_positions = config.train.seq_len
+        if model.rope_type == "yarn":  # YaRN's stretched context, as transformers expects it
+            max_positions = round(model.rope_factor * model.rope_original_max_positions)
+        return {
             "model_type": self.model_type,
             "architectures": [self.architecture],
             "vocab_size": model.vocab_size,
             "hidden_size": model.d_model,
-            "intermediate_size": model.d_ff if self.qwen else moe.d_ff or model.d_ff,
             "num_hidden_layers": model.num_layers,
             "num_attention_heads": model.num_heads,
             "num_key_value_heads": model.num_kv_heads or model.num_heads,
             "hidden_act": "silu",
-            "max_position_embeddings": config.train.seq_len,
+            "max_position_embeddings": max_positions,
             "rms_norm_eps": model.norm_epsilon,
-            "rope_parameters": {"rope_theta": model.rope_theta, "rope_type": "default"},
+            "rope_parameters": _rope_parameters(model),
             "tie_word_embeddings": bool(model.tie_embeddings),
             "attention_dropout": 0.0,
-            experts_key: moe.num_experts,
             "num_experts_per_tok": moe.k,
             "router_aux_loss_coef": config.loss.aux_coef,
             "output_router_logits": False,
             "use_cache": True,
         }
+
+    def _hf_config(self, config) -> dict[str, Any]:
+        model, moe = config.model, config.moe
+        experts_key = "num_local_experts" if self.mixtral else "num_experts"
+        hf = self._shared_hf_config(config)
+        hf["intermediate_size"] = model.d_ff if self.qwen else moe.d_ff or model.d_ff
+        hf[experts_key] = moe.num_experts
         if self.mixtral:
             hf.update({"head_dim": model.head_dim, "sliding_window": None})
             hf["router_jitter_noise"] = 0.0
