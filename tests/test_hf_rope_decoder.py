@@ -288,6 +288,10 @@ def test_config_fields_rope_spellings_and_norm_topk_prob():
     # the released configs name the expert count num_experts, transformers 5 num_local_experts
     for key in ("num_experts", "num_local_experts"):
         assert qwen.to_moe_config({key: 5}, frozenset())["moe.num_experts"] == 5
+    # transformers makes layer i dense when i is in mlp_only_layers: an index past the last
+    # layer names no layer (a checkpoint cut to fewer layers keeps its list)
+    shallow = {"num_hidden_layers": 2, "mlp_only_layers": [3, 0]}
+    assert qwen.to_moe_config(shallow, frozenset())["moe.dense_layers"] == (0,)
 
 
 def test_settings_a_family_cannot_express_are_refused_before_writing(tmp_path):
