@@ -1,23 +1,31 @@
 """Greedy decoding of Hugging Face checkpoints against `transformers`' own `generate`.
 
-Tiny random Switch Transformers and Mixtral models (the fixtures of the hf tests), saved with
-`save_pretrained`, loaded with `moe_jax.hf.load`, decoded greedily by `moe_jax.decode.generate`
-and by `transformers`' `generate(do_sample=False)`: the tokens must agree one for one. Switch's
+Tiny random Switch Transformers, Mixtral, Qwen2-MoE and Qwen3-MoE models (the fixtures of the
+hf tests), saved with `save_pretrained`, loaded with `moe_jax.hf.load`, decoded greedily by
+`moe_jax.decode.generate` (and the `moe_jax.generate --hf` CLI) and by `transformers`'
+`generate(do_sample=False)`: the tokens must agree one for one. Switch's
 expert capacity (16) exceeds the tokens of a decode step, so transformers drops nothing there,
 as our decode-time rule says. With one slot per expert the encoder drops tokens, in
 transformers as in moe_jax's eval forward pass, and decoding keeps that encoder.
 """
 
+import os
+import subprocess
+import sys
+
 import jax.numpy as jnp
 import numpy as np
+import pytest
 import torch
 
 from moe_jax import decode, hf
+from tests.test_hf_rope_decoder import VOCAB as ROPE_VOCAB
 from tests.test_hf_rope_decoder import hf_config, random_model
 from tests.test_hf_switch import VOCAB, random_switch, switch_config
 from tests.test_hf_t5 import assert_close, ours_logits, torch_logits
 
 NEW = 8
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_switch_greedy_generation_equals_transformers(tmp_path):
@@ -68,18 +76,53 @@ def test_switch_first_step_keeps_the_encoders_capacity(tmp_path):
     np.testing.assert_allclose(logits[:, :1], jnp.asarray(ours), atol=atol, rtol=0)
 
 
-def test_mixtral_greedy_generation_equals_transformers(tmp_path):
-    reference = random_model(hf_config("mixtral"))
+@pytest.mark.parametrize("family", ("mixtral", "qwen2_moe", "qwen3_moe"))
+def test_rope_decoder_greedy_generation_equals_transformers(family, tmp_path):
+    """Prompts of 7, 4 and 6 tokens: ours padded on the right with `prompt_lengths`,
+    transformers' on the left (its positions count from each row's first real token)."""
+    reference = random_model(hf_config(family))
     reference.save_pretrained(tmp_path)
     _, model = hf.load(str(tmp_path))
-    prompts = np.random.default_rng(1).integers(0, 96, (2, 6))
+    prompts = np.random.default_rng(1).integers(0, ROPE_VOCAB, (3, 7))
+    lengths = np.array([7, 4, 6])
+    mask = np.arange(7) < lengths[:, None]
+    prompts = np.where(mask, prompts, 0)
+    left_padded = np.stack([np.roll(row, 7 - n) for row, n in zip(prompts, lengths)])
     with torch.no_grad():
         theirs = reference.generate(
-            input_ids=torch.tensor(prompts),
-            attention_mask=torch.ones(prompts.shape, dtype=torch.long),
+            input_ids=torch.tensor(left_padded),
+            attention_mask=torch.tensor(mask[:, ::-1].astype(np.int64)),
             do_sample=False,
             max_new_tokens=NEW,
             pad_token_id=0,
         ).numpy()[:, prompts.shape[1] :]
-    ours = np.asarray(decode.generate(model, prompts, max_new_tokens=NEW))
+    ours = np.asarray(decode.generate(model, prompts, max_new_tokens=NEW, prompt_lengths=lengths))
     np.testing.assert_array_equal(ours, theirs)
+
+
+def test_generate_cli_prints_a_qwen3_checkpoints_greedy_ids_up_to_its_eos(tmp_path):
+    """`python -m moe_jax.generate --hf=DIR --prompt_ids=...` on a decoder-only checkpoint
+    without tokenizer.json prints transformers' greedy new tokens as ids, up to (without) the
+    `eos_token_id` of DIR's config.json."""
+    reference = random_model(hf_config("qwen3_moe"))
+    prompt = [45, 49, 72, 91, 3, 13, 79]
+    with torch.no_grad():
+        theirs = reference.generate(
+            input_ids=torch.tensor([prompt]),
+            attention_mask=torch.ones((1, len(prompt)), dtype=torch.long),
+            do_sample=False,
+            max_new_tokens=NEW,
+            pad_token_id=0,
+        )
+    new = theirs.numpy()[0, len(prompt) :].tolist()
+    reference.config.eos_token_id = new[4]
+    expected = new[: new.index(new[4])]
+    assert len(expected) >= 2, new
+    reference.save_pretrained(tmp_path)
+    ids = ",".join(str(i) for i in prompt)
+    command = [sys.executable, "-m", "moe_jax.generate", f"--hf={tmp_path}", f"--prompt_ids={ids}"]
+    done = subprocess.run(
+        [*command, f"--max_new_tokens={NEW}"], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == [str(i) for i in expected], (done.stdout, new)

@@ -1,5 +1,6 @@
 """moe_jax.hf against transformers' Mixtral, OLMoE, Qwen2-MoE and Qwen3-MoE: logits, router
-logits, the load-balancing loss, both expert layouts, round trips, refusals.
+logits, the load-balancing loss, both expert layouts, round trips (also through a run written
+by `moe_jax.convert`), scanned layers, fine-tuning from a checkpoint, refusals.
 
 The oracle is a tiny random `transformers` model (seeded, float32, eager attention): 3 layers
 (Qwen3-MoE: 6, sparse only where `decoder_sparse_step` and `mlp_only_layers` leave experts, with
@@ -23,8 +24,9 @@ from flax import nnx
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
 from configs import hf as hf_configs
-from moe_jax import data, hf, losses, models, train
+from moe_jax import convert, data, hf, losses, models, train
 from moe_jax.config import default_config
+from moe_jax.hf.loading import model_without_weights
 from tests.test_hf_t5 import assert_close
 from tests.test_hf_train import first_step_cross_entropy, small_run
 
@@ -288,6 +290,10 @@ def test_config_fields_rope_spellings_and_norm_topk_prob():
     # the released configs name the expert count num_experts, transformers 5 num_local_experts
     for key in ("num_experts", "num_local_experts"):
         assert qwen.to_moe_config({key: 5}, frozenset())["moe.num_experts"] == 5
+    # transformers makes layer i dense when i is in mlp_only_layers: an index past the last
+    # layer names no layer (a checkpoint cut to fewer layers keeps its list)
+    shallow = {"num_hidden_layers": 2, "mlp_only_layers": [3, 0]}
+    assert qwen.to_moe_config(shallow, frozenset())["moe.dense_layers"] == (0,)
 
 
 def test_settings_a_family_cannot_express_are_refused_before_writing(tmp_path):
@@ -314,11 +320,15 @@ def test_settings_a_family_cannot_express_are_refused_before_writing(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_init_from_mixtral_starts_from_the_transformers_loss(tmp_path):
+@pytest.mark.parametrize("family, num_layers", [("mixtral", 2), ("qwen2_moe", 4), ("qwen3_moe", 4)])
+def test_init_from_starts_from_the_transformers_loss(family, num_layers, tmp_path):
     """`--config=configs/hf.py:DIR` fine-tunes a decoder-only checkpoint: the first step's
     cross-entropy is transformers' loss on the same batch (our targets are the inputs shifted by
-    one, so transformers is given them unshifted as `shift_labels`)."""
-    reference = random_model(hf_config("mixtral", vocab_size=TRAIN_VOCAB, num_hidden_layers=2))
+    one, so transformers is given them unshifted as `shift_labels`). Qwen's 4 layers mix dense
+    and sparse ones."""
+    reference = random_model(
+        hf_config(family, vocab_size=TRAIN_VOCAB, num_hidden_layers=num_layers)
+    )
     with torch.no_grad():  # logits far from uniform, so that only the right weights match
         reference.lm_head.weight.mul_(50.0)
     reference.save_pretrained(tmp_path / "hf")
@@ -338,6 +348,68 @@ def test_init_from_mixtral_starts_from_the_transformers_loss(tmp_path):
     np.testing.assert_allclose(
         first_step_cross_entropy(tmp_path / "run"), float(output.loss), rtol=1e-4
     )
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "qwen3_moe"])
+def test_convert_round_trip_through_a_run(family, tmp_path):
+    """`moe_jax.convert --hf=DIR --workdir=RUN` writes a step-0 run whose model computes
+    transformers' logits; `--workdir=RUN --to_hf=OUT` writes a checkpoint that transformers
+    loads with no missing or unexpected key and that computes the same logits."""
+    reference = random_model(hf_config(family, vocab_size=TRAIN_VOCAB))
+    reference.save_pretrained(tmp_path / "hf")
+    config = small_run(hf.load_config(str(tmp_path / "hf")))
+    convert.hf_to_run(
+        str(tmp_path / "hf"), str(tmp_path / "run"), config, devices=jax.devices()[:1]
+    )
+    _, model, step = train.restore_for_inference(str(tmp_path / "run"))
+    assert step == 0
+    tokens, mask = batch(seed=5)
+    real = mask.astype(bool)
+    expected = torch_forward(reference, tokens, mask).logits.numpy()[real]
+    assert_close(ours_forward(model, tokens, mask)[0][real], expected)
+    convert.run_to_hf(str(tmp_path / "run"), str(tmp_path / "out"))
+    loaded, info = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "out", output_loading_info=True, attn_implementation="eager"
+    )
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    assert not info["mismatched_keys"], info
+    assert_close(torch_forward(loaded.eval(), tokens, mask).logits.numpy()[real], expected)
+
+
+def test_scanned_qwen3_model_equals_the_unscanned(tmp_path):
+    """With `model.scan_layers=True` Qwen3-MoE's mixed layers (QWEN_SPARSE: one-layer blocks,
+    each run of equal layers one scanned segment, the 3 dense layers stacked [3, ...]) load with
+    `load_into` to the unscanned model's logits, and `save` writes the checkpoint's tensors."""
+    random_model(hf_config("qwen3_moe")).save_pretrained(tmp_path / "hf")
+    _, unscanned = hf.load(str(tmp_path / "hf"))
+    config = hf.load_config(str(tmp_path / "hf"))
+    config.model.scan_layers = True
+    scanned = model_without_weights(config)
+    hf.load_into(scanned, config, str(tmp_path / "hf"))
+    repeats = {  # the leading [R] of each scanned segment's parameters
+        path[0]: variable.shape[0]
+        for path, variable in nnx.to_flat_state(nnx.state(scanned.decoder.segments, nnx.Param))
+    }
+    assert repeats == {0: 1, 1: 1, 2: 3, 3: 1}, repeats
+    tokens, mask = batch(seed=6)
+    real = mask.astype(bool)
+    forward = nnx.jit(  # (logits f32[B, L, V], aux); router_logits cannot see into nnx.scan
+        lambda model: model(
+            jnp.asarray(tokens), deterministic=True, segment_ids=jnp.asarray(mask, jnp.int32)
+        )
+    )
+    ours, aux = forward(scanned)
+    expected, expected_aux = forward(unscanned)
+    np.testing.assert_allclose(
+        np.asarray(ours)[real], np.asarray(expected)[real], rtol=1e-5, atol=1e-5
+    )
+    np.testing.assert_allclose(aux.load_balancing_loss, expected_aux.load_balancing_loss, rtol=1e-5)
+    hf.save(config, scanned, str(tmp_path / "out"))
+    written = safetensors.numpy.load_file(tmp_path / "out" / "model.safetensors")
+    original = safetensors.numpy.load_file(tmp_path / "hf" / "model.safetensors")
+    assert set(written) == set(original)
+    for name, tensor in written.items():
+        np.testing.assert_array_equal(tensor, original[name], err_msg=name)
 
 
 def test_bfloat16_checkpoints_load(tmp_path):

@@ -257,6 +257,9 @@ class RopeDecoderFamily:
                 f"olmoe config.json: head_dim={head_dim} with num_attention_heads={num_heads} "
                 f"must give hidden_size={d_model} (OLMoE's q_norm spans hidden_size)."
             )
+        num_layers = hf.get("num_hidden_layers", layers)
+        # an mlp_only_layers index past the last layer names no layer (transformers ignores it)
+        dense_layers = sorted(i for i in hf.get("mlp_only_layers") or () if 0 <= i < num_layers)
         d_ff = hf.get("intermediate_size", d_ff)
         expert_d_ff = hf.get("moe_intermediate_size", expert_d_ff) if qwen else d_ff
         experts_key = "num_local_experts" if mixtral else "num_experts"
@@ -276,7 +279,7 @@ class RopeDecoderFamily:
             "model.kind": "rope_decoder",
             "model.vocab_size": hf.get("vocab_size", vocab),
             "model.d_model": d_model,
-            "model.num_layers": hf.get("num_hidden_layers", layers),
+            "model.num_layers": num_layers,
             "model.num_heads": num_heads,
             "model.num_kv_heads": hf.get("num_key_value_heads", kv_heads) or num_heads,
             "model.head_dim": head_dim,
@@ -304,7 +307,7 @@ class RopeDecoderFamily:
             "moe.sparse_placement": "every",
             "moe.sparse_every": hf.get("decoder_sparse_step", 1) if qwen else 1,
             "moe.num_sparse_layers": 0,
-            "moe.dense_layers": tuple(sorted(hf.get("mlp_only_layers") or ())) if qwen else (),
+            "moe.dense_layers": tuple(dense_layers) if qwen else (),
             "loss.aux_coef": float(hf.get("router_aux_loss_coef", aux)),
             "loss.z_coef": 0.0,
         }
