@@ -41,7 +41,8 @@ def default_config() -> ml_collections.ConfigDict:
             "num_layers": 4,  # decoder-only depth
             "num_encoder_layers": 4,  # encoder-decoder depths
             "num_decoder_layers": 4,
-            "ffn_activation": "gated-gelu",  # relu | gelu | gated-gelu | swiglu
+            # relu | gelu | gated-gelu | swiglu | swiglu_clamped (gpt-oss; moe.swiglu_limit)
+            "ffn_activation": "gated-gelu",
             "dropout_rate": 0.0,
             "tie_embeddings": False,
             "norm_epsilon": 1e-6,  # RMSNorm's epsilon (T5 1e-6; Mixtral, OLMoE 1e-5)
@@ -108,6 +109,10 @@ def default_config() -> ml_collections.ConfigDict:
             "decoder_router": "",
             "d_ff": 0,  # expert hidden width; 0 means model.d_ff
             "activation": "",  # expert activation; '' means model.ffn_activation
+            # swiglu_clamped (gpt-oss), in experts and dense FFNs alike: gate clipped from above
+            # and up to [-limit, limit], out = (up + 1) * gate * sigmoid(alpha * gate)
+            "swiglu_limit": 7.0,
+            "swiglu_alpha": 1.702,
             "capacity_factor_train": 1.25,
             "capacity_factor_eval": 2.0,
             "min_capacity": 4,
@@ -132,10 +137,15 @@ def default_config() -> ml_collections.ConfigDict:
             "second_threshold": 0.5,
             "router_jitter": 0.01,  # multiplicative input jitter eps in training (Switch)
             "router_init_scale": 0.1,  # Switch's truncated-normal scale sqrt(scale / fan_in)
+            # a learned bias f32[E] (zeros at init) added to the logits x @ kernel (gpt-oss)
+            "router_bias": False,
             "expert_dropout": 0.0,
             # scale of the experts' truncated-normal fan-in init (1.0 usual; Switch, Sec. 2.3,
             # draws every weight at 0.1)
             "expert_init_scale": 1.0,
+            # biases on the experts' projections, bi (, bi_gate): [E, H] and bo: [E, M], zeros
+            # at init (gpt-oss)
+            "expert_bias": False,
             "num_shared_experts": 0,  # always-on dense experts (DeepSeekMoE)
             # scale the shared experts' output by sigmoid(x @ w), w: [M, 1] (Qwen2-MoE)
             "shared_expert_gate": False,

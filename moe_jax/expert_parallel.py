@@ -8,7 +8,9 @@ inputs plus the mesh facts; the groups split over the 'batch' mesh axes (`moe_ja
   `jax.lax.all_to_all` over the expert mesh axis (it then holds `[E_local, G_local * X, C, M]`
   for its `E_local = E / X` experts, X the expert-axis size), runs its experts (hidden dim H
   possibly split over `'model'`, with a `psum` over `'model'` after `wo`), and sends the outputs
-  back with a second `all_to_all` before combining.
+  back with a second `all_to_all` before combining. An expert weight with no 'mlp' axis (the
+  output bias `bo`) is whole on every H shard, so it is zeroed on all of them but the first,
+  and the psum adds it once.
 - `'gspmd'`: the same maths under `jax.jit` with sharding constraints only: `[E, G, C, M]` is
   constrained first along G and then along E, and XLA inserts the all-to-all.
 
@@ -38,6 +40,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec
 
 from moe_jax import dispatch, exchange, soft_moe
@@ -114,7 +117,9 @@ def expert_parallel_dispatch_combine(
         or Soft MoE's `SoftRouting` (einsum backend; its S slots per expert take C's place).
       expert_fn: `expert_fn(params, xe: [E_local, N, M]) -> [E_local, N, M]`, called on each
         device's experts. Must be linear in its last matmul (so a hidden dim split over 'model'
-        can be summed after `wo`). Random draws take the key `rng` as `dropout_rng=`.
+        can be summed after `wo`), and take the weights without an 'mlp' axis (an output
+        bias) as terms added to its output, which is where they are kept on one H shard only.
+        Random draws take the key `rng` as `dropout_rng=`.
       expert_params: pytree of stacked expert weights, every leaf `[E, ...]`.
       param_axes: same tree as `expert_params` with a tuple of logical names per leaf, e.g.
         `{'wi': ('expert', 'embed', 'mlp'), 'wo': ('expert', 'mlp', 'embed')}`.
@@ -194,6 +199,10 @@ def _shard_map_dispatch_combine(
         for names in jax.tree.leaves(param_axes, is_leaf=lambda x: isinstance(x, tuple))
     )
     sum_axes = hidden_axes if uses_hidden else ()
+    # whole on every H shard (an output bias): kept on the first, so the psum adds it once
+    unsplit_hidden = jax.tree.map(
+        lambda names: "mlp" not in names, param_axes, is_leaf=lambda x: isinstance(x, tuple)
+    )
     group_spec = batch_spec(1, rules)
     param_specs = _expert_param_specs(param_axes, rules, keep=("expert", "mlp"))
     num_peers = axis_size(mesh, expert_axes)
@@ -206,6 +215,13 @@ def _shard_map_dispatch_combine(
 
     def local(x_local: jax.Array, routing_local: Routing, params_local: Any) -> jax.Array:
         expert_fn_local = _bind_rng(expert_fn, _device_rng(rng, mesh))
+        if sum_axes and any(jax.tree.leaves(unsplit_hidden)):
+            first_shard = jax.lax.axis_index(sum_axes) == 0
+            params_local = jax.tree.map(
+                lambda leaf, unsplit: jnp.where(first_shard, leaf, 0) if unsplit else leaf,
+                params_local,
+                unsplit_hidden,
+            )
         if backend == "dropless":
             if num_peers == 1:
                 y = dispatch.dispatch_combine(

@@ -10,13 +10,22 @@ same maths runs three ways:
   multiplied by its own expert's weight (the dropless backend).
 
 Parameters are a dict: `wi` (input projection), `wi_gate` (the second input projection of gated
-units, present only for gated activations) and `wo` (output projection). Stacked expert weights
-are `wi, wi_gate: [E, M, H]` and `wo: [E, H, M]`; a dense FFN drops the leading E.
-Gated units compute `act(x @ wi_gate) * (x @ wi)` (GEGLU: act = gelu; SwiGLU: act = silu).
+units, present only for gated activations) and `wo` (output projection), and optionally the
+biases `bi`, `bi_gate` (on the input projections) and `bo` (on the output projection), as in
+gpt-oss. Stacked expert weights are `wi, wi_gate: [E, M, H]`, `wo: [E, H, M]`, biases
+`bi, bi_gate: [E, H]`, `bo: [E, M]`; a dense FFN drops the leading E.
+Gated units compute `act(x @ wi_gate) * (x @ wi)` (GEGLU: act = gelu; SwiGLU: act = silu), or,
+for 'swiglu_clamped' (gpt-oss), `clamped_swiglu(x @ wi_gate, x @ wi)`.
+
+A bias is added as the product of a ones column `[..., 1]` with the bias as a one-row weight
+`[E, 1, H]`, through the same `matmul`: each row then meets its own expert's bias in every form
+above (a block of rows its block's expert, a ragged run its run's), and the gradient reaches the
+bias the way it reaches the weights.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 
@@ -25,12 +34,40 @@ import jax.numpy as jnp
 
 Matmul = Callable[[jax.Array, jax.Array], jax.Array]
 
-# activation name -> (nonlinearity, gated)
-_ACTIVATIONS: dict[str, tuple[Callable[[jax.Array], jax.Array], bool]] = {
+WEIGHT_NAMES = ("wi", "wi_gate", "wo")  # the matrices, `wi_gate` for gated units only
+BIAS_NAMES = ("bi", "bi_gate", "bo")  # their biases, `bi_gate` for gated units only
+
+
+def _glu(nonlinearity: Callable[[jax.Array], jax.Array]) -> Callable[..., jax.Array]:
+    """The gated unit `nonlinearity(gate) * up` of f32[..., H] projections."""
+
+    def unit(gate: jax.Array, up: jax.Array) -> jax.Array:
+        return nonlinearity(gate) * up
+
+    return unit
+
+
+def clamped_swiglu(
+    gate: jax.Array, up: jax.Array, *, limit: float = 7.0, alpha: float = 1.702
+) -> jax.Array:
+    """gpt-oss's clamped SwiGLU of f32[..., H] projections: `(clip(up) + 1) * glu`.
+
+    `gate` is clipped from above at `limit` and `up` to `[-limit, limit]`; `glu = gate *
+    sigmoid(alpha * gate)` (SiLU with slope `alpha`, 1.702 being the sigmoid approximation of
+    GELU). The defaults are gpt-oss's (`swiglu_limit`, `swiglu_alpha`).
+    """
+    gate = jnp.minimum(gate, limit)
+    up = jnp.clip(up, -limit, limit)
+    return (up + 1.0) * gate * jax.nn.sigmoid(alpha * gate)
+
+
+# activation name -> (unit, gated): unit(x @ wi), or for gated units unit(x @ wi_gate, x @ wi)
+_ACTIVATIONS: dict[str, tuple[Callable[..., jax.Array], bool]] = {
     "relu": (jax.nn.relu, False),
     "gelu": (jax.nn.gelu, False),
-    "gated-gelu": (jax.nn.gelu, True),
-    "swiglu": (jax.nn.silu, True),
+    "gated-gelu": (_glu(jax.nn.gelu), True),
+    "swiglu": (_glu(jax.nn.silu), True),
+    "swiglu_clamped": (clamped_swiglu, True),
 }
 ACTIVATIONS = tuple(_ACTIVATIONS)
 
@@ -42,9 +79,16 @@ def check_activation(activation: str) -> None:
 
 
 def is_gated(activation: str) -> bool:
-    """True for gated linear units (gated-gelu, swiglu), which need a second `wi_gate`."""
+    """True for gated linear units (gated-gelu, swiglu, swiglu_clamped): they need `wi_gate`."""
     check_activation(activation)
     return _ACTIVATIONS[activation][1]
+
+
+def param_names(activation: str, *, bias: bool = False) -> tuple[str, ...]:
+    """The keys of the FFN parameter dict: `wi`, `wo`, `wi_gate` for gated units, and with
+    `bias` their biases `bi`, `bo` (and `bi_gate`)."""
+    names = WEIGHT_NAMES + BIAS_NAMES if bias else WEIGHT_NAMES
+    return tuple(name for name in names if is_gated(activation) or not name.endswith("_gate"))
 
 
 def truncated_normal_init(scale: float = 0.1):
@@ -76,12 +120,14 @@ def init_ffn_params(
     activation: str,
     num_experts: int | None = None,
     init_scale: float = 1.0,
+    bias: bool = False,
     dtype=jnp.float32,
 ) -> dict[str, jax.Array]:
     """FFN weights: `wi: [E, M, H]`, `wo: [E, H, M]` with `num_experts`, else `[M, H]`, `[H, M]`.
 
     Every matrix is drawn with `truncated_normal_init(init_scale)` over its own fan-in
-    (1.0 is the usual variance-scaling init; Switch uses 0.1).
+    (1.0 is the usual variance-scaling init; Switch uses 0.1). With `bias`, zero biases
+    `bi (, bi_gate): [E, H]` and `bo: [E, M]` (without E: `[H]`, `[M]`).
     """
     check_activation(activation)
     lead = () if num_experts is None else (num_experts,)
@@ -93,6 +139,11 @@ def init_ffn_params(
     }
     if is_gated(activation):
         params["wi_gate"] = init(key_gate, (*lead, d_model, d_ff), dtype)  # [E, M, H]
+    if bias:
+        params["bi"] = jnp.zeros((*lead, d_ff), dtype)  # [E, H]
+        params["bo"] = jnp.zeros((*lead, d_model), dtype)  # [E, M]
+        if is_gated(activation):
+            params["bi_gate"] = jnp.zeros((*lead, d_ff), dtype)  # [E, H]
     return params
 
 
@@ -132,37 +183,52 @@ def ffn(
     dtype=None,
     dropout_rate: float = 0.0,
     dropout_rng: jax.Array | None = None,
+    swiglu_limit: float = 7.0,
+    swiglu_alpha: float = 1.702,
 ) -> jax.Array:
     """The FFN `wo(act(x wi))` (or gated `wo(act(x wi_gate) * x wi)`), applied with `matmul`.
 
     Args:
-      params: `wi`, `wo` (and `wi_gate` for gated activations), shaped as `matmul` expects.
+      params: `wi`, `wo` (and `wi_gate` for gated activations), shaped as `matmul` expects,
+        and optionally the biases `bi`, `bi_gate`, `bo` (see the module docstring): each one
+        present is added to its projection.
       x: input rows, e.g. f32[E, N, M] for `stacked_matmul`.
-      activation: relu | gelu | gated-gelu | swiglu.
+      activation: relu | gelu | gated-gelu | swiglu | swiglu_clamped.
       matmul: how rows meet weights (see the module docstring).
       dtype: compute dtype of the matmul operands (e.g. bfloat16); accumulation, the activation
         and the output are float32. None keeps the operands' own dtypes.
       dropout_rate: expert dropout on the hidden layer (Switch fine-tuning uses 0.4, Table 4).
       dropout_rng: key for the dropout mask; required when `dropout_rate > 0`.
+      swiglu_limit, swiglu_alpha: the clamp and the sigmoid slope of 'swiglu_clamped'
+        (`clamped_swiglu`); the other activations have none.
 
     Returns:
       f32 array with x's shape (last dim M).
     """
     check_activation(activation)
-    nonlinearity, gated = _ACTIVATIONS[activation]
+    unit, gated = _ACTIVATIONS[activation]
+    if activation == "swiglu_clamped":
+        unit = functools.partial(unit, limit=swiglu_limit, alpha=swiglu_alpha)
     if not 0.0 <= dropout_rate < 1.0:
         raise ValueError(f"dropout_rate must be in [0, 1), got {dropout_rate!r}.")
 
     def cast(a: jax.Array) -> jax.Array:
         return a if dtype is None else a.astype(dtype)
 
+    def project(rows: jax.Array, weight: str, bias: str) -> jax.Array:
+        """`rows @ params[weight]`, plus `params[bias]` when present (module docstring): f32."""
+        out = matmul(rows, cast(params[weight]))  # [..., B]
+        if bias not in params:
+            return out
+        ones = jnp.ones_like(rows[..., :1])  # [..., 1], varying over shard_map axes as rows
+        return out + matmul(ones, cast(params[bias])[..., None, :])  # [..., B]
+
     x = cast(x)
-    hidden = nonlinearity(matmul(x, cast(params["wi_gate" if gated else "wi"])))  # [..., H]
-    if gated:
-        hidden = hidden * matmul(x, cast(params["wi"]))  # [..., H]
+    up = project(x, "wi", "bi")  # [..., H]
+    hidden = unit(project(x, "wi_gate", "bi_gate"), up) if gated else unit(up)  # [..., H]
     if dropout_rate > 0.0:
         if dropout_rng is None:
             raise ValueError("dropout_rate > 0 needs a dropout_rng; pass a key or set rate 0.")
         keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, hidden.shape)
         hidden = jnp.where(keep, hidden / (1.0 - dropout_rate), 0.0)
-    return matmul(cast(hidden), cast(params["wo"]))  # [..., M]
+    return project(cast(hidden), "wo", "bo")  # [..., M]

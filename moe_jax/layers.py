@@ -12,10 +12,12 @@
 Logical axis names. Every parameter carries them as the flax 0.12 `out_sharding` metadata
 (`nnx.Param(value, out_sharding=('expert', 'embed', 'mlp'), eager_sharding=False)`):
 `wi`/`wi_gate` `('expert', 'embed', 'mlp')`, `wo` `('expert', 'mlp', 'embed')`, dense FFN
-`('embed', 'mlp')` / `('mlp', 'embed')`, router `('embed', None)` (small, replicated; the
-other router kinds' weights are listed in `moe_jax.routers`). `eager_sharding=False` lets
-modules be built without a mesh; read the names with `nnx.get_partition_spec(nnx.state(model))`
-and map them to mesh axes with the config's rules table (`moe_jax.parallel`).
+`('embed', 'mlp')` / `('mlp', 'embed')`, the expert biases of `moe.expert_bias` `bi`/`bi_gate`
+`('expert', 'mlp')` and `bo` `('expert', 'embed')`, router `('embed', None)` (small,
+replicated; the other router kinds' weights are listed in `moe_jax.routers`).
+`eager_sharding=False` lets modules be built without a mesh; read the names with
+`nnx.get_partition_spec(nnx.state(model))` and map them to mesh axes with the config's rules
+table (`moe_jax.parallel`).
 
 Router state that is not a parameter. `config.moe.router = 'aux_free'` keeps its bias as a
 `RouterBias` variable and `'remoe'` its L1 coefficient as an `L1Coefficient`, not `nnx.Param`s:
@@ -109,11 +111,23 @@ class MoeAux(NamedTuple):
     token_weights: jax.Array | None = None
 
 
+def swiglu_settings(moe) -> tuple[float, float]:
+    """`(moe.swiglu_limit, moe.swiglu_alpha)`, the clamp and slope of 'swiglu_clamped'."""
+    limit, alpha = float(moe.swiglu_limit), float(moe.swiglu_alpha)
+    if not limit > 0 or not alpha > 0:
+        raise ValueError(
+            f"moe.swiglu_limit and moe.swiglu_alpha must be > 0, got {moe.swiglu_limit!r} and "
+            f"{moe.swiglu_alpha!r}; gpt-oss uses 7.0 and 1.702."
+        )
+    return limit, alpha
+
+
 class FeedForward(nnx.Module):
     """Dense FFN `wo(act(x wi))` (gated: `wo(act(x wi_gate) * x wi)`), dropout on the hidden.
 
     `d_ff` defaults to `config.model.d_ff`, `activation` to `config.model.ffn_activation`;
-    compute in `config.model.dtype`, parameters in `config.model.param_dtype`.
+    compute in `config.model.dtype`, parameters in `config.model.param_dtype`; 'swiglu_clamped'
+    clamps at `config.moe.swiglu_limit` with slope `config.moe.swiglu_alpha`.
     """
 
     def __init__(
@@ -127,6 +141,7 @@ class FeedForward(nnx.Module):
             raise ValueError(f"d_ff must be >= 1, got {d_ff!r}.")
         self.dtype = jnp.dtype(model.dtype)
         self.dropout_rate = float(model.dropout_rate)
+        self.swiglu_limit, self.swiglu_alpha = swiglu_settings(config.moe)
         params = experts.init_ffn_params(
             rngs.params(),
             d_model=model.d_model,
@@ -142,8 +157,7 @@ class FeedForward(nnx.Module):
 
     def params(self) -> dict[str, jax.Array]:
         """The weights as the dict `experts.ffn` takes."""
-        names = ("wi", "wi_gate", "wo") if experts.is_gated(self.activation) else ("wi", "wo")
-        return {name: getattr(self, name)[...] for name in names}
+        return {name: getattr(self, name)[...] for name in experts.param_names(self.activation)}
 
     def __call__(self, x: jax.Array, *, deterministic: bool = True) -> jax.Array:
         """`x: [..., M]` -> `[..., M]` in the compute dtype."""
@@ -156,6 +170,8 @@ class FeedForward(nnx.Module):
             dtype=self.dtype,
             dropout_rate=rate,
             dropout_rng=self.rngs() if rate > 0 else None,
+            swiglu_limit=self.swiglu_limit,
+            swiglu_alpha=self.swiglu_alpha,
         )
         return out.astype(self.dtype)
 
@@ -178,7 +194,10 @@ class MoeFeedForward(nnx.Module):
     (Qwen2-MoE) its output is scaled per token by `sigmoid(x @ shared_gate)`, `shared_gate:
     [M, 1]`.
     Expert weights: `wi: [E, M, H]`, `wi_gate: [E, M, H]` (gated activations), `wo: [E, H, M]`,
-    drawn with truncated-normal fan-in init of scale `moe.expert_init_scale` (1.0 by default).
+    drawn with truncated-normal fan-in init of scale `moe.expert_init_scale` (1.0 by default);
+    with `moe.expert_bias` (gpt-oss) also the zero-initialised biases `bi: [E, H]`, `bi_gate:
+    [E, H]` (gated activations) and `bo: [E, M]`. A dropped token's empty slot runs its expert
+    on a zero row, bias included, and gets combine weight 0, so nothing of it reaches the output.
 
     Two static switches for inference (`inference_copy` sets them on a copy of a model):
     `dropless = True` routes a tokens-choose router with `capacity=None` (no token is dropped,
@@ -211,6 +230,10 @@ class MoeFeedForward(nnx.Module):
                 raise ValueError(f"moe.{name} must be > 0, got {moe[name]!r}.")
         self.activation = moe.activation or model.ffn_activation
         experts.check_activation(self.activation)
+        self.swiglu_limit, self.swiglu_alpha = swiglu_settings(moe)
+        if not isinstance(moe.expert_bias, bool):
+            raise ValueError(f"moe.expert_bias must be True or False, got {moe.expert_bias!r}.")
+        self.expert_bias = moe.expert_bias
         if moe.backend == "dropless" and moe.router == "experts_choose":
             raise ValueError(
                 "backend 'dropless' needs a tokens-choose router; experts_choose fixes each "
@@ -249,12 +272,19 @@ class MoeFeedForward(nnx.Module):
             activation=self.activation,
             num_experts=moe.num_experts,
             init_scale=float(moe.expert_init_scale),
+            bias=self.expert_bias,
             dtype=jnp.dtype(model.param_dtype),
         )
-        self.wi = logical_param(params["wi"], ("expert", "embed", "mlp"))
-        self.wo = logical_param(params["wo"], ("expert", "mlp", "embed"))
-        if "wi_gate" in params:
-            self.wi_gate = logical_param(params["wi_gate"], ("expert", "embed", "mlp"))
+        axes = {
+            "wi": ("expert", "embed", "mlp"),
+            "wi_gate": ("expert", "embed", "mlp"),
+            "wo": ("expert", "mlp", "embed"),
+            "bi": ("expert", "mlp"),
+            "bi_gate": ("expert", "mlp"),
+            "bo": ("expert", "embed"),
+        }
+        for name in self.expert_param_names():
+            setattr(self, name, logical_param(params[name], axes[name]))
         # S always-on experts of width H are one dense FFN of width S * H (DeepSeekMoE)
         self.shared = (
             FeedForward(
@@ -282,8 +312,9 @@ class MoeFeedForward(nnx.Module):
         self.trace_routing = False
 
     def expert_param_names(self) -> tuple[str, ...]:
-        """Attribute names of the stacked expert weights, as `experts.ffn` keys them."""
-        return ("wi", "wi_gate", "wo") if experts.is_gated(self.activation) else ("wi", "wo")
+        """Attribute names of the stacked expert weights (and biases), as `experts.ffn` keys
+        them."""
+        return experts.param_names(self.activation, bias=self.expert_bias)
 
     def expert_param_axes(self) -> dict[str, tuple[str | None, ...] | None]:
         """Logical axis names of each stacked expert weight, from its `out_sharding` metadata
@@ -354,7 +385,12 @@ class MoeFeedForward(nnx.Module):
         route = jax.tree.map(lambda leaf: checkpoint_name(leaf, "moe_routing"), route)
         rate = 0.0 if deterministic else self.expert_dropout
         expert_fn = functools.partial(
-            experts.ffn, activation=self.activation, dtype=self.dtype, dropout_rate=rate
+            experts.ffn,
+            activation=self.activation,
+            dtype=self.dtype,
+            dropout_rate=rate,
+            swiglu_limit=self.swiglu_limit,
+            swiglu_alpha=self.swiglu_alpha,
         )
         routed = self.experts_impl(
             grouped.astype(self.dtype),

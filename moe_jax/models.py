@@ -43,7 +43,7 @@ from flax import nnx
 
 from moe_jax.attention import attention_mask
 from moe_jax.config import DECODER_KINDS, KINDS
-from moe_jax.experts import dense_matmul
+from moe_jax.experts import BIAS_NAMES, WEIGHT_NAMES, dense_matmul
 from moe_jax.layers import MoeAux, MoeFeedForward
 
 # also re-exported: the layer placement and remat policies, read as `models.layer_plan` etc.
@@ -346,8 +346,8 @@ def count_params(config, *, include_embeddings: bool = True) -> dict[str, int]:
 
     The model is traced with `nnx.eval_shape`, so no array is allocated (Switch-C's 1.6T
     parameters count in seconds). `active` is what one token touches: every non-expert parameter
-    plus `k` experts' worth of each sparse layer's stacked expert weights (shared experts and
-    routers are non-expert parameters, so they count in full).
+    plus `k` experts' worth of each sparse layer's stacked expert weights and biases (shared
+    experts and routers are non-expert parameters, so they count in full).
 
     Embeddings (the `[V, M]` table and an untied `[M, V]` output kernel) count in both numbers
     by default, as Switch (Table 9: T5-Base's 223M includes its tied 32128 x 768 table) and
@@ -361,7 +361,7 @@ def count_params(config, *, include_embeddings: bool = True) -> dict[str, int]:
         if not include_embeddings and path[-2:] in (("embed", "embedding"), ("output", "kernel")):
             continue
         total += size
-        is_expert_weight = path[-1] in ("wi", "wi_gate", "wo") and "ffn" in path
+        is_expert_weight = path[-1] in WEIGHT_NAMES + BIAS_NAMES and "ffn" in path
         if is_expert_weight and isinstance(_submodule(model, path[:-1]), MoeFeedForward):
             active += size * config.moe.k // config.moe.num_experts
         else:

@@ -16,7 +16,7 @@ unscanned.
 The layer dequantizes the weights (`qvalue * scale`) when it runs
 (`MoeFeedForward.expert_params`), so the stored weights take 1 or 1/2 byte per value and the
 maths is the float model's on the rounded weights. Routers, attention, embeddings and dense
-FFNs stay in float.
+FFNs stay in float, and so do the expert biases of `moe.expert_bias` (`bi`, `bi_gate`, `bo`).
 
 Library: qwix (Google's JAX quantization library) provides the quantized array, its scales and
 its rounding (`qwix.quantize`, `qwix.dequantize`). Its model-level PTQ (`qwix.quantize_model`)
@@ -40,7 +40,7 @@ import qwix
 from absl import app, flags
 from flax import nnx
 
-from moe_jax import cli, train
+from moe_jax import cli, experts, train
 from moe_jax.score import eval_cross_entropy
 
 INTEGER_TYPES = {8: jnp.int8, 4: jnp.int4}
@@ -48,11 +48,12 @@ FORMATS = ("float32", "bfloat16", "int8", "int4")
 
 
 def _expert_weights(model: nnx.Module):
-    """`(module, name)` of every stacked expert weight of the MoE layers of `model`."""
+    """`(module, name)` of every stacked expert weight matrix of the MoE layers of `model`."""
     for _, module in nnx.iter_graph(model):
         if hasattr(module, "expert_param_names"):
             for name in module.expert_param_names():
-                yield module, name
+                if name in experts.WEIGHT_NAMES:
+                    yield module, name
 
 
 def quantize_array(weight: jax.Array, bits: int, group_size: int = 0) -> qwix.QArray:

@@ -8,7 +8,8 @@ the layers floor that binds router parameters (`moe_jax.layers` re-exports `Rout
 
 Kinds and their weights (logical axis names in brackets, as `out_sharding` metadata):
 - `tokens_choose`, `gshard_top2`, `experts_choose`, `aux_free`, `base_layer`, `sinkhorn`,
-  `remoe`, `forced_balanced`: `kernel: [M, E]` ('embed', None); logits x @ kernel.
+  `remoe`, `forced_balanced`: `kernel: [M, E]` ('embed', None); logits x @ kernel, plus
+  `logit_bias: [E]` (None,), zeros at init, with `moe.router_bias` (gpt-oss; not noisy_top_k).
 - `noisy_top_k`: `kernel` and `noise_kernel: [M, E]` (Shazeer et al. 2017).
 - `cosine`: `projection: [M, D]` ('embed', None), `expert_embeddings: [D, E]`,
   `log_temperature: []` (X-MoE; D = `moe.cosine_dim`, tau starts at `moe.cosine_temperature`).
@@ -89,6 +90,8 @@ _LINEAR_ROUTERS = (
     "remoe",
     "forced_balanced",
 )
+# routers whose logits are x @ kernel alone, so `moe.router_bias` can add a bias to them
+_BIASED_ROUTERS = tuple(kind for kind in _LINEAR_ROUTERS if kind != "noisy_top_k")
 
 
 def logical_param(value: jax.Array, names: tuple[str | None, ...]) -> nnx.Param:
@@ -166,6 +169,19 @@ class Router(nnx.Module):
             self.kernel = logical_param(
                 init(rngs.params(), (d_model, num_experts)), ("embed", None)
             )
+        if not isinstance(moe.router_bias, bool):
+            raise ValueError(f"moe.router_bias must be True or False, got {moe.router_bias!r}.")
+        if moe.router_bias and self.kind not in _BIASED_ROUTERS:
+            raise ValueError(
+                f"moe.router_bias=True adds a bias to the logits x @ kernel, which router "
+                f"{self.kind!r} does not compute; use one of {_BIASED_ROUTERS} or "
+                f"router_bias=False."
+            )
+        self.logit_bias = (
+            logical_param(jnp.zeros((num_experts,), jnp.float32), (None,))
+            if moe.router_bias
+            else None
+        )
         if self.kind == "noisy_top_k":
             # zero noise weights start as plain top-k (Shazeer et al. 2017, Appendix A)
             self.noise_kernel = logical_param(
@@ -244,6 +260,8 @@ class Router(nnx.Module):
             )  # [G, T, E]
         else:
             logits = experts.dense_matmul(x, self.kernel[...].astype(jnp.float32))  # [G, T, E]
+            if self.logit_bias is not None:
+                logits = logits + self.logit_bias[...]
         # evaluation is deterministic: GShard keeps every second choice that fits
         second_policy = "all" if deterministic else self.second_policy
         rng = self.rngs() if self.kind == "gshard_top2" and second_policy != "all" else None

@@ -15,20 +15,33 @@ def _np_gelu(a):
     return 0.5 * a * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (a + 0.044715 * a**3)))
 
 
+def _np_clamped_swiglu(gate, up, limit=7.0, alpha=1.702):
+    gate = np.minimum(gate, limit)
+    return (np.clip(up, -limit, limit) + 1.0) * gate / (1.0 + np.exp(-alpha * gate))
+
+
 def _np_ffn(params, x, activation):
-    """Per-expert NumPy oracle: x [E, N, M] -> [E, N, M]."""
+    """Per-expert NumPy oracle: x [E, N, M] -> [E, N, M]; biases (bi, bi_gate, bo) if given."""
     p = {k: np.asarray(v, np.float64) for k, v in params.items()}
     x = np.asarray(x, np.float64)
-    pre = np.einsum("enm,emh->enh", x, p["wi"])
+
+    def bias(name, width):
+        return p[name][:, None, :] if name in p else np.zeros((1, 1, width))
+
+    d_ff, d_model = p["wo"].shape[1:]
+    pre = np.einsum("enm,emh->enh", x, p["wi"]) + bias("bi", d_ff)
     if activation == "relu":
         hidden = np.maximum(pre, 0.0)
     elif activation == "gelu":
         hidden = _np_gelu(pre)
     else:
-        gate = np.einsum("enm,emh->enh", x, p["wi_gate"])
-        act = _np_gelu(gate) if activation == "gated-gelu" else gate / (1.0 + np.exp(-gate))
-        hidden = act * pre
-    return np.einsum("enh,ehm->enm", hidden, p["wo"])
+        gate = np.einsum("enm,emh->enh", x, p["wi_gate"]) + bias("bi_gate", d_ff)
+        if activation == "swiglu_clamped":
+            hidden = _np_clamped_swiglu(gate, pre)
+        else:
+            act = _np_gelu(gate) if activation == "gated-gelu" else gate / (1.0 + np.exp(-gate))
+            hidden = act * pre
+    return np.einsum("enh,ehm->enm", hidden, p["wo"]) + bias("bo", d_model)
 
 
 def test_relu_literal_case():
@@ -54,12 +67,18 @@ def test_swiglu_literal_case():
     np.testing.assert_allclose(y, [[[2.0 / (1.0 + math.exp(-2.0)) * 3.0 * 0.5]]], rtol=1e-6)
 
 
+@pytest.mark.parametrize("bias", [False, True], ids=["no_bias", "bias"])
 @pytest.mark.parametrize("activation", experts.ACTIVATIONS)
-def test_ffn_matches_numpy_per_expert(activation):
+def test_ffn_matches_numpy_per_expert(activation, bias):
     params = experts.init_ffn_params(
-        jax.random.PRNGKey(0), d_model=6, d_ff=10, activation=activation, num_experts=3
+        jax.random.PRNGKey(0), d_model=6, d_ff=10, activation=activation, num_experts=3, bias=bias
     )
-    x = jax.random.normal(jax.random.PRNGKey(1), (3, 5, 6))
+    # random biases (they start at zero) and inputs large enough to reach the clamp at 7
+    bias_keys = jax.random.split(jax.random.PRNGKey(2), len(experts.BIAS_NAMES))
+    for key, name in zip(bias_keys, experts.BIAS_NAMES, strict=True):
+        if name in params:
+            params[name] = jax.random.normal(key, params[name].shape)
+    x = 4.0 * jax.random.normal(jax.random.PRNGKey(1), (3, 5, 6))
     y = experts.ffn(params, x, activation=activation)
     np.testing.assert_allclose(y, _np_ffn(params, x, activation), rtol=1e-5, atol=1e-6)
     # the dense form on expert 1's weights gives expert 1's rows
@@ -79,6 +98,17 @@ def test_params_shapes_and_gate_only_for_gated_units():
     }
     plain = experts.init_ffn_params(jax.random.PRNGKey(0), d_model=4, d_ff=8, activation="relu")
     assert {k: v.shape for k, v in plain.items()} == {"wi": (4, 8), "wo": (8, 4)}
+    biased = experts.init_ffn_params(
+        jax.random.PRNGKey(0), d_model=4, d_ff=8, activation="swiglu", num_experts=3, bias=True
+    )
+    assert {k: v.shape for k, v in biased.items() if k in experts.BIAS_NAMES} == {
+        "bi": (3, 8),
+        "bi_gate": (3, 8),
+        "bo": (3, 4),
+    }
+    assert not any(np.any(biased[name]) for name in experts.BIAS_NAMES)  # zeros at init
+    assert experts.param_names("relu", bias=True) == ("wi", "wo", "bi", "bo")
+    assert set(biased) == set(experts.param_names("swiglu", bias=True))
     assert experts.is_gated("gated-gelu") and not experts.is_gated("gelu")
 
 
