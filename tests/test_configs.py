@@ -23,6 +23,7 @@ FAMILIES = {
     "mixtral": ("8x7b", "tiny"),
     "olmoe": ("1b_7b", "tiny"),
     "qwen_moe": ("qwen3_30b_a3b", "qwen3_235b_a22b", "qwen2_a2.7b", "tiny"),
+    "gpt_oss": ("20b", "120b", "tiny"),
     "widenet": ("nlp_16e", "tiny"),
 }
 
@@ -144,6 +145,40 @@ def test_rope_decoder_counts_match_papers(family, variant, total, active, tolera
     counts = count(family, variant)
     assert abs(counts["total"] / total - 1) <= tolerance, counts
     assert abs(counts["active"] / active - 1) <= tolerance, counts
+
+
+# the gpt-oss model card (OpenAI 2025): 20.9B total / 3.6B active for gpt-oss-20b, 116.8B /
+# 5.1B for gpt-oss-120b; its active counts hold the unembedding but not the embedding, which a
+# token only looks up
+GPT_OSS_COUNTS = [("20b", 20.9 * B, 3.6 * B), ("120b", 116.8 * B, 5.1 * B)]
+
+
+@pytest.mark.parametrize("variant, total, active", GPT_OSS_COUNTS)
+def test_gpt_oss_counts_match_the_model_card(variant, total, active):
+    counts = count("gpt_oss", variant)
+    config = get_config("gpt_oss", variant)
+    embedding = config.model.vocab_size * config.model.d_model
+    assert abs(counts["total"] / total - 1) <= 0.02, counts
+    assert abs((counts["active"] - embedding) / active - 1) <= 0.02, counts
+
+
+def test_gpt_oss_paper_choices():
+    config = get_config("gpt_oss", "120b")
+    model, moe = config.model, config.moe
+    assert (model.sliding_window, model.full_attention_every) == (128, 2)
+    assert model.attention_sinks and model.qkv_bias and model.attention_out_bias
+    assert (model.rope_type, model.rope_factor, model.rope_original_max_positions) == (
+        "yarn",
+        32.0,
+        4096,
+    )
+    assert (moe.num_experts, moe.k, moe.activation, moe.swiglu_limit) == (
+        128,
+        4,
+        "swiglu_clamped",
+        7.0,
+    )
+    assert moe.expert_bias and moe.router_bias and moe.normalize == "topk"
 
 
 def test_rope_decoder_paper_choices():

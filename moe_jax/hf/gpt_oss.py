@@ -16,7 +16,8 @@ this family extends:
   n = 2), and refuse others by name.
 - Rotary positions with `rope_parameters` (YaRN in the releases: `model.rope_type='yarn'` and
   its fields, `moe_jax.hf.rope_decoder`).
-- Router `mlp.router.weight: [E, M]` with `mlp.router.bias: [E]` (our router `kernel`, `bias`),
+- Router `mlp.router.weight: [E, M]` with `mlp.router.bias: [E]` (our router `kernel` and
+  `logit_bias`),
   top-k of its logits and a softmax over the k chosen, which is our `tokens_choose` with
   `moe.normalize='topk'` (the softmax over all experts renormalised over the k).
 - Experts `mlp.experts.gate_up_proj: [E, M, 2H]` (already `[in, out]`; gate and up interleaved
@@ -198,7 +199,7 @@ class GptOssFamily(RopeDecoderFamily):
         m, e = config.model.d_model, config.moe.num_experts
         h = config.moe.d_ff or config.model.d_ff
         tensors.linear(f"{prefix}.mlp.router.weight", (*path, "router", "kernel"), m, e)
-        tensors.copy(f"{prefix}.mlp.router.bias", (*path, "router", "bias"), (e,))
+        tensors.copy(f"{prefix}.mlp.router.bias", (*path, "router", "logit_bias"), (e,))
         experts = f"{prefix}.mlp.experts"
         gate_up, gate_up_bias = f"{experts}.gate_up_proj", f"{experts}.gate_up_proj_bias"
         for name, shape in ((gate_up, (e, m, 2 * h)), (gate_up_bias, (e, 2 * h))):

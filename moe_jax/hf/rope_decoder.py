@@ -330,6 +330,8 @@ class RopeDecoderFamily:
             "model.attention_sinks": (bool(model.attention_sinks), (False,)),
             "model.attention_out_bias": (bool(model.attention_out_bias), (False,)),
             "model.sliding_window": (model.sliding_window, (0,)),
+            "moe.expert_bias": (bool(moe.expert_bias), (False,)),
+            "moe.router_bias": (bool(moe.router_bias), (False,)),
         }
         if not self.qwen2:  # Qwen2's settings are checked below
             required["model.qkv_bias"] = (bool(model.qkv_bias), (False,))
