@@ -14,7 +14,15 @@ import torch
 import transformers
 from flax import nnx
 from test_hf_mxfp4 import quantize
-from test_hf_rope_decoder import VOCAB, batch, ours_forward, torch_forward
+from test_hf_rope_decoder import (
+    TRAIN_VOCAB,
+    VOCAB,
+    assert_convert_round_trips,
+    assert_init_from_starts_from_the_transformers_loss,
+    batch,
+    ours_forward,
+    torch_forward,
+)
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
 from moe_jax import decode, hf, models
@@ -157,6 +165,14 @@ def test_greedy_generation_past_the_window_equals_transformers(saved):
         ).numpy()[:, prompts.shape[1] :]
     ours = np.asarray(decode.generate(model, prompts, max_new_tokens=new))
     np.testing.assert_array_equal(ours, theirs)
+
+
+def test_init_from_and_convert_start_from_the_checkpoint(tmp_path):
+    """`train.init_from=hf:DIR` starts from transformers' loss; `convert` both ways keeps the
+    logits (4 layers: 2 sliding, 2 full, windows of 4 in 128-token training rows)."""
+    reference = random_gpt_oss(gpt_oss_config(vocab_size=TRAIN_VOCAB))
+    assert_init_from_starts_from_the_transformers_loss(reference, tmp_path / "init_from")
+    assert_convert_round_trips(reference, tmp_path / "convert")
 
 
 def test_layer_types_to_a_period():

@@ -329,6 +329,12 @@ def test_init_from_starts_from_the_transformers_loss(family, num_layers, tmp_pat
     reference = random_model(
         hf_config(family, vocab_size=TRAIN_VOCAB, num_hidden_layers=num_layers)
     )
+    assert_init_from_starts_from_the_transformers_loss(reference, tmp_path)
+
+
+def assert_init_from_starts_from_the_transformers_loss(reference, tmp_path):
+    """Fine-tune the transformers decoder `reference` from its `save_pretrained` directory for
+    one step; its first cross-entropy must be transformers' loss on that batch."""
     with torch.no_grad():  # logits far from uniform, so that only the right weights match
         reference.lm_head.weight.mul_(50.0)
     reference.save_pretrained(tmp_path / "hf")
@@ -355,7 +361,12 @@ def test_convert_round_trip_through_a_run(family, tmp_path):
     """`moe_jax.convert --hf=DIR --workdir=RUN` writes a step-0 run whose model computes
     transformers' logits; `--workdir=RUN --to_hf=OUT` writes a checkpoint that transformers
     loads with no missing or unexpected key and that computes the same logits."""
-    reference = random_model(hf_config(family, vocab_size=TRAIN_VOCAB))
+    assert_convert_round_trips(random_model(hf_config(family, vocab_size=TRAIN_VOCAB)), tmp_path)
+
+
+def assert_convert_round_trips(reference, tmp_path):
+    """`hf_to_run` then `run_to_hf` of the transformers decoder `reference`: both keep its
+    logits, and transformers loads the written checkpoint with every key."""
     reference.save_pretrained(tmp_path / "hf")
     config = small_run(hf.load_config(str(tmp_path / "hf")))
     convert.hf_to_run(
