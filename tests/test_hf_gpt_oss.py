@@ -9,11 +9,12 @@ activations reach, on sequences of 12 tokens (three windows) with left and right
 
 import numpy as np
 import pytest
+import qwix
 import safetensors.numpy
 import torch
 import transformers
 from flax import nnx
-from test_hf_mxfp4 import quantize
+from test_hf_mxfp4 import quantize as to_mxfp4
 from test_hf_rope_decoder import (
     TRAIN_VOCAB,
     VOCAB,
@@ -25,7 +26,7 @@ from test_hf_rope_decoder import (
 )
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
-from moe_jax import decode, hf, models
+from moe_jax import decode, hf, models, quantize
 from moe_jax.hf import files
 from moe_jax.hf.gpt_oss import full_attention_period
 from moe_jax.rope_attention import GroupedQueryAttention
@@ -221,7 +222,7 @@ def test_mxfp4_checkpoint_loads_as_transformers_dequantizes_it(tmp_path):
             tensors[name] = array
             continue
         stored = 0.3 * rng.normal(size=array.transpose(0, 2, 1).shape).astype(np.float32)
-        tensors[f"{name}_blocks"], tensors[f"{name}_scales"], _ = quantize(stored)
+        tensors[f"{name}_blocks"], tensors[f"{name}_scales"], _ = to_mxfp4(stored)
     config.quantization_config = {"quant_method": "mxfp4"}
     config.save_pretrained(tmp_path)
     safetensors.numpy.save_file(tensors, str(tmp_path / files.SINGLE_FILE), {"format": "pt"})
@@ -236,3 +237,21 @@ def test_mxfp4_checkpoint_loads_as_transformers_dequantizes_it(tmp_path):
     real = mask.astype(bool)
     ours, _, _ = ours_forward(model, tokens, mask)
     assert_close(ours[real], torch_forward(theirs_model, tokens, mask).logits.numpy()[real])
+    # and moe_jax.quantize keeps the experts in 4 bits (int4 with a scale per 32 input rows,
+    # as MXFP4 has one per block of 32; 5 bits a value with the float32 scales): its logits are
+    # those of the float model whose expert weights are the rounded ones
+    _, rounded = hf.load(str(tmp_path))
+    float_bytes = quantize.expert_bytes(model)
+    four_bit = quantize.quantize_experts(model, 4, group_size=32)
+    assert quantize.expert_bytes(four_bit) == float_bytes * 5 // 32
+    for (_, stored), (_, weight) in zip(
+        nnx.to_flat_state(nnx.state(four_bit, nnx.Param)),
+        nnx.to_flat_state(nnx.state(rounded, nnx.Param)),
+        strict=True,
+    ):
+        if isinstance(stored.get_value(), qwix.QArray):
+            weight.set_value(qwix.dequantize(stored.get_value()))
+    four_bit_logits, _, _ = ours_forward(four_bit, tokens, mask)
+    rounded_logits, _, _ = ours_forward(rounded, tokens, mask)
+    np.testing.assert_allclose(four_bit_logits, rounded_logits, rtol=1e-5, atol=1e-5)
+    assert float(np.abs(rounded_logits[real] - ours[real]).max()) > 1e-3  # 4 bits round
