@@ -16,6 +16,7 @@ import transformers
 from flax import nnx
 from test_hf_mxfp4 import quantize as to_mxfp4
 from test_hf_rope_decoder import (
+    TINY_DECODER,
     TRAIN_VOCAB,
     VOCAB,
     assert_convert_round_trips,
@@ -37,24 +38,15 @@ WINDOW = 4
 
 def gpt_oss_config(**overrides):
     settings = dict(
-        vocab_size=VOCAB,
-        hidden_size=32,
+        TINY_DECODER,
         intermediate_size=16,
         num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         head_dim=8,
         num_local_experts=6,
         num_experts_per_tok=2,
         sliding_window=WINDOW,
         swiglu_limit=1.5,  # low enough that the clamps act on these activations
         router_aux_loss_coef=0.02,
-        rms_norm_eps=1e-5,
-        rope_parameters={"rope_theta": 300.0, "rope_type": "default"},
-        bos_token_id=None,
-        eos_token_id=None,
-        pad_token_id=None,
-        attn_implementation="eager",
     )
     settings.update(overrides)
     return transformers.GptOssConfig(**settings)

@@ -38,21 +38,25 @@ QWEN_SPARSE = (False, True, False, False, False, True)
 QWEN2_SPARSE = (True, True, False, True)  # mlp_only_layers [2]
 
 
+# the transformers config fields every family's tiny decoder shares
+TINY_DECODER = dict(
+    vocab_size=VOCAB,
+    hidden_size=32,
+    intermediate_size=24,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    rms_norm_eps=1e-5,
+    rope_parameters={"rope_theta": 300.0, "rope_type": "default"},
+    bos_token_id=None,
+    eos_token_id=None,
+    pad_token_id=None,
+    attn_implementation="eager",
+)
+
+
 def hf_config(family: str, **overrides):
-    settings = dict(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=24,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        rms_norm_eps=1e-5,
-        rope_parameters={"rope_theta": 300.0, "rope_type": "default"},
-        bos_token_id=None,
-        eos_token_id=None,
-        pad_token_id=None,
-        attn_implementation="eager",
-    )
+    settings = dict(TINY_DECODER)
     if family == "mixtral":
         settings.update(num_local_experts=6, num_experts_per_tok=2, router_aux_loss_coef=0.02)
         settings.update(overrides)
