@@ -19,9 +19,11 @@ two tensors:
 
 This is what the reference `weight_dequant` in DeepSeek-V3's `inference/kernel.py` computes
 and what `transformers` does: its backward-pass `_dequantize_fp8_weight` (partial blocks
-included) and its `Fp8Dequantize` conversion (`FineGrainedFP8Config(dequantize=True)`, which
-takes the block from the scales' shape and so refuses partial blocks) multiply in float32 and
-then round to the parameter's dtype, as `dequantize` does. Every E4M3 value is exact in float32,
+included) and its `Fp8Dequantize` conversion (`FineGrainedFP8Config(dequantize=True)`) multiply
+in float32 and then round to the parameter's dtype, as `dequantize` does. `Fp8Dequantize` (in
+transformers 5.24) takes the block from the weight's and scales' shapes, so it reads whole
+blocks only: it refuses `[576, 7168]` with scales `[5, 56]`, and takes `[300, C]` with 3 rows
+of scales as blocks of 100 rows. Every E4M3 value is exact in float32,
 so the float32 result has one rounding (of the product) and bfloat16 a second.
 
 Only numpy and `ml_dtypes` are used.
