@@ -127,7 +127,7 @@ def test_reader_matches_transformers(tmp_path, dtype):
         "float32": (np.float32, torch.float32, np.uint32),
         "bfloat16": (ml_dtypes.bfloat16, torch.bfloat16, np.uint16),
     }[dtype]
-    reader = files.CheckpointReader(str(tmp_path), mxfp4_dtype=np_dtype)
+    reader = files.CheckpointReader(str(tmp_path), dequantized_dtype=np_dtype)
     assert reader.shapes == {GATE_UP: (E, M, 2 * H), DOWN: (E, H, M), GATE_UP + "_bias": (E, 2 * H)}
     for name in (GATE_UP, DOWN):
         ours = reader.get(name)
@@ -168,7 +168,7 @@ def test_reader_matches_gpt_oss_loaded_by_transformers(tmp_path):
     model = transformers.GptOssForCausalLM.from_pretrained(
         tmp_path, quantization_config=transformers.Mxfp4Config(dequantize=True), dtype=torch.float32
     )
-    reader = files.CheckpointReader(str(tmp_path), mxfp4_dtype=np.float32)
+    reader = files.CheckpointReader(str(tmp_path), dequantized_dtype=np.float32)
     experts = model.model.layers[0].mlp.experts
     for name, param in ((GATE_UP, experts.gate_up_proj), (DOWN, experts.down_proj)):
         assert reader.shapes[name] == tuple(param.shape)

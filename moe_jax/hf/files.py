@@ -7,9 +7,11 @@ A checkpoint directory holds `config.json` and either one `model.safetensors` or
 `CheckpointReader` opens a directory, checks that every shard the index names exists, and reads
 tensor shapes from the safetensors headers without loading data; `get(name)` then reads one
 tensor (numpy, through `safetensors.safe_open`), so a conversion holds one tensor at a time.
-A weight stored in MXFP4 as `NAME_blocks` + `NAME_scales` (gpt-oss's expert weights,
-`moe_jax.hf.mxfp4`) is presented as the one tensor `NAME`, dequantized by `get` in the layout
-`transformers` gives the in-memory parameter (`u8[E, R, G, 16]` -> `[E, G*32, R]`).
+A quantized weight is presented as the one tensor `NAME`, dequantized by `get` in the layout
+`transformers` gives the in-memory parameter: MXFP4's `NAME_blocks` + `NAME_scales` (gpt-oss's
+expert weights, `moe_jax.hf.mxfp4`; `u8[E, R, G, 16]` -> `[E, G*32, R]`) and block-scaled
+FP8's `NAME` + `NAME_scale_inv` (DeepSeek-V3's linear weights, `moe_jax.hf.fp8`;
+`f8[R, C]` -> `[R, C]`).
 `write_checkpoint` writes tensors built one at a time into shards of at most `max_shard_bytes`,
 holding at most one shard in memory, and writes the index when there is more than one shard.
 Only `safetensors`, numpy and `ml_dtypes` are used: no torch.
@@ -17,8 +19,10 @@ Only `safetensors`, numpy and `ml_dtypes` are used: no torch.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import struct
 from collections.abc import Callable, Iterable
 
 import ml_dtypes
@@ -26,12 +30,15 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
-from moe_jax.hf import mxfp4
+from moe_jax.hf import fp8, mxfp4
 
 CONFIG_FILE = "config.json"
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
+# safetensors dtypes numpy cannot name, read from the file's bytes (safetensors' numpy reader
+# refuses them): the published Mixtral and OLMoE checkpoints are bfloat16, DeepSeek-V3's FP8
+RAW_DTYPES = {"BF16": ml_dtypes.bfloat16, "F8_E4M3": ml_dtypes.float8_e4m3fn}
 
 
 def _shard_name(index: int, count: int) -> str:
@@ -54,24 +61,35 @@ def read_config(directory: str) -> dict:
 class CheckpointReader:
     """Reads one Hugging Face checkpoint directory, one tensor at a time.
 
-    An MXFP4 pair `NAME_blocks: u8[..., R, G, 16]`, `NAME_scales: u8[..., R, G]` is presented
-    as `NAME: [..., G*32, R]` (the stored `[out, in]` matrix transposed, as `transformers`
-    dequantizes it), e.g. gpt-oss's `...experts.gate_up_proj` as `[E, M, 2H]` and
-    `...experts.down_proj` as `[E, H, M]`; the pair's own names are not presented. A pair that
-    is incomplete or not MXFP4's layout is refused (ValueError) when the reader opens.
+    Quantized weights are presented as the one tensor `NAME`, dequantized by `get` to
+    `dequantized_dtype`; the names of their scales are not presented:
+
+    - an MXFP4 pair `NAME_blocks: u8[..., R, G, 16]`, `NAME_scales: u8[..., R, G]` as
+      `NAME: [..., G*32, R]` (the stored `[out, in]` matrix transposed, as `transformers`
+      dequantizes it), e.g. gpt-oss's `...experts.gate_up_proj` as `[E, M, 2H]` and
+      `...experts.down_proj` as `[E, H, M]`;
+    - an FP8 weight `NAME: f8[..., R, C]` (float8_e4m3fn) with block scales
+      `NAME_scale_inv: f32[..., ceil(R/b0), ceil(C/b1)]` as `NAME: [..., R, C]`, e.g.
+      DeepSeek-V3's `...self_attn.kv_a_proj_with_mqa.weight` as `[576, 7168]` (scales
+      `[5, 56]`); the blocks `(b0, b1)` are `config.json`'s
+      `quantization_config.weight_block_size`, 128 x 128 when it has none.
+
+    A quantized weight that is incomplete or not in its format's layout, or an FP8 block size
+    that is not two positive integers, is refused (ValueError) when the reader opens.
 
     Attributes:
       directory: the checkpoint directory.
       config: the parsed `config.json`.
       shapes: {tensor name: shape} of every tensor, from the file headers.
-      mxfp4_dtype: the dtype `get` dequantizes MXFP4 weights to (bfloat16 by default, which
-        holds every MXFP4 value exactly).
+      dequantized_dtype: the dtype `get` dequantizes quantized weights to (bfloat16 by default,
+        which holds every MXFP4 value exactly; FP8 values times their float32 scales are
+        rounded to it, float32 rounding them once).
     """
 
-    def __init__(self, directory: str, *, mxfp4_dtype=ml_dtypes.bfloat16):
+    def __init__(self, directory: str, *, dequantized_dtype=ml_dtypes.bfloat16):
         self.directory = os.path.abspath(directory)
         self.config = read_config(self.directory)
-        self.mxfp4_dtype = mxfp4_dtype
+        self.dequantized_dtype = dequantized_dtype
         self._handles: dict[str, object] = {}
         self._file_of = self._tensor_files()
         stored_shapes, stored_dtypes = {}, {}
@@ -80,14 +98,29 @@ class CheckpointReader:
             stored_shapes[name] = tuple(tensor_slice.get_shape())
             stored_dtypes[name] = tensor_slice.get_dtype()
         try:
-            self._mxfp4 = mxfp4.find_pairs(stored_shapes, stored_dtypes)
+            block = fp8.block_size(self.config)
+            formats = (
+                (mxfp4, mxfp4.find_pairs(stored_shapes, stored_dtypes), mxfp4.read),
+                (
+                    fp8,
+                    fp8.find_pairs(stored_shapes, stored_dtypes, block),
+                    functools.partial(fp8.read, block=block),
+                ),
+            )
         except ValueError as error:
             raise ValueError(f"{self.directory}: {error}") from None
-        paired = {name + suffix for name in self._mxfp4 for suffix in mxfp4.SUFFIXES}
+        # {NAME: read(get stored, NAME, dtype)} and {stored scale or block name: NAME}
+        self._quantized: dict[str, Callable[..., np.ndarray]] = {}
+        self._parts: dict[str, str] = {}
+        for module, pairs, read in formats:
+            for name in pairs:
+                self._quantized[name] = read
+                self._parts.update({name + suffix: name for suffix in module.SUFFIXES})
         self.shapes: dict[str, tuple[int, ...]] = {
-            name: shape for name, shape in stored_shapes.items() if name not in paired
+            name: shape for name, shape in stored_shapes.items() if name not in self._parts
         }
-        self.shapes.update(self._mxfp4)
+        for _, pairs, _ in formats:
+            self.shapes.update(pairs)
 
     def _tensor_files(self) -> dict[str, str]:
         """{tensor name: file name}; checks that every file exists."""
@@ -127,24 +160,34 @@ class CheckpointReader:
     def get(self, name: str) -> np.ndarray:
         """The tensor `name` (a key of `shapes`) as a numpy array (read from disk now). bfloat16
         tensors (the published Mixtral and OLMoE checkpoints), which numpy cannot name, come back
-        as `ml_dtypes.bfloat16` arrays, read through safetensors' JAX reader; MXFP4 weights come
-        back dequantized to `mxfp4_dtype` (`mxfp4.read`)."""
-        if name in self._mxfp4:
-            return mxfp4.read(self._stored, name, self.mxfp4_dtype)
+        as `ml_dtypes.bfloat16` arrays; quantized weights come back dequantized to
+        `dequantized_dtype` (`mxfp4.read`, `fp8.read`)."""
+        if name in self._quantized:
+            return self._quantized[name](self._stored, name, self.dequantized_dtype)
         if name not in self.shapes:
-            stems = {name.removesuffix(suffix) for suffix in mxfp4.SUFFIXES} & set(self._mxfp4)
-            hint = f" (read the MXFP4 weight {stems.pop()!r}, dequantized)" if stems else ""
+            hint = (
+                f" (read the quantized weight {self._parts[name]!r}, dequantized)"
+                if name in self._parts
+                else ""
+            )
             raise ValueError(f"{self.directory} has no tensor {name!r}{hint}.")
         return self._stored(name)
 
     def _stored(self, name: str) -> np.ndarray:
-        """The stored tensor `name` as it is on disk."""
+        """The stored tensor `name` as it is on disk; a dtype of `RAW_DTYPES` is read from the
+        file's bytes at the offsets its header gives."""
         filename = self._file_of[name]
         handle = self._open(filename)
-        if handle.get_slice(name).get_dtype() != "BF16":
+        dtype = handle.get_slice(name).get_dtype()
+        if dtype not in RAW_DTYPES:
             return handle.get_tensor(name)
-        with safe_open(os.path.join(self.directory, filename), framework="flax") as flax_handle:
-            return np.asarray(flax_handle.get_tensor(name))
+        with open(os.path.join(self.directory, filename), "rb") as file:
+            (header_bytes,) = struct.unpack("<Q", file.read(8))
+            entry = json.loads(file.read(header_bytes))[name]
+            begin, end = entry["data_offsets"]
+            file.seek(8 + header_bytes + begin)
+            data = np.fromfile(file, dtype=np.uint8, count=end - begin)
+        return data.view(RAW_DTYPES[dtype]).reshape(entry["shape"])
 
     def close(self) -> None:
         self._handles.clear()
