@@ -413,57 +413,63 @@ class RopeDecoderFamily:
     def _tensors(self, config, *, fused: bool) -> TensorMap:
         """Every tensor but the experts' (added by `_experts`) and the head."""
         model, moe = config.model, config.moe
-        m, n, d = model.d_model, model.num_heads, model.head_dim
-        kv = model.num_kv_heads or n
+        m = model.d_model
         tensors = TensorMap()
         tensors.copy("model.embed_tokens.weight", ("embed", "embedding"), (model.vocab_size, m))
         tensors.copy("model.norm.weight", ("decoder", "final_norm", "scale"), (m,))
         sparse = sparse_layer_flags(model.num_layers, moe)
-        norm_width = {"q": d if model.qk_norm_per_head else n * d}
-        norm_width["k"] = d if model.qk_norm_per_head else kv * d
         for index, path in enumerate(layer_paths(config, "decoder", model.num_layers)):
             prefix = f"model.layers.{index}"
             tensors.copy(f"{prefix}.input_layernorm.weight", (*path, "self_norm", "scale"), (m,))
             tensors.copy(
                 f"{prefix}.post_attention_layernorm.weight", (*path, "ffn_norm", "scale"), (m,)
             )
-            attention = (*path, "self_attention")
-            for key, heads in (("q", n), ("k", kv), ("v", kv)):
-                tensors.direct(
-                    f"{prefix}.self_attn.{key}_proj.weight",
-                    (*attention, f"w{key}"),
-                    (heads * d, m),
-                    lambda w, h=heads: w.T.reshape(m, h, d),  # [M, heads, D]
-                    lambda w, h=heads: w.reshape(m, h * d).T,  # [heads*D, M]
-                )
-            for key, heads in (("q", n), ("k", kv), ("v", kv)) if model.qkv_bias else ():
-                tensors.direct(
-                    f"{prefix}.self_attn.{key}_proj.bias",
-                    (*attention, f"b{key}"),
-                    (heads * d,),
-                    lambda b, h=heads: b.reshape(h, d),  # [heads, D]
-                    lambda b, h=heads: b.reshape(h * d),  # [heads*D]
-                )
-            tensors.direct(
-                f"{prefix}.self_attn.o_proj.weight",
-                (*attention, "wo"),
-                (m, n * d),
-                lambda w: w.T.reshape(n, d, m),  # [N, D, M]
-                lambda w: w.reshape(n * d, m).T,  # [M, N*D]
-            )
-            if model.attention_out_bias:
-                tensors.copy(f"{prefix}.self_attn.o_proj.bias", (*attention, "bo"), (m,))
-            if model.attention_sinks:
-                tensors.copy(f"{prefix}.self_attn.sinks", (*attention, "sinks"), (n,))
-            if model.qk_norm:
-                for key in ("q", "k"):
-                    name = f"{prefix}.self_attn.{key}_norm.weight"
-                    tensors.copy(name, (*attention, f"{key}_norm", "scale"), (norm_width[key],))
+            self._attention(tensors, f"{prefix}.self_attn", (*path, "self_attention"), model)
             if not sparse[index]:  # Qwen's dense layers: a SwiGLU of intermediate_size
                 self._swiglu(tensors, f"{prefix}.mlp", (*path, "ffn"), m, model.d_ff)
                 continue
             self._sparse_ffn(tensors, prefix, (*path, "ffn"), config, fused=fused)
         return tensors
+
+    @staticmethod
+    def _attention(tensors: TensorMap, prefix: str, attention: tuple, model) -> None:
+        """`{prefix}.{q,k,v,o}_proj` (their biases, q/k norms, sinks) <-> our
+        GroupedQueryAttention at `attention`."""
+        m, n, d = model.d_model, model.num_heads, model.head_dim
+        kv = model.num_kv_heads or n
+        for key, heads in (("q", n), ("k", kv), ("v", kv)):
+            tensors.direct(
+                f"{prefix}.{key}_proj.weight",
+                (*attention, f"w{key}"),
+                (heads * d, m),
+                lambda w, h=heads: w.T.reshape(m, h, d),  # [M, heads, D]
+                lambda w, h=heads: w.reshape(m, h * d).T,  # [heads*D, M]
+            )
+        for key, heads in (("q", n), ("k", kv), ("v", kv)) if model.qkv_bias else ():
+            tensors.direct(
+                f"{prefix}.{key}_proj.bias",
+                (*attention, f"b{key}"),
+                (heads * d,),
+                lambda b, h=heads: b.reshape(h, d),  # [heads, D]
+                lambda b, h=heads: b.reshape(h * d),  # [heads*D]
+            )
+        tensors.direct(
+            f"{prefix}.o_proj.weight",
+            (*attention, "wo"),
+            (m, n * d),
+            lambda w: w.T.reshape(n, d, m),  # [N, D, M]
+            lambda w: w.reshape(n * d, m).T,  # [M, N*D]
+        )
+        if model.attention_out_bias:
+            tensors.copy(f"{prefix}.o_proj.bias", (*attention, "bo"), (m,))
+        if model.attention_sinks:
+            tensors.copy(f"{prefix}.sinks", (*attention, "sinks"), (n,))
+        if model.qk_norm:
+            widths = {"q": n * d, "k": kv * d} if not model.qk_norm_per_head else {"q": d, "k": d}
+            for key, width in widths.items():
+                tensors.copy(
+                    f"{prefix}.{key}_norm.weight", (*attention, f"{key}_norm", "scale"), (width,)
+                )
 
     def _sparse_ffn(self, tensors: TensorMap, prefix: str, path: tuple, config, *, fused: bool):
         """The router, the experts and (Qwen2) the gated shared expert of layer `prefix`."""
