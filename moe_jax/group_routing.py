@@ -15,6 +15,13 @@ scored (`GROUP_SCORES`):
 
 `moe_jax.routing.tokens_choose` and `biased_top_k` take a `GroupLimit` and pick their top-k from
 `restrict_to_groups` of their selection scores.
+
+What the device limit saves. DeepSeek sends a token once to each device its experts lie on, so
+at most M copies leave it. moe_jax's expert-parallel exchanges have static shapes, one buffer
+row per (token, expert) slot (`[E, G, C, M]`, or the dropless rows padded to the largest load
+a peer can receive), so the limit leaves the compiled all-to-all bytes as they are (measured
+with `moe_jax.hlo_stats` on 8 CPU devices, einsum and dropless backends: the same bytes with
+and without it); it only bounds the devices each token's rows go to.
 """
 
 from __future__ import annotations
