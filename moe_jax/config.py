@@ -133,6 +133,22 @@ def default_config() -> ml_collections.ConfigDict:
             # none | topk, for tokens_choose and noisy_top_k; aux_free always renormalises its
             # k affinities (DeepSeek-V3)
             "normalize": "none",
+            # DeepSeek group-limited routing (moe_jax.group_routing) for tokens_choose,
+            # noisy_top_k, cosine and aux_free: the experts split into num_groups groups of
+            # consecutive experts (1: no limit), each token picks its k experts within its
+            # topk_groups best groups, a group scored by its best probability (tokens_choose:
+            # DeepSeek-V2's group_limited_greedy) or by the sum of its two best biased affinities
+            # (aux_free: DeepSeek-V3's n_group / topk_group)
+            "num_groups": 1,
+            "topk_groups": 1,
+            # > 0: each token's experts lie on at most this many shards of the expert mesh axis
+            # (DeepSeek-V2's device-limited routing, M): the group limit with the shards as
+            # groups, scored by their best expert; 0 (or a mesh with no more expert shards):
+            # off. Not with num_groups > 1
+            "max_expert_shards": 0,
+            # multiplies the combine weights of the routers above after normalisation
+            # (DeepSeek's routed_scaling_factor; 2.5 in DeepSeek-V3)
+            "routed_scaling": 1.0,
             "second_policy": "random",  # gshard_top2: random | all | sampling
             "second_threshold": 0.5,
             "router_jitter": 0.01,  # multiplicative input jitter eps in training (Switch)

@@ -77,10 +77,10 @@ class MoeAux(NamedTuple):
     Attributes:
       load_balancing_loss: f32[] the router kind's balancing loss, without its coefficient,
         counted over `loss.aux_scope`: Switch's form for tokens_choose and cosine, GShard's for
-        gshard_top2, Shazeer's importance + load for noisy_top_k, and for aux_free Switch's
-        form at scope 'sequence' or 'global' (DeepSeek-V3's complementary balance loss) and
-        none at 'group'; 0 for experts_choose, hash, soft_moe, base_layer, sinkhorn, remoe and
-        forced_balanced, which need none.
+        gshard_top2, Shazeer's importance + load for noisy_top_k, and for aux_free DeepSeek-V3's
+        complementary balance loss (`losses.deepseek_balance_loss`, Switch's form over K) at
+        scope 'sequence' or 'global' and none at 'group'; 0 for experts_choose, hash,
+        soft_moe, base_layer, sinkhorn, remoe and forced_balanced, which need none.
       router_z_loss: f32[] ST-MoE z-loss of the router logits (0 for hash and soft_moe).
       router_l1_loss: f32[] remoe's adaptive coefficient times its load-balanced L1 penalty
         (`losses.relu_l1_loss`, counted over `loss.aux_scope`); the train step adds it as it
@@ -462,7 +462,10 @@ class MoeFeedForward(nnx.Module):
             elif self.router_kind == "remoe":
                 coefficient = self.router.l1_coefficient[...]
                 l1_loss = coefficient * losses.relu_l1_loss(*scoped, k=self.k)
-            elif self.router_kind != "aux_free" or self.aux_scope != "group":
+            elif self.router_kind == "aux_free":
+                if self.aux_scope != "group":
+                    balancing = losses.deepseek_balance_loss(*scoped)
+            else:
                 balancing = losses.load_balancing_loss(*scoped)
         z_loss = zero if logits is None else losses.router_z_loss(logits, real)
         logit_max = zero if logits is None else jnp.max(jnp.abs(logits) * real[..., None])

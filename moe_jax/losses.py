@@ -100,6 +100,28 @@ def gshard_aux_loss(
     return load_balancing_loss(probs, expert_index[..., :1], padding_mask)
 
 
+@jax.jit
+def deepseek_balance_loss(
+    probs: jax.Array, expert_index: jax.Array, padding_mask: jax.Array | None = None
+) -> jax.Array:
+    """DeepSeek-V3's complementary balance loss without alpha (arXiv 2412.19437, Eqs. 17-20).
+
+    Per unit g (a sequence at `loss.aux_scope='sequence'`, the paper's sequence-wise loss):
+    sum_i f_i P_i with f_i = E / (K T) times the number of the unit's T real tokens that chose
+    expert i, and P_i the mean over them of the normalised affinity s'_i = s_i / sum_j s_j
+    (`routing.biased_top_k`'s probs); the mean over units. f_i carries the 1 / K that Switch's
+    form lacks, so this is `load_balancing_loss / K`, and uniform routing gives 1.
+
+    Args:
+      probs: f32[G, T, E] normalised affinities. expert_index: i32[G, T, K] the chosen experts.
+      padding_mask: f32|bool[G, T], 0 for padding tokens.
+    Returns:
+      f32[] loss.
+    """
+    probs, expert_index = _check_routing_inputs(probs, expert_index)
+    return load_balancing_loss(probs, expert_index, padding_mask) / expert_index.shape[-1]
+
+
 @functools.partial(jax.jit, static_argnames=("k",))
 def relu_l1_loss(
     gates: jax.Array,

@@ -18,6 +18,14 @@ Kinds and their weights (logical axis names in brackets, as `out_sharding` metad
   at `moe.capacity_factor_train` (fixed when the router is built: each slot is a parameter).
 - `hash`: no weights (the token id decides).
 
+DeepSeek's top-k (the kinds of `GROUP_LIMITED_ROUTERS`): `moe.num_groups` and `moe.topk_groups`
+keep each token's experts within its best groups of experts (`moe_jax.group_routing`; scored by
+'top2_sum' of the biased affinities for `aux_free`, DeepSeek-V3's n_group / topk_group, and by
+'max' of the probabilities for the others, DeepSeek-V2's group_limited_greedy);
+`moe.max_expert_shards` M keeps them on at most M shards of the expert mesh axis of the mesh
+set when the router is traced (DeepSeek-V2's device-limited routing, 'max'); and
+`moe.routed_scaling` multiplies their combine weights (routed_scaling_factor).
+
 Variables that are not parameters (gradients and `nnx.Optimizer(..., wrt=nnx.Param)` leave
 them alone; the MoE layer moves them in training): `aux_free`'s `bias: RouterBias` f32[E]
 (DeepSeek-V3) and `remoe`'s `l1_coefficient: L1Coefficient` f32[] (ReMoE's adaptive lambda).
@@ -46,6 +54,7 @@ from moe_jax import (
     routing,
     soft_moe,
 )
+from moe_jax.group_routing import GroupLimit, check_group_limit
 
 ROUTERS = (
     "tokens_choose",
@@ -90,6 +99,9 @@ _LINEAR_ROUTERS = (
     "remoe",
     "forced_balanced",
 )
+# routers that pick top-k by `routing.tokens_choose` or `routing.biased_top_k`, so they take the
+# DeepSeek settings moe.num_groups / topk_groups / max_expert_shards / routed_scaling
+GROUP_LIMITED_ROUTERS = ("tokens_choose", "noisy_top_k", "cosine", "aux_free")
 # routers whose logits are x @ kernel alone, so `moe.router_bias` can add a bias to them
 _BIASED_ROUTERS = tuple(kind for kind in _LINEAR_ROUTERS if kind != "noisy_top_k")
 
@@ -160,6 +172,7 @@ class Router(nnx.Module):
         # aux_free always renormalises its k affinities (DeepSeek-V3, Sec. 2.1.2); moe.normalize
         # is the setting of the tokens-choose routers only
         self.normalize = "topk" if self.kind == "aux_free" else moe.normalize
+        self.group_limit, self.max_expert_shards, self.routed_scaling = _deepseek_limits(moe)
         self.second_policy = moe.second_policy
         self.second_threshold = float(moe.second_threshold)
         self.sinkhorn_iterations = int(moe.sinkhorn_iterations)
@@ -270,6 +283,7 @@ class Router(nnx.Module):
             capacity=capacity,
             second_policy=second_policy,
             balanced=not deterministic,
+            group_limit=self._group_limit_on(parallel.current_mesh()),
         )
         # each device routes only its own groups (see parallel.per_device_groups)
         route = parallel.per_device_groups(select, logits, padding_mask, rng=rng, rules=self.rules)
@@ -283,13 +297,20 @@ class Router(nnx.Module):
         capacity: int | None,
         second_policy: str,
         balanced: bool,
+        group_limit: GroupLimit | None,
         rng: jax.Array | None = None,
     ) -> routing.Routing:
         """The router kind's slot assignment for f32[G, T, E] logits."""
         common = dict(capacity=capacity, padding_mask=padding_mask)
         top_k = dict(k=self.k, normalize=self.normalize, fill_order=self.fill_order, **common)
+        limited = dict(
+            batch_prioritized=self.batch_prioritized,
+            group_limit=group_limit,
+            routed_scaling=self.routed_scaling,
+            **top_k,
+        )
         if self.kind in ("tokens_choose", "noisy_top_k", "cosine"):
-            return routing.tokens_choose(logits, batch_prioritized=self.batch_prioritized, **top_k)
+            return routing.tokens_choose(logits, **limited)
         if self.kind == "gshard_top2":
             return routing.gshard_top2(
                 logits,
@@ -311,6 +332,52 @@ class Router(nnx.Module):
             return relu_routing.relu_routing(logits, **common)
         if self.kind == "forced_balanced":
             return balanced_routing.forced_balanced(logits, **top_k)
-        return routing.biased_top_k(
-            logits, self.bias[...], batch_prioritized=self.batch_prioritized, **top_k
+        return routing.biased_top_k(logits, self.bias[...], **limited)
+
+    def _group_limit_on(self, mesh: parallel.AnyMesh | None) -> GroupLimit | None:
+        """The group limit to route with: `moe.num_groups`'s, or with `moe.max_expert_shards`
+        the expert shards of `mesh` as groups (None when the experts lie on no more shards)."""
+        shards = parallel.expert_axis_size(mesh, self.rules)
+        if not self.max_expert_shards or shards <= self.max_expert_shards:
+            return self.group_limit
+        limit = GroupLimit(shards, self.max_expert_shards, "max")
+        try:
+            check_group_limit(limit, num_experts=self.num_experts, k=self.k)
+        except ValueError as error:
+            raise ValueError(
+                f"moe.max_expert_shards={self.max_expert_shards} on {shards} expert shards: {error}"
+            ) from None
+        return limit
+
+
+def _deepseek_limits(moe) -> tuple[GroupLimit | None, int, float]:
+    """(group limit, max expert shards, routed scaling) from `moe.num_groups`, `topk_groups`,
+    `max_expert_shards` and `routed_scaling`, checked against the router kind."""
+    num_groups, topk_groups = moe.num_groups, moe.topk_groups
+    max_shards, scaling = moe.max_expert_shards, float(moe.routed_scaling)
+    if not isinstance(max_shards, int) or max_shards < 0:
+        raise ValueError(f"moe.max_expert_shards must be an int >= 0 (0: off), got {max_shards!r}.")
+    if not scaling > 0:
+        raise ValueError(f"moe.routed_scaling must be > 0, got {moe.routed_scaling!r}.")
+    limited = num_groups != 1 or max_shards > 0 or scaling != 1.0
+    if limited and moe.router not in GROUP_LIMITED_ROUTERS:
+        raise ValueError(
+            f"moe.num_groups={num_groups}, moe.max_expert_shards={max_shards} and "
+            f"moe.routed_scaling={scaling} set DeepSeek's top-k routing, which router "
+            f"{moe.router!r} does not do; use one of {GROUP_LIMITED_ROUTERS} or the defaults "
+            f"1, 0 and 1.0."
         )
+    if num_groups != 1 and max_shards > 0:
+        raise ValueError(
+            f"moe.num_groups={num_groups} and moe.max_expert_shards={max_shards} both limit "
+            f"the groups a token's experts come from; set one of them."
+        )
+    if num_groups == 1:
+        return None, max_shards, scaling
+    score = "top2_sum" if moe.router == "aux_free" else "max"
+    limit = GroupLimit(num_groups, topk_groups, score)
+    try:
+        check_group_limit(limit, num_experts=moe.num_experts, k=moe.k)
+    except ValueError as error:
+        raise ValueError(f"moe.num_groups / moe.topk_groups: {error}") from None
+    return limit, max_shards, scaling

@@ -20,6 +20,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from moe_jax.group_routing import GroupLimit, check_group_limit, restrict_to_groups
 from moe_jax.slots import FILL_ORDERS, route_choices
 
 
@@ -146,8 +147,11 @@ def choose_top_k(
     normalize: str,
     fill_order: str,
     padding_mask: jax.Array | None,
+    group_limit: GroupLimit | None = None,
+    routed_scaling: float = 1.0,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Top-k by `selection_scores` f32[G, T, E], weighted by `scores` f32[G, T, E].
+    """Top-k by `selection_scores` f32[G, T, E] (within the token's groups of `group_limit`),
+    weighted by `scores` f32[G, T, E] (normalised, then times `routed_scaling`).
 
     Returns (expert_index i32[G, T, K], token_index i32[G, E, C], weight f32[G, E, C]).
     """
@@ -156,11 +160,17 @@ def choose_top_k(
     capacity = static_capacity(capacity, num_tokens)
     check_choice("normalize", normalize, _NORMALIZE)
     check_choice("fill_order", fill_order, FILL_ORDERS)
+    if group_limit is not None:
+        check_group_limit(group_limit, num_experts=num_experts, k=k)
+    if not routed_scaling > 0:
+        raise ValueError(f"routed_scaling must be > 0, got {routed_scaling!r}; 1.0 scales nothing.")
     real = real_token_mask(padding_mask, (num_groups, num_tokens))
+    selection_scores = restrict_to_groups(selection_scores, group_limit)  # [G, T, E]
     _, expert_index = jax.lax.top_k(selection_scores, k)  # [G, T, K]
     top_scores = jnp.take_along_axis(scores, expert_index, axis=-1)  # [G, T, K]
     if normalize == "topk":
         top_scores = top_scores / jnp.sum(top_scores, axis=-1, keepdims=True)
+    top_scores = top_scores * routed_scaling
     keep = jnp.broadcast_to(real[..., None], expert_index.shape)  # [G, T, K]
     token_order = None
     if batch_prioritized:
@@ -179,9 +189,11 @@ def choose_top_k(
     return expert_index, token_index, weight
 
 
-@functools.partial(
-    jax.jit, static_argnames=("k", "capacity", "batch_prioritized", "normalize", "fill_order")
-)
+_TOP_K_STATIC = ("k", "capacity", "batch_prioritized", "normalize", "fill_order")
+_LIMITS_STATIC = ("group_limit", "routed_scaling")
+
+
+@functools.partial(jax.jit, static_argnames=_TOP_K_STATIC + _LIMITS_STATIC)
 def tokens_choose(
     logits: jax.Array,
     *,
@@ -191,6 +203,8 @@ def tokens_choose(
     normalize: str = "none",
     fill_order: str = "choice",
     padding_mask: jax.Array | None = None,
+    group_limit: GroupLimit | None = None,
+    routed_scaling: float = 1.0,
 ) -> Routing:
     """Each token picks its top-k experts by router probability (Switch k=1, ST-MoE k=2).
 
@@ -211,6 +225,11 @@ def tokens_choose(
         probabilities to sum to 1 (Mixtral/GShard), before drops.
       fill_order: 'choice' | 'token', see above.
       padding_mask: f32|bool[G, T], 0 for padding tokens.
+      group_limit: pick the k experts within each token's best expert groups
+        (`moe_jax.group_routing`; DeepSeek-V2's group_limited_greedy with group score 'max');
+        None: among all experts.
+      routed_scaling: > 0, multiplies every combine weight after `normalize` (DeepSeek's
+        routed_scaling_factor).
     Returns:
       Routing with probs = softmax(logits) f32[G, T, E] (padding included) and
       expert_index i32[G, T, K].
@@ -226,6 +245,8 @@ def tokens_choose(
         normalize=normalize,
         fill_order=fill_order,
         padding_mask=padding_mask,
+        group_limit=group_limit,
+        routed_scaling=routed_scaling,
     )
     return Routing(token_index, weight, probs, expert_index)
 
@@ -446,10 +467,7 @@ def noisy_logits(
     return clean + jax.random.normal(rng, clean.shape) * noise_scale
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=("k", "capacity", "score", "normalize", "batch_prioritized", "fill_order"),
-)
+@functools.partial(jax.jit, static_argnames=(*_TOP_K_STATIC, "score", *_LIMITS_STATIC))
 def biased_top_k(
     logits: jax.Array,
     bias: jax.Array,
@@ -461,18 +479,23 @@ def biased_top_k(
     batch_prioritized: bool = False,
     fill_order: str = "choice",
     padding_mask: jax.Array | None = None,
+    group_limit: GroupLimit | None = None,
+    routed_scaling: float = 1.0,
 ) -> Routing:
     """Aux-loss-free balancing (DeepSeek-V3, Sec. 2.1.2): select by score + bias, weight by score.
 
     Scores are sigmoid(logits) (DeepSeek-V3) or softmax(logits). Each token picks the k experts
     with the highest score + bias; the bias only decides which experts are picked (so no gradient
     reaches it) and each pick's weight is the unbiased score, renormalised over the k picks with
-    normalize='topk' (DeepSeek-V3) or raw with 'none'. Slot filling is that of `tokens_choose`.
+    normalize='topk' (DeepSeek-V3) or raw with 'none', then times `routed_scaling`. With a
+    `group_limit` (DeepSeek-V3: group score 'top2_sum') the picks lie in each token's best
+    expert groups, the groups scored by the biased scores. Slot filling is that of
+    `tokens_choose`.
 
     Args:
       logits: f32[G, T, E]; bias: f32[E], updated by `update_expert_bias` outside the gradient.
-      k, capacity, normalize, batch_prioritized, fill_order, padding_mask: as in
-        `tokens_choose`.
+      k, capacity, normalize, batch_prioritized, fill_order, padding_mask, group_limit,
+        routed_scaling: as in `tokens_choose`.
       score: 'sigmoid' | 'softmax'.
     Returns:
       Routing with probs = scores renormalised to sum to 1 over experts f32[G, T, E] (for the
@@ -493,6 +516,8 @@ def biased_top_k(
         normalize=normalize,
         fill_order=fill_order,
         padding_mask=padding_mask,
+        group_limit=group_limit,
+        routed_scaling=routed_scaling,
     )
     probs = scores / jnp.sum(scores, axis=-1, keepdims=True)  # [G, T, E]
     return Routing(token_index, weight, probs, expert_index)

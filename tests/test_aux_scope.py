@@ -65,6 +65,8 @@ def _scoped_loss(layer, x, mask, scope):
         return layer.router.l1_coefficient[...] * losses.relu_l1_loss(*arrays, k=1)
     if kind == "gshard_top2":
         return losses.gshard_aux_loss(*arrays)
+    if kind == "aux_free":
+        return losses.deepseek_balance_loss(*arrays)
     return losses.load_balancing_loss(*arrays)
 
 
