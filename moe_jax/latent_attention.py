@@ -13,7 +13,9 @@ The key/value cache holds per token and layer only `c` and the rotated `k_r`,
 `kv_lora_rank + qk_rope_head_dim` numbers (`[B, Lc, R + Dr]`), instead of GQA's `2 K D`.
 A call up-projects the cached latents of all `Lc` rows to per-head keys and values (transformers
 does the same); folding `W_uk` into the queries and `W_uv` into the output (the paper's Sec.
-2.1.3) would save that up-projection at decode time but is not done here.
+2.1.3) would save that up-projection at decode time but is not done here. Sliding windows
+(`model.sliding_window`) apply as with GQA, through the mask the stack passes; attention sinks,
+q/k RMSNorm and biases are refused by name.
 
 Rotary layout. `rope_attention.rotary_embedding` pairs feature i with `i + Dr/2` (rotate half).
 DeepSeek's checkpoints pair features `(2i, 2i+1)` (transformers' `rope_interleave=True`, the
