@@ -81,6 +81,20 @@ def default_config() -> ml_collections.ConfigDict:
             "rope_attention_factor": 0.0,
             "rope_mscale": 0.0,
             "rope_mscale_all_dim": 0.0,
+            # rope_decoder: 'gqa' (grouped-query attention, head_dim per head) | 'mla' (DeepSeek's
+            # multi-head latent attention, moe_jax.latent_attention; head_dim unused): keys and
+            # values up-projected from a normed latent of kv_lora_rank features per token, plus
+            # one rotary key of qk_rope_head_dim features shared by the heads (the cache holds
+            # these kv_lora_rank + qk_rope_head_dim numbers per token and layer); each head's
+            # query and key have qk_nope_head_dim position-free features and qk_rope_head_dim
+            # rotary ones, its value v_head_dim; q_lora_rank > 0 projects the queries through a
+            # normed latent of that width too (DeepSeek-V3; 0: directly, DeepSeek-V2-Lite)
+            "attention": "gqa",
+            "q_lora_rank": 0,
+            "kv_lora_rank": 64,
+            "qk_rope_head_dim": 16,
+            "qk_nope_head_dim": 32,
+            "v_head_dim": 32,
             "relative_attention_num_buckets": 32,
             "relative_attention_max_distance": 128,
             # Hugging Face model_type that moe_jax.hf.save writes ('' until loaded or set)

@@ -2,17 +2,18 @@
 
 Forward FLOPs are 2 per multiply-add of every active matmul: per token and layer the attention
 projections (queries and outputs `2 M N D` each, keys and values `2 M K D` each, K the key/value
-heads), the attention scores and context (`2 x 2 L N D` against L keys, causal ones counted in
-full as XLA computes them), the dense FFN (`2 M H` per matrix: three for gated activations, two
-otherwise) or, in a sparse layer, the router (`2 M E`; none for hash routing, twice for
-noisy top-k's noise kernel) plus k experts of width `moe.d_ff` and `moe.activation`, the shared
-experts and ST-MoE's extra dense FFN; the logits `2 M V` per target token. The encoder-decoder's
-cross-attention projects queries and outputs per decoder token and keys and values per encoder
-token, in every decoder layer. A training step is 3 x forward (the backward pass is twice the
-forward; rematerialisation is not counted, as model FLOPs utilisation does not count it).
-This is PaLM's `6 N + 12 L H Q T` per token with N the active matmul parameters (Chowdhery et
-al. 2022, App. B). Capacity padding, dispatch and combine einsums and the FLOPs of norms and
-softmaxes are not in it, so a compiled step's FLOPs exceed it.
+heads), the attention scores and context (`2 x 2 L N D` against L keys, causal ones counted in full
+as XLA computes them; with `model.attention='mla'` the latent attention's projections, `wkv_up`
+applied once per token, and scores and context of widths `Dn + Dr` and `Dv`), the dense FFN (`2 M H`
+per matrix: three for gated activations, two otherwise) or, in a sparse layer, the router (`2 M E`;
+none for hash routing, twice for noisy top-k's noise kernel) plus k experts of width `moe.d_ff` and
+`moe.activation`, the shared experts and ST-MoE's extra dense FFN; the logits `2 M V` per target
+token. The encoder-decoder's cross-attention projects queries and outputs per decoder token and keys
+and values per encoder token, in every decoder layer. A training step is 3 x forward (the backward
+pass is twice the forward; rematerialisation is not counted, as model FLOPs utilisation does not
+count it). This is PaLM's `6 N + 12 L H Q T` per token with N the active matmul parameters
+(Chowdhery et al. 2022, App. B). Capacity padding, dispatch and combine einsums and the FLOPs of
+norms and softmaxes are not in it, so a compiled step's FLOPs exceed it.
 """
 
 from moe_jax import experts
@@ -25,12 +26,29 @@ def _ffn(d_model: int, d_ff: int, activation: str) -> int:
     return 2 * d_model * d_ff * (3 if experts.is_gated(activation) else 2)
 
 
+def _self_attention(model, keys: int) -> int:
+    """Forward FLOPs per token of one self-attention attending to `keys` positions."""
+    heads = model.num_heads
+    if model.kind == "rope_decoder" and model.attention == "mla":
+        query_width = heads * (model.qk_nope_head_dim + model.qk_rope_head_dim)
+        if model.q_lora_rank:
+            queries = model.q_lora_rank * (model.d_model + query_width)
+        else:
+            queries = model.d_model * query_width
+        latent = model.d_model * (model.kv_lora_rank + model.qk_rope_head_dim)
+        up = model.kv_lora_rank * heads * (model.qk_nope_head_dim + model.v_head_dim)
+        out = heads * model.v_head_dim * model.d_model
+        context = keys * (query_width + heads * model.v_head_dim)
+        return 2 * (queries + latent + up + out + context)
+    kv_heads = model.num_kv_heads or heads
+    width, kv_width = heads * model.head_dim, kv_heads * model.head_dim
+    return 2 * model.d_model * (2 * width + 2 * kv_width) + 2 * 2 * keys * width
+
+
 def _layer(config, sparse: bool, keys: int) -> int:
     """Forward FLOPs per token of one self-attention layer attending to `keys` positions."""
     model, moe = config.model, config.moe
-    heads, kv_heads = model.num_heads, model.num_kv_heads or model.num_heads
-    width, kv_width = heads * model.head_dim, kv_heads * model.head_dim
-    flops = 2 * model.d_model * (2 * width + 2 * kv_width) + 2 * 2 * keys * width
+    flops = _self_attention(model, keys)
     if not sparse:
         return flops + _ffn(model.d_model, model.d_ff, model.ffn_activation)
     activation = moe.activation or model.ffn_activation

@@ -22,7 +22,8 @@ them): the same pre-norm residual layers and final RMSNorm (epsilon `model.norm_
 biases, but no relative position bias: each layer's self-attention is
 `rope_attention.GroupedQueryAttention`, rotary positions with base `model.rope_theta` (scaled
 by YaRN with `model.rope_type='yarn'`, `moe_jax.rope`) on queries and keys, `model.num_kv_heads`
-key/value heads, optional q/k RMSNorm (`model.qk_norm`, OLMoE).
+key/value heads, optional q/k RMSNorm (`model.qk_norm`, OLMoE); with `model.attention='mla'`
+it is `latent_attention.LatentAttention` (DeepSeek-V2/V3's multi-head latent attention).
 FFNs and experts are SwiGLU (`ffn_activation = moe.activation = 'swiglu'`). Tied logits are
 the plain dot product with the embedding (no T5 rescaling); Mixtral and OLMoE untie them. Their
 MoE layers are the usual `MoeFeedForward` with a softmax `tokens_choose` router (top-k weights

@@ -81,17 +81,17 @@ class YarnScaling:
             low, high = math.floor(low), math.ceil(high)
         return max(low, 0), min(high, head_dim - 1)
 
+    def magnitude(self, coefficient: float) -> float:
+        """`m(factor, coefficient) = 0.1 coefficient ln(factor) + 1` (1 for `factor <= 1`)."""
+        return 1.0 if self.factor <= 1 else 0.1 * coefficient * math.log(self.factor) + 1.0
+
     def attention_scaling(self) -> float:
         """The factor on cos and sin."""
         if self.attention_factor:
             return float(self.attention_factor)
-
-        def magnitude(coefficient: float) -> float:
-            return 1.0 if self.factor <= 1 else 0.1 * coefficient * math.log(self.factor) + 1.0
-
         if self.mscale and self.mscale_all_dim:
-            return magnitude(self.mscale) / magnitude(self.mscale_all_dim)
-        return magnitude(1.0)
+            return self.magnitude(self.mscale) / self.magnitude(self.mscale_all_dim)
+        return self.magnitude(1.0)
 
 
 def yarn_from_config(model) -> YarnScaling | None:

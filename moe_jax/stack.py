@@ -58,6 +58,7 @@ from moe_jax.attention import (
     RMSNorm,
     attention_mask,
 )
+from moe_jax.latent_attention import ATTENTION_KINDS, LatentAttention
 from moe_jax.layers import FeedForward, MoeAux, MoeFeedForward
 from moe_jax.rope_attention import GroupedQueryAttention, sliding_layers, sliding_window_mask
 from moe_jax.routers import NON_CAUSAL_ROUTERS
@@ -188,7 +189,8 @@ class TransformerLayer(nnx.Module):
     """Self-attention, optional cross-attention, an FFN (dense or sparse), optional extra dense FFN.
 
     Each sublayer is `x + dropout(sublayer(rms_norm(x)))`. Self-attention is T5's (relative
-    position bias) or, with `rotary`, `GroupedQueryAttention` (rotary positions, GQA), within
+    position bias) or, with `rotary`, `GroupedQueryAttention` (rotary positions, GQA) or with
+    `model.attention='mla'` `LatentAttention` (DeepSeek's multi-head latent attention), within
     the sliding window where `sliding`.
     """
 
@@ -211,11 +213,12 @@ class TransformerLayer(nnx.Module):
             return _rms_norm(config)
 
         self.self_norm = norm()
-        self.self_attention = (
-            GroupedQueryAttention(config, rngs=rngs)
-            if rotary
-            else MultiHeadAttention(config, rngs=rngs)
-        )
+        if not rotary:
+            self.self_attention = MultiHeadAttention(config, rngs=rngs)
+        elif model.attention == "mla":
+            self.self_attention = LatentAttention(config, rngs=rngs)
+        else:
+            self.self_attention = GroupedQueryAttention(config, rngs=rngs)
         if cross:
             self.cross_norm = norm()
             self.cross_attention = MultiHeadAttention(config, rngs=rngs)
@@ -455,6 +458,15 @@ class TransformerStack(nnx.Module):
                 param_dtype=jnp.dtype(model.param_dtype),
             )
         )
+        if model.attention not in ATTENTION_KINDS:
+            raise ValueError(
+                f"model.attention={model.attention!r} is not one of {ATTENTION_KINDS}."
+            )
+        if model.attention == "mla" and not rotary:
+            raise ValueError(
+                "model.attention='mla' (multi-head latent attention) needs rotary attention "
+                f"(model.kind='rope_decoder'), not model.kind={model.kind!r}."
+            )
         sliding = sliding_layers(num_layers, model)
         if any(sliding) and not rotary:
             raise ValueError(
@@ -499,7 +511,7 @@ class TransformerStack(nnx.Module):
         """Empty self-attention caches of `length` rows (and cross-attention caches of
         `encoder_length` rows) in every layer, for `batch` sequences."""
         for path, module in nnx.iter_modules(self):
-            if isinstance(module, MultiHeadAttention | GroupedQueryAttention):
+            if isinstance(module, MultiHeadAttention | GroupedQueryAttention | LatentAttention):
                 cross = path[-1] == "cross_attention"
                 module.init_cache(batch, encoder_length if cross else length)
         self.cache_length = length

@@ -64,3 +64,18 @@ def test_matmul_flops_are_twice_the_active_parameters(num_experts, k):
     per_token -= 4 * 2 * 2 * length * 256 + 2 * 256 * 384  # scores and context; logits
     active = count_params(config, include_embeddings=False)["active"]
     assert per_token == pytest.approx(2 * active, rel=0.01)
+
+
+@pytest.mark.parametrize("q_lora_rank", [0, 96])
+def test_latent_attention_flops_are_twice_its_parameters(q_lora_rank):
+    # MLA (DeepSeek-V2): every projection once per token, wkv_up included
+    config = _micro(model__kind="rope_decoder", model__num_layers=4, moe__num_experts=0)
+    model = config.model
+    model.d_model, model.num_heads, model.attention, model.q_lora_rank = 256, 4, "mla", q_lora_rank
+    model.kv_lora_rank, model.qk_rope_head_dim, model.qk_nope_head_dim = 64, 16, 48
+    model.v_head_dim = 40
+    length = 16
+    per_token = flops.forward_flops(config, batch_size=1, length=length) / length
+    per_token -= 4 * 2 * length * 4 * (48 + 16 + 40) + 2 * 256 * 384  # scores, context; logits
+    active = count_params(config, include_embeddings=False)["active"]
+    assert per_token == pytest.approx(2 * active, rel=0.01)
