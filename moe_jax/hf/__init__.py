@@ -40,7 +40,7 @@ Register a new family with `family.register(obj)` and import its module below.
 again (set it to save a model trained from scratch).
 """
 
-from moe_jax.hf import gpt_oss, rope_decoder, switch, t5  # noqa: F401  (importing a family registers it)
+from moe_jax.hf import deepseek, gpt_oss, rope_decoder, switch, t5  # noqa: F401  (importing a family registers it)
 from moe_jax.hf.family import family_names, get_family, register
 from moe_jax.hf.loading import init_from, load, load_config, load_into, save
 

@@ -25,6 +25,11 @@ from moe_jax.config import default_config
 from moe_jax.hf import files
 from moe_jax.hf.family import LoadPlan, Path, family_of, get_family
 from moe_jax.models import build_model
+from moe_jax.routers import RouterBias
+
+# the variables a checkpoint holds: the parameters, and aux_free's selection bias (DeepSeek-V3's
+# e_score_correction_bias), which training moves outside the optimizer
+LOADED = nnx.Any(nnx.Param, RouterBias)
 
 
 def _family_and_reader(path: str):
@@ -82,7 +87,7 @@ def _is_scanned(config, path: Path) -> bool:
 
 def _fill_params(model: nnx.Module, config, plan: LoadPlan, get) -> None:
     """Sets every parameter of `model` from `plan` (one parameter built at a time)."""
-    params = nnx.to_flat_state(nnx.state(model, nnx.Param))
+    params = nnx.to_flat_state(nnx.state(model, LOADED))
     wanted = set(plan.params)
     for path, variable in params:
         if _is_scanned(config, path):
@@ -208,7 +213,7 @@ def _param_getter(model: nnx.Module, config):
     experts of a layer are read once for all their per-expert tensors), so the host holds about
     one tensor at a time."""
     by_path = {}
-    for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    for path, variable in nnx.to_flat_state(nnx.state(model, LOADED)):
         if _is_scanned(config, path):
             for r in range(variable.shape[0]):
                 by_path[_unscanned(path, r)] = (variable, r)

@@ -84,6 +84,8 @@ _PER_EXPERT = {
     "olmoe": ("mlp", ("gate_proj", "up_proj", "down_proj")),
     "qwen2_moe": ("mlp", ("gate_proj", "up_proj", "down_proj")),
     "qwen3_moe": ("mlp", ("gate_proj", "up_proj", "down_proj")),
+    "deepseek_v2": ("mlp", ("gate_proj", "up_proj", "down_proj")),
+    "deepseek_v3": ("mlp", ("gate_proj", "up_proj", "down_proj")),
 }
 _ARCHITECTURES = {
     "mixtral": "MixtralForCausalLM",
@@ -91,6 +93,8 @@ _ARCHITECTURES = {
     "qwen2_moe": "Qwen2MoeForCausalLM",
     "qwen3_moe": "Qwen3MoeForCausalLM",
     "gpt_oss": "GptOssForCausalLM",  # moe_jax.hf.gpt_oss
+    "deepseek_v2": "DeepseekV2ForCausalLM",  # moe_jax.hf.deepseek
+    "deepseek_v3": "DeepseekV3ForCausalLM",
 }
 # transformers' defaults of the fields a config.json may leave out: (vocab_size, hidden_size,
 # num_hidden_layers, num_attention_heads, num_key_value_heads (None: the query heads),
@@ -316,6 +320,7 @@ class RopeDecoderFamily:
         model, moe = config.model, config.moe
         required = {
             "model.kind": (model.kind, ("rope_decoder",)),
+            "model.attention": (model.attention, ("gqa",)),
             "model.ffn_activation": (model.ffn_activation, ("swiglu",)),
             "model.rope_type": (model.rope_type, ROPE_TYPES),
             "model.qk_norm": (bool(model.qk_norm), (self.qk_norm,)),

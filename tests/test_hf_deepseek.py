@@ -1,0 +1,212 @@
+"""moe_jax.hf against transformers' DeepSeek-V2 and DeepSeek-V3: logits, router logits, round
+trips, greedy generation, refusals.
+
+The oracles are tiny random `transformers` models (seeded, float32, eager attention) of 4 layers,
+the first dense (`first_k_dense_replace` 1), 4 heads of multi-head latent attention (latent 16,
+rope 8 interleaved, no-rope 8, value 8), 8 routed experts in 4 groups with 2 kept, top-2, one
+shared expert, YaRN with DeepSeek's mscale: V3 with sigmoid affinities and a random correction
+bias, with and without `q_lora_rank`; V2 with softmax group-limited routing and routed scaling.
+Batches have left and right padding.
+"""
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from flax import nnx
+from test_hf_rope_decoder import (
+    TINY_DECODER,
+    VOCAB,
+    batch,
+    ours_forward,
+    torch_forward,
+)
+
+from moe_jax import decode, hf, models
+from tests.test_hf_t5 import assert_close
+
+YARN = {
+    "rope_type": "yarn",
+    "rope_theta": 300.0,
+    "factor": 4.0,
+    "original_max_position_embeddings": 8,
+    "beta_fast": 32.0,
+    "beta_slow": 1.0,
+    "mscale": 0.707,
+    "mscale_all_dim": 0.707,
+}
+# (id, transformers config class, its settings)
+VARIANTS = {
+    "v3": (transformers.DeepseekV3Config, {"q_lora_rank": 24, "routed_scaling_factor": 2.5}),
+    "v3_no_q_lora": (
+        transformers.DeepseekV3Config,
+        {"q_lora_rank": None, "routed_scaling_factor": 1.5},
+    ),
+    "v2": (
+        transformers.DeepseekV2Config,
+        {"q_lora_rank": None, "topk_method": "group_limited_greedy", "routed_scaling_factor": 3.0},
+    ),
+}
+
+
+def deepseek_config(variant: str, **overrides):
+    config_class, settings = VARIANTS[variant]
+    settings = dict(
+        TINY_DECODER,
+        intermediate_size=48,
+        moe_intermediate_size=16,
+        num_hidden_layers=4,
+        num_key_value_heads=4,
+        n_routed_experts=8,
+        num_experts_per_tok=2,
+        n_shared_experts=1,
+        n_group=4,
+        topk_group=2,
+        first_k_dense_replace=1,
+        kv_lora_rank=16,
+        qk_rope_head_dim=8,
+        qk_nope_head_dim=8,
+        v_head_dim=8,
+        rms_norm_eps=1e-6,
+        max_position_embeddings=32,
+        rope_parameters=YARN,
+        **settings,
+    )
+    settings.update(overrides)
+    return config_class(**settings)
+
+
+def random_deepseek(config, seed: int = 0):
+    """A DeepSeek model with every weight, norm scale and (V3) correction bias drawn at random."""
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            if name.endswith(("norm.weight", "layernorm.weight")):
+                tensor.copy_(1.0 + 0.3 * torch.randn_like(tensor))
+            elif name.endswith("e_score_correction_bias"):
+                tensor.copy_(0.2 * torch.randn_like(tensor))
+            elif name.endswith("gate.weight"):  # spread the experts' shares: no near-ties
+                tensor.copy_(0.5 * torch.randn_like(tensor))
+            else:
+                tensor.copy_(0.2 * torch.randn_like(tensor))
+    return model
+
+
+@pytest.fixture(scope="module", params=tuple(VARIANTS))
+def saved(request, tmp_path_factory):
+    variant = request.param
+    reference = random_deepseek(deepseek_config(variant))
+    directory = tmp_path_factory.mktemp(variant)
+    reference.save_pretrained(directory)
+    return variant, reference, directory
+
+
+def test_loaded_model_equals_transformers(saved):
+    variant, reference, directory = saved
+    config, model = hf.load(str(directory))
+    assert config.model.attention == "mla" and config.model.rope_type == "yarn"
+    assert config.moe.router == ("tokens_choose" if variant == "v2" else "aux_free")
+    assert (config.moe.num_groups, config.moe.topk_groups) == (4, 2)
+    assert config.moe.dense_layers == (0,) and config.moe.num_shared_experts == 1
+    assert config.model.q_lora_rank == (24 if variant == "v3" else 0)
+    tokens, mask = batch()
+    real = mask.astype(bool)
+    ours, _, router = ours_forward(model, tokens, mask)
+    theirs = torch_forward(reference, tokens, mask)
+    assert_close(ours[real], theirs.logits.numpy()[real])
+    their_router = [x.numpy() for x in theirs.router_logits]
+    assert len(router) == len(their_router) == 3
+    flat_real = real.reshape(-1)
+    for mine, their in zip(router, their_router, strict=True):
+        assert_close(mine[flat_real], their[flat_real])
+
+
+def test_round_trip_through_transformers(saved, tmp_path):
+    variant, reference, directory = saved
+    config, model = hf.load(str(directory))
+    hf.save(config, model, str(tmp_path), max_shard_bytes=40_000)
+    loaded, info = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path, output_loading_info=True, attn_implementation="eager"
+    )
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    assert not info["mismatched_keys"], info
+    tokens, mask = batch(seed=2)
+    real = mask.astype(bool)
+    ours, _, _ = ours_forward(model, tokens, mask)
+    assert_close(ours[real], torch_forward(loaded.eval(), tokens, mask).logits.numpy()[real])
+    _, reloaded = hf.load(str(tmp_path))
+    for (path, a), (_, b) in zip(
+        nnx.to_flat_state(nnx.state(model, hf.loading.LOADED)),
+        nnx.to_flat_state(nnx.state(reloaded, hf.loading.LOADED)),
+        strict=True,
+    ):
+        np.testing.assert_array_equal(a[...], b[...], err_msg=str(path))
+
+
+def test_greedy_generation_equals_transformers(saved):
+    _, reference, directory = saved
+    _, model = hf.load(str(directory))
+    prompts = np.random.default_rng(1).integers(0, VOCAB, (2, 6))
+    with torch.no_grad():
+        theirs = reference.generate(
+            input_ids=torch.tensor(prompts),
+            attention_mask=torch.ones(prompts.shape, dtype=torch.long),
+            do_sample=False,
+            max_new_tokens=8,
+            pad_token_id=0,
+        ).numpy()[:, prompts.shape[1] :]
+    ours = np.asarray(decode.generate(model, prompts, max_new_tokens=8))
+    np.testing.assert_array_equal(ours, theirs)
+
+
+def test_multi_token_prediction_layers_are_refused_by_name(tmp_path):
+    """V3's published checkpoint carries one MTP layer after the last decoder layer
+    (`num_nextn_predict_layers`); moe_jax does not implement it and says so."""
+    reference = random_deepseek(deepseek_config("v3", num_hidden_layers=3))
+    reference.save_pretrained(tmp_path / "hf")
+    config_json = (
+        (tmp_path / "hf" / "config.json")
+        .read_text()
+        .replace('"num_hidden_layers": 3', '"num_hidden_layers": 2')
+    )
+    (tmp_path / "hf" / "config.json").write_text(config_json)  # layer 2 now looks like MTP
+    with pytest.raises(ValueError, match=r"multi-token prediction layer \(model\.layers\.2\."):
+        hf.load(str(tmp_path / "hf"))
+
+
+@pytest.mark.parametrize(
+    "variant, field, value",
+    [
+        ("v3", "scoring_func", "softmax"),
+        ("v3", "topk_method", "greedy"),
+        ("v3", "rope_interleave", False),
+        ("v3", "norm_topk_prob", False),
+        ("v2", "topk_method", "noaux_tc"),
+        ("v2", "attention_bias", True),
+    ],
+)
+def test_unsupported_fields_are_named(variant, field, value, tmp_path):
+    reference = random_deepseek(deepseek_config(variant, **{field: value}))
+    reference.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=f"{field}={value!r}"):
+        hf.load(str(tmp_path))
+
+
+def test_settings_deepseek_cannot_express_are_refused_before_writing(tmp_path):
+    reference = random_deepseek(deepseek_config("v3"))
+    reference.save_pretrained(tmp_path / "hf")
+    config = hf.load_config(str(tmp_path / "hf"))
+    model = nnx.eval_shape(lambda: models.build_model(config, rngs=nnx.Rngs(0)))
+    config.moe.router = "tokens_choose"
+    with pytest.raises(ValueError, match="moe.router='tokens_choose'"):
+        hf.save(config, model, str(tmp_path / "out"))
+    config = hf.load_config(str(tmp_path / "hf"))
+    config.moe.dense_layers = (0, 2)  # a dense layer after a sparse one
+    with pytest.raises(ValueError, match="dense layers only before its first sparse"):
+        hf.save(config, model, str(tmp_path / "out"))
+    config = hf.load_config(str(tmp_path / "hf"))
+    config.model.hf_model_type = "mixtral"
+    with pytest.raises(ValueError, match="model.attention='mla'"):
+        hf.save(config, model, str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
