@@ -24,6 +24,7 @@ FAMILIES = {
     "olmoe": ("1b_7b", "tiny"),
     "qwen_moe": ("qwen3_30b_a3b", "qwen3_235b_a22b", "qwen2_a2.7b", "tiny"),
     "gpt_oss": ("20b", "120b", "tiny"),
+    "deepseek": ("v3", "v2", "v2_lite", "tiny"),
     "widenet": ("nlp_16e", "tiny"),
 }
 
@@ -179,6 +180,37 @@ def test_gpt_oss_paper_choices():
         7.0,
     )
     assert moe.expert_bias and moe.router_bias and moe.normalize == "topk"
+
+
+# DeepSeek-V3 (arXiv 2412.19437, Sec. 1 and 4.2): 671B total / 37B active; DeepSeek-V2 (arXiv
+# 2405.04434, Sec. 1): 236B / 21B; DeepSeek-V2-Lite (its Appendix B): 15.7B / 2.4B. Their
+# active counts hold the output head but not the embedding lookup; the printed active figures
+# are rounded (V2-Lite's 2.45B prints as 2.4B)
+DEEPSEEK_COUNTS = [
+    ("v3", 671 * B, 37 * B, 1 * B),
+    ("v2", 236 * B, 21 * B, 1 * B),
+    ("v2_lite", 15.7 * B, 2.4 * B, 0.1 * B),
+]
+
+
+@pytest.mark.parametrize("variant, total, active, last_digit", DEEPSEEK_COUNTS)
+def test_deepseek_counts_match_the_papers(variant, total, active, last_digit):
+    counts = count("deepseek", variant)
+    config = get_config("deepseek", variant)
+    embedding = config.model.vocab_size * config.model.d_model
+    assert abs(counts["total"] / total - 1) <= 0.02, counts
+    assert within_printed_figure(counts["active"] - embedding, active, last_digit), counts
+
+
+def test_deepseek_paper_choices():
+    v3 = get_config("deepseek", "v3")
+    assert v3.model.attention == "mla" and v3.model.q_lora_rank == 1536
+    assert (v3.moe.router, v3.moe.num_groups, v3.moe.topk_groups) == ("aux_free", 8, 4)
+    assert (v3.moe.k, v3.moe.num_shared_experts, v3.moe.routed_scaling) == (8, 1, 2.5)
+    assert v3.moe.dense_layers == (0, 1, 2) and v3.loss.aux_scope == "sequence"
+    lite = get_config("deepseek", "v2_lite")
+    assert lite.model.q_lora_rank == 0 and lite.moe.num_groups == 1
+    assert (lite.moe.router, lite.moe.normalize) == ("tokens_choose", "none")
 
 
 def test_rope_decoder_paper_choices():

@@ -11,7 +11,8 @@ model. `load` builds the model with `model.scan_layers=False`; `load_into` (what
 Families, keyed by the `model_type` of `config.json` (`moe_jax.hf.family`): `t5` (T5 v1.0/v1.1,
 `moe_jax.hf.t5`), `switch_transformers` (`moe_jax.hf.switch`), and `mixtral`, `olmoe`,
 `qwen2_moe` and `qwen3_moe` (`moe_jax.hf.rope_decoder`, our `model.kind='rope_decoder'`), and
-`gpt_oss` (`moe_jax.hf.gpt_oss`, the same decoder with sinks, sliding windows and biases). A
+`gpt_oss` (`moe_jax.hf.gpt_oss`, the same decoder with sinks, sliding windows and biases),
+`deepseek_v2` and `deepseek_v3` (`moe_jax.hf.deepseek`, with multi-head latent attention). A
 family is an object with
 
 - `model_type: str`;
