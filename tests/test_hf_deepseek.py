@@ -9,6 +9,7 @@ bias, with and without `q_lora_rank`; V2 with softmax group-limited routing and 
 Batches have left and right padding.
 """
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -210,3 +211,53 @@ def test_settings_deepseek_cannot_express_are_refused_before_writing(tmp_path):
     with pytest.raises(ValueError, match="model.attention='mla'"):
         hf.save(config, model, str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
+
+
+@nnx.jit
+def _ours_routing(model, tokens, segment_ids):
+    """Each sparse layer's `Routing` on the batch (captured as `models.router_logits` does)."""
+    _, captured = nnx.capture(model, nnx.Intermediate, method_outputs=nnx.Intermediate)(
+        tokens, deterministic=True, segment_ids=segment_ids
+    )
+    return [
+        value.get_value()[0][0]
+        for path, value in sorted(nnx.to_flat_state(captured), key=lambda item: item[0])
+        if path[-2:] == ("router", "__call__")
+    ]
+
+
+def _dense_weights(routing) -> np.ndarray:
+    """f32[T, E]: each token's combine weight per expert (0 where unchosen) of one group."""
+    token_index, weight = np.asarray(routing.token_index[0]), np.asarray(routing.weight[0])
+    num_experts = token_index.shape[0]
+    dense = np.zeros((routing.probs.shape[1], num_experts), np.float32)
+    for expert in range(num_experts):
+        filled = token_index[expert] >= 0
+        dense[token_index[expert][filled], expert] = weight[expert][filled]
+    return dense
+
+
+def test_each_layers_chosen_experts_and_weights_equal_transformers(saved):
+    """Per sparse layer and real token: the experts chosen and their combine weights (routed
+    scaling included) are transformers' router's, read from its `gate` modules by hooks."""
+    variant, reference, directory = saved
+    _, model = hf.load(str(directory))
+    tokens, mask = batch()
+    captured = []
+    hooks = [
+        layer.mlp.gate.register_forward_hook(lambda _, __, out: captured.append(out))
+        for layer in reference.model.layers
+        if hasattr(layer.mlp, "gate")
+    ]
+    torch_forward(reference, tokens, mask)
+    for hook in hooks:
+        hook.remove()
+    ours = _ours_routing(model, jnp.asarray(tokens), jnp.asarray(mask, jnp.int32))
+    assert len(ours) == len(captured) == 3
+    real = mask.reshape(-1).astype(bool)
+    for routing, (_, weights, indices) in zip(ours, captured, strict=True):
+        theirs = np.zeros((tokens.size, 8), np.float32)
+        np.put_along_axis(theirs, indices.numpy(), weights.numpy(), axis=1)
+        mine = _dense_weights(routing)[: tokens.size]
+        np.testing.assert_array_equal(mine[real] > 0, theirs[real] > 0)
+        np.testing.assert_allclose(mine[real], theirs[real], rtol=1e-5, atol=1e-6)
