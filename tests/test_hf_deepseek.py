@@ -16,13 +16,17 @@ import transformers
 from flax import nnx
 from test_hf_rope_decoder import (
     TINY_DECODER,
+    TRAIN_VOCAB,
     VOCAB,
+    assert_convert_round_trips,
+    assert_init_from_starts_from_the_transformers_loss,
     batch,
     ours_forward,
     torch_forward,
 )
 
-from moe_jax import decode, hf, models
+from moe_jax import decode, hf, models, train
+from moe_jax.routers import RouterBias
 from tests.test_hf_t5 import assert_close
 
 YARN = {
@@ -158,6 +162,26 @@ def test_greedy_generation_equals_transformers(saved):
         ).numpy()[:, prompts.shape[1] :]
     ours = np.asarray(decode.generate(model, prompts, max_new_tokens=8))
     np.testing.assert_array_equal(ours, theirs)
+
+
+@pytest.mark.parametrize("variant", ["v3", "v2"])
+def test_init_from_and_convert_start_from_the_checkpoint(variant, tmp_path):
+    """`train.init_from=hf:DIR` starts from transformers' loss; `convert` both ways keeps the
+    logits; the converted run holds V3's `e_score_correction_bias` as aux_free's RouterBias (not
+    an nnx.Param) and the checkpoint written back from it holds every tensor bit for bit."""
+    reference = random_deepseek(deepseek_config(variant, vocab_size=TRAIN_VOCAB))
+    assert_init_from_starts_from_the_transformers_loss(reference, tmp_path / "init_from")
+    assert_convert_round_trips(reference, tmp_path / "convert")
+    expected = reference.state_dict()
+    _, run_model, _ = train.restore_for_inference(str(tmp_path / "convert" / "run"))
+    run_biases = nnx.to_flat_state(nnx.state(run_model, RouterBias))  # [(path, f32[E])]
+    biases = [name for name in expected if name.endswith("e_score_correction_bias")]
+    assert len(run_biases) == len(biases) == (0 if variant == "v2" else 3)  # sparse layers
+    for (path, bias), name in zip(run_biases, biases, strict=True):
+        np.testing.assert_array_equal(bias[...], expected[name].numpy(), err_msg=str(path))
+    written = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "convert" / "out")
+    for name, tensor in written.state_dict().items():
+        np.testing.assert_array_equal(tensor.numpy(), expected[name].numpy(), err_msg=name)
 
 
 def test_multi_token_prediction_layers_are_refused_by_name(tmp_path):
