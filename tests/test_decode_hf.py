@@ -1,8 +1,8 @@
 """Greedy decoding of Hugging Face checkpoints against `transformers`' own `generate`.
 
-Tiny random Switch Transformers, Mixtral, Qwen2-MoE and Qwen3-MoE models (the fixtures of the
-hf tests), saved with `save_pretrained`, loaded with `moe_jax.hf.load`, decoded greedily by
-`moe_jax.decode.generate` (and the `moe_jax.generate --hf` CLI) and by `transformers`'
+Tiny random Switch Transformers, Mixtral, Qwen2-MoE, Qwen3-MoE and DeepSeek-V3 models (the
+fixtures of the hf tests), saved with `save_pretrained`, loaded with `moe_jax.hf.load`, decoded
+greedily by `moe_jax.decode.generate` (and the `moe_jax.generate --hf` CLI) and by `transformers`'
 `generate(do_sample=False)`: the tokens must agree one for one. Switch's
 expert capacity (16) exceeds the tokens of a decode step, so transformers drops nothing there,
 as our decode-time rule says. With one slot per expert the encoder drops tokens, in
@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from moe_jax import decode, hf
+from tests.test_hf_deepseek import deepseek_config, random_deepseek
 from tests.test_hf_rope_decoder import VOCAB as ROPE_VOCAB
 from tests.test_hf_rope_decoder import hf_config, random_model
 from tests.test_hf_switch import VOCAB, random_switch, switch_config
@@ -26,6 +27,11 @@ from tests.test_hf_t5 import assert_close, ours_logits, torch_logits
 
 NEW = 8
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# decoder-only checkpoints the generate CLI is run on: {family: tiny random transformers model}
+CLI_REFERENCES = {
+    "qwen3_moe": lambda: random_model(hf_config("qwen3_moe")),
+    "deepseek_v3": lambda: random_deepseek(deepseek_config("v3")),
+}
 
 
 def test_switch_greedy_generation_equals_transformers(tmp_path):
@@ -100,11 +106,12 @@ def test_rope_decoder_greedy_generation_equals_transformers(family, tmp_path):
     np.testing.assert_array_equal(ours, theirs)
 
 
-def test_generate_cli_prints_a_qwen3_checkpoints_greedy_ids_up_to_its_eos(tmp_path):
+@pytest.mark.parametrize("family", tuple(CLI_REFERENCES))
+def test_generate_cli_prints_a_checkpoints_greedy_ids_up_to_its_eos(family, tmp_path):
     """`python -m moe_jax.generate --hf=DIR --prompt_ids=...` on a decoder-only checkpoint
     without tokenizer.json prints transformers' greedy new tokens as ids, up to (without) the
     `eos_token_id` of DIR's config.json."""
-    reference = random_model(hf_config("qwen3_moe"))
+    reference = CLI_REFERENCES[family]()
     prompt = [45, 49, 72, 91, 3, 13, 79]
     with torch.no_grad():
         theirs = reference.generate(

@@ -1,5 +1,6 @@
 """moe_jax.hf against transformers' DeepSeek-V2 and DeepSeek-V3: logits, router logits, round
-trips, greedy generation, refusals.
+trips (also through a run written by `moe_jax.convert`), fine-tuning from a checkpoint, FP8
+block-scaled weights as V3 is published, greedy generation, refusals.
 
 The oracles are tiny random `transformers` models (seeded, float32, eager attention) of 4 layers,
 the first dense (`first_k_dense_replace` 1), 4 heads of multi-head latent attention (latent 16,
@@ -9,23 +10,41 @@ bias, with and without `q_lora_rank`; V2 with softmax group-limited routing and 
 Batches have left and right padding.
 """
 
+import json
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import safetensors.torch
 import torch
 import transformers
 from flax import nnx
+from test_hf_fp8 import quantize as to_fp8
 from test_hf_rope_decoder import (
     TINY_DECODER,
+    TRAIN_VOCAB,
     VOCAB,
+    assert_convert_round_trips,
+    assert_init_from_starts_from_the_transformers_loss,
     batch,
     ours_forward,
     torch_forward,
 )
+from transformers.integrations.finegrained_fp8 import _dequantize_fp8_weight
 
-from moe_jax import decode, hf, models
+from moe_jax import decode, hf, models, train
+from moe_jax.hf import files
+from moe_jax.hf.loading import model_without_weights
+from moe_jax.routers import RouterBias
 from tests.test_hf_t5 import assert_close
 
+FP8_BLOCK = [8, 8]  # divides every linear's rows and columns here
+FP8_CONFIG = {
+    "quant_method": "fp8",
+    "fmt": "e4m3",
+    "activation_scheme": "dynamic",
+    "weight_block_size": FP8_BLOCK,
+}
 YARN = {
     "rope_type": "yarn",
     "rope_theta": 300.0,
@@ -159,6 +178,72 @@ def test_greedy_generation_equals_transformers(saved):
         ).numpy()[:, prompts.shape[1] :]
     ours = np.asarray(decode.generate(model, prompts, max_new_tokens=8))
     np.testing.assert_array_equal(ours, theirs)
+
+
+@pytest.mark.parametrize("variant", ["v3", "v2"])
+def test_init_from_and_convert_start_from_the_checkpoint(variant, tmp_path):
+    """`train.init_from=hf:DIR` starts from transformers' loss; `convert` both ways keeps the
+    logits; the converted run holds V3's `e_score_correction_bias` as aux_free's RouterBias (not
+    an nnx.Param) and the checkpoint written back from it holds every tensor bit for bit."""
+    reference = random_deepseek(deepseek_config(variant, vocab_size=TRAIN_VOCAB))
+    assert_init_from_starts_from_the_transformers_loss(reference, tmp_path / "init_from")
+    assert_convert_round_trips(reference, tmp_path / "convert")
+    expected = reference.state_dict()
+    _, run_model, _ = train.restore_for_inference(str(tmp_path / "convert" / "run"))
+    run_biases = nnx.to_flat_state(nnx.state(run_model, RouterBias))  # [(path, f32[E])]
+    biases = [name for name in expected if name.endswith("e_score_correction_bias")]
+    assert len(run_biases) == len(biases) == (0 if variant == "v2" else 3)  # sparse layers
+    for (path, bias), name in zip(run_biases, biases, strict=True):
+        np.testing.assert_array_equal(bias[...], expected[name].numpy(), err_msg=str(path))
+    written = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "convert" / "out")
+    for name, tensor in written.state_dict().items():
+        np.testing.assert_array_equal(tensor.numpy(), expected[name].numpy(), err_msg=name)
+
+
+def test_fp8_checkpoint_loads_as_transformers_dequantizes_it(tmp_path):
+    """DeepSeek-V3's release layout: every linear of the attention, the dense MLP and the
+    routed and shared experts (`*_proj.weight`, the experts one per name as save_pretrained
+    writes them) in float8_e4m3fn with `*_scale_inv` per 8 x 8 block; norms, embeddings, head
+    and router gate unquantized. Our logits are those of transformers' model holding the weights
+    its `_dequantize_fp8_weight` computes (in float32)."""
+    original = random_deepseek(deepseek_config("v3"))
+    original.save_pretrained(tmp_path / "original")
+    stored = safetensors.torch.load_file(tmp_path / "original" / files.SINGLE_FILE)
+    hf_config = json.loads((tmp_path / "original" / files.CONFIG_FILE).read_text())
+    quantized, dequantized = {}, {}
+    for name, tensor in stored.items():
+        if "_proj" in name:
+            weight, scale_inv = to_fp8(tensor, FP8_BLOCK)
+            quantized[name], quantized[name + "_scale_inv"] = weight, scale_inv
+            dequantized[name] = _dequantize_fp8_weight(weight, scale_inv, FP8_BLOCK, torch.float32)
+        else:
+            quantized[name] = dequantized[name] = tensor
+    assert sum(name.endswith("_scale_inv") for name in quantized) == 4 * 5 + 3 + 3 * (8 * 3 + 3)
+    for directory, tensors, config in (
+        ("fp8", quantized, {**hf_config, "quantization_config": FP8_CONFIG}),
+        ("dequantized", dequantized, hf_config),
+    ):
+        (tmp_path / directory).mkdir()
+        safetensors.torch.save_file(tensors, tmp_path / directory / files.SINGLE_FILE)
+        (tmp_path / directory / files.CONFIG_FILE).write_text(json.dumps(config))
+    reference = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "dequantized", dtype=torch.float32, attn_implementation="eager"
+    ).eval()
+    config, model = hf.load(str(tmp_path / "fp8"))
+    loaded_into = model_without_weights(config)  # train.init_from's path
+    hf.load_into(loaded_into, config, str(tmp_path / "fp8"))
+    for (path, a), (_, b) in zip(
+        nnx.to_flat_state(nnx.state(model, hf.loading.LOADED)),
+        nnx.to_flat_state(nnx.state(loaded_into, hf.loading.LOADED)),
+        strict=True,
+    ):
+        np.testing.assert_array_equal(a[...], b[...], err_msg=str(path))
+    tokens, mask = batch()
+    real = mask.astype(bool)
+    theirs = torch_forward(reference, tokens, mask).logits.numpy()[real]
+    assert_close(ours_forward(model, tokens, mask)[0][real], theirs)
+    with pytest.raises(AssertionError, match="relative error"):  # FP8 moved the logits
+        assert_close(torch_forward(original, tokens, mask).logits.numpy()[real], theirs)
 
 
 def test_multi_token_prediction_layers_are_refused_by_name(tmp_path):

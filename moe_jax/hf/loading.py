@@ -32,8 +32,12 @@ from moe_jax.routers import RouterBias
 LOADED = nnx.Any(nnx.Param, RouterBias)
 
 
-def _family_and_reader(path: str):
-    reader = files.CheckpointReader(path)
+def _family_and_reader(path: str, param_dtype: str = "bfloat16"):
+    """The checkpoint's family and a reader that dequantizes quantized weights (FP8, MXFP4)
+    straight to `param_dtype`, the dtype of the parameters they are loaded into: a float32
+    model gets FP8 times its float32 scales rounded once, not through bfloat16 (the default
+    serves readers of the config and shapes only)."""
+    reader = files.CheckpointReader(path, dequantized_dtype=np.dtype(jnp.dtype(param_dtype)))
     model_type = reader.config.get("model_type")
     return get_family(model_type), reader
 
@@ -153,7 +157,7 @@ def load_into(model: nnx.Module | None, config, path: str) -> None:
     """Copies the weights of the checkpoint in `path` into `model`, built from `config` (scanned
     or not, sharded or not). `config`'s architecture must be the checkpoint's (see
     `load_config`; the settings in `TUNABLE` may differ). With `model=None` only checks."""
-    family, reader = _family_and_reader(path)
+    family, reader = _family_and_reader(path, config.model.param_dtype)
     try:
         _check_architecture(config, family, reader)
         plan = _checked_plan(family, reader, config)
@@ -197,7 +201,7 @@ def load(path: str, base: ml_collections.ConfigDict | None = None):
     the checkpoint's settings are written into (default `default_config()`).
     """
     config = load_config(path, base)
-    family, reader = _family_and_reader(path)
+    family, reader = _family_and_reader(path, config.model.param_dtype)
     try:
         plan = _checked_plan(family, reader, config)
         model = model_without_weights(config)
