@@ -368,6 +368,29 @@ def test_convert_round_trip_through_a_run(family, tmp_path):
     assert_convert_round_trips(random_model(hf_config(family, vocab_size=TRAIN_VOCAB)), tmp_path)
 
 
+def assert_saves_for_transformers(directory, tmp_path):
+    """Load the checkpoint in `directory`, save it sharded to `tmp_path`: transformers loads
+    every key with the same logits, and loading it back gives the same variables."""
+    config, model = hf.load(str(directory))
+    hf.save(config, model, str(tmp_path), max_shard_bytes=40_000)
+    loaded, info = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path, output_loading_info=True, attn_implementation="eager"
+    )
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    assert not info["mismatched_keys"], info
+    tokens, mask = batch(seed=2)
+    real = mask.astype(bool)
+    ours, _, _ = ours_forward(model, tokens, mask)
+    assert_close(ours[real], torch_forward(loaded.eval(), tokens, mask).logits.numpy()[real])
+    _, reloaded = hf.load(str(tmp_path))
+    for (path, a), (_, b) in zip(
+        nnx.to_flat_state(nnx.state(model, hf.loading.LOADED)),
+        nnx.to_flat_state(nnx.state(reloaded, hf.loading.LOADED)),
+        strict=True,
+    ):
+        np.testing.assert_array_equal(a[...], b[...], err_msg=str(path))
+
+
 def assert_convert_round_trips(reference, tmp_path):
     """`hf_to_run` then `run_to_hf` of the transformers decoder `reference`: both keep its
     logits, and transformers loads the written checkpoint with every key."""
